@@ -1,0 +1,1 @@
+"""RL and preference-learning math as pure tensor functions: `advantages` and `losses`."""

@@ -1,0 +1,270 @@
+"""Objectives: KL estimators, loss aggregation, PPO-family policy and value losses, entropy, DPO and
+Bradley–Terry.
+
+Conventions: B = sequences, T = tokens, V = vocabulary. `logprobs` are per-token log-probabilities of
+the sampled tokens, (B, T). `mask` is a float (B, T) tensor, 1.0 on tokens that count. Variants are
+small functions registered in dicts (`KL_ESTIMATORS`, `AGGREGATIONS`, `DPO_LOSSES`) and picked by name;
+an unknown name raises ValueError with the valid names and the closest match.
+
+Stats dicts hold detached 0-dim tensors (no host sync inside the step); call `float()` to log them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from posttrain.algorithms.advantages import choose
+
+# --- KL estimators (Schulman, "Approximating KL Divergence", 2020) -------------------------------
+# Each estimates KL(π ‖ π_ref) per token from samples of π; all (B, T) -> (B, T).
+
+
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k1 = log π − log π_ref. Unbiased, high variance, can be negative."""
+    return logprobs - ref_logprobs
+
+
+def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k2 = ½ (log π − log π_ref)². Biased, low variance, ≥ 0."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k3 = exp(ref − logp) − (ref − logp) − 1. Unbiased, low variance, always ≥ 0 (GRPO's choice).
+
+    No clamping of the log-ratio (verl's "low_var_kl" clamps to ±20 / ±10); keep log-ratios sane upstream.
+    """
+    log_ratio = ref_logprobs - logprobs  # (B, T)
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def kl_abs(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """|log π − log π_ref| (a diagnostic, not an unbiased estimator)."""
+    return (logprobs - ref_logprobs).abs()
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "k1": kl_k1,
+    "k2": kl_k2,
+    "k3": kl_k3,
+    "abs": kl_abs,
+}
+
+
+def kl(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token KL(π ‖ π_ref) estimate, (B, T), with estimator `kind` in KL_ESTIMATORS (k1|k2|k3|abs)."""
+    return choose(KL_ESTIMATORS, kind, "kl estimator")(logprobs, ref_logprobs)
+
+
+# --- aggregation: per-token (B, T) -> scalar ---------------------------------------------------------
+# Denominators are clamped to ≥ 1 token so an all-masked row or batch gives 0, not NaN.
+
+
+def token_mean(x: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
+    """Σ x·m / Σ m over the whole batch: every token weighs the same (DAPO)."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def seq_mean_token_mean(x: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
+    """mean_b (Σ_t x·m / Σ_t m): every sequence weighs the same (original GRPO)."""
+    per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+    return per_seq.mean()
+
+
+def seq_mean_token_sum(x: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
+    """mean_b Σ_t x·m: sum over tokens, mean over sequences."""
+    return (x * mask).sum(-1).mean()
+
+
+def seq_mean_token_sum_norm(x: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
+    """Σ x·m / (B · max_len): a constant normaliser, no length bias (Dr. GRPO). max_len defaults to T."""
+    batch, length = x.shape[0], x.shape[-1]
+    return (x * mask).sum() / (batch * (max_len or length))
+
+
+AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
+    "token-mean": token_mean,
+    "seq-mean-token-mean": seq_mean_token_mean,
+    "seq-mean-token-sum": seq_mean_token_sum,
+    "seq-mean-token-sum-norm": seq_mean_token_sum_norm,
+}
+
+
+def aggregate(
+    per_token: Tensor, mask: Tensor, mode: str = "token-mean", max_len: int | None = None
+) -> Tensor:
+    """Reduce a per-token (B, T) loss to a scalar with `mode` in AGGREGATIONS:
+    token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm (÷ B·max_len)."""
+    return choose(AGGREGATIONS, mode, "loss aggregation")(per_token, mask, max_len)
+
+
+# --- PPO-family losses -----------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate policy loss (PPO, Schulman et al. 2017) -> (scalar loss, stats).
+
+    ρ = exp(log π − log π_old);  ℓ_t = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)).
+    clip_high > clip_low is DAPO's clip-higher. Dual clip (Ye et al. 2020), for A < 0 only:
+    ℓ_t = min(ℓ_t, −A·dual_clip) with dual_clip > 1, which bounds the loss when ρ ≫ 1.
+    `advantages` is (B,) (broadcast over tokens) or (B, T); it is detached. Tokens reduce with `agg`.
+
+    Stats (masked token means): clipfrac (the clipped term is the active max), clip_ratio/low_mean
+    (ρ < 1 − clip_low and A < 0), clip_ratio/high_mean (ρ > 1 + clip_high and A > 0),
+    clip_ratio/region_mean (their sum), dual_clipfrac, ratio_mean, and approx_kl = k3 estimate of
+    KL(π_old ‖ π): ρ − 1 − log ρ (as cleanrl's approx_kl).
+
+    On-policy (old_logprobs = logprobs.detach()) ρ = 1 and ∇ℓ = −A·∇log π: vanilla policy gradient.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
+    adv = advantages.detach().reshape(advantages.shape[0], -1).expand_as(logprobs)  # (B, T)
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    pg = -adv * ratio  # (B, T)
+    pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
+    per_token = torch.maximum(pg, pg_clipped)  # (B, T)
+    dual_active = torch.zeros_like(mask, dtype=torch.bool)  # (B, T)
+    if dual_clip is not None:
+        bound = -adv * dual_clip  # (B, T)
+        dual_active = (adv < 0) & (per_token > bound)
+        per_token = torch.where(dual_active, bound, per_token)
+    loss = aggregate(per_token, mask, agg, max_len)
+
+    with torch.no_grad():
+        low = ((ratio < 1.0 - clip_low) & (adv < 0)).to(mask.dtype)  # (B, T)
+        high = ((ratio > 1.0 + clip_high) & (adv > 0)).to(mask.dtype)  # (B, T)
+        stats = {
+            "clipfrac": token_mean((pg_clipped > pg).to(mask.dtype), mask),
+            "clip_ratio/low_mean": token_mean(low, mask),
+            "clip_ratio/high_mean": token_mean(high, mask),
+            "clip_ratio/region_mean": token_mean(low + high, mask),
+            "dual_clipfrac": token_mean(dual_active.to(mask.dtype), mask),
+            "approx_kl": token_mean(kl_k3(old_logprobs, logprobs), mask),
+            "ratio_mean": token_mean(ratio, mask),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip: float | None = 0.2,
+    agg: str = "token-mean",
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss (PPO2 / OpenAI baselines) -> (scalar loss, stats), all inputs (B, T).
+
+    ℓ_t = ½ · max((V − R)², (clip(V, V_old − c, V_old + c) − R)²); clip=None gives ½ (V − R)².
+    Stats: vf_clipfrac = fraction of valid tokens where the clipped term is the larger one.
+    """
+    c = math.inf if clip is None else clip
+    old_values, returns = old_values.detach(), returns.detach()
+    clipped = torch.clamp(values, old_values - c, old_values + c)  # (B, T)
+    unclipped_sq = (values - returns) ** 2  # (B, T)
+    clipped_sq = (clipped - returns) ** 2  # (B, T)
+    per_token = 0.5 * torch.maximum(unclipped_sq, clipped_sq)  # (B, T)
+    loss = aggregate(per_token, mask, agg, max_len)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": token_mean((clipped_sq > unclipped_sq).to(mask.dtype), mask)}
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution, (B, T, V) -> (B, T).
+
+    H = −Σ_v p_v log p_v with log p = log_softmax(logits) (logsumexp-stable); terms with p_v = 0
+    (e.g. logits set to −inf by top-k) count 0 rather than NaN.
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits: compute in fp32
+    logp = torch.log_softmax(logits.to(dtype), dim=-1)  # (B, T, V)
+    p = logp.exp()  # (B, T, V)
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # (B, T)
+
+
+# --- preference losses ---------------------------------------------------------------------------
+# DPO variants take h = (log π_c − log π_ref,c) − (log π_r − log π_ref,r), (B,) -> (B,).
+
+
+def dpo_sigmoid(h: Tensor, beta: float, eps: float) -> Tensor:
+    """DPO (Rafailov et al. 2023) with cDPO label smoothing ε: −(1−ε) log σ(βh) − ε log σ(−βh)."""
+    return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+
+
+def dpo_ipo(h: Tensor, beta: float, eps: float) -> Tensor:
+    """IPO (Azar et al. 2023): (h − 1/(2β))². Deviation: h uses the log-probs as given (TRL averages
+    them over tokens for IPO; pass length-normalised log-probs to get that). ε is unused."""
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def dpo_hinge(h: Tensor, beta: float, eps: float) -> Tensor:
+    """SLiC hinge (Zhao et al. 2023): relu(1 − βh). ε is unused."""
+    return torch.relu(1 - beta * h)
+
+
+def dpo_robust(h: Tensor, beta: float, eps: float) -> Tensor:
+    """Robust DPO (Chowdhury et al. 2024), unbiased under label-flip rate ε < ½:
+    (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1 − 2ε)."""
+    if not 0 <= eps < 0.5:
+        raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {eps}")
+    return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+
+DPO_LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "sigmoid": dpo_sigmoid,
+    "ipo": dpo_ipo,
+    "hinge": dpo_hinge,
+    "robust": dpo_robust,
+}
+
+
+def dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    kind: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Per-pair DPO-family loss, (B,) sequence log-probs -> (B,); average it yourself.
+
+    h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)); `kind` in DPO_LOSSES:
+    sigmoid: −(1−ε) log σ(βh) − ε log σ(−βh);  ipo: (h − 1/(2β))²;  hinge: relu(1 − βh);
+    robust: (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1 − 2ε).  ε = label_smoothing.
+    The reference log-probs are detached.
+    """
+    fn = choose(DPO_LOSSES, kind, "dpo loss")
+    h = (chosen_logps - ref_chosen_logps.detach()) - (rejected_logps - ref_rejected_logps.detach())  # (B,)
+    return fn(h, beta, label_smoothing)
+
+
+def bradley_terry_loss(
+    r_chosen: Tensor, r_rejected: Tensor, margin: Tensor | float | None = None, center_coef: float = 0.0
+) -> Tensor:
+    """Reward-model loss (Bradley–Terry; margin as in Llama 2), (B,) scores -> scalar.
+
+    L = mean(−log σ(r_c − r_r − margin)) + center_coef · mean((r_c + r_r)²)
+    The second term is the reward-centering auxiliary loss (Eisenstein et al. 2023, TRL's
+    center_rewards_coefficient): it pins the scores' mean near 0. margin=None means 0.
+    """
+    margin = 0.0 if margin is None else margin
+    nll = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    return nll + center_coef * ((r_chosen + r_rejected) ** 2).mean()

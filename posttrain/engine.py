@@ -1,0 +1,185 @@
+"""Rollout engine: batched KV-cache sampling with prefix sharing, per-row stops and tool calls.
+
+``Engine.generate(prompts, n, params, seed)`` samples ``n`` completions for each prompt:
+
+1. the distinct prompts are left-padded into one batch and prefilled once;
+2. each prompt's KV cache is replicated ``n`` times, so a group shares its prefix;
+3. decoding runs one token per step for the rows still going; a row that emits the stop token or
+   runs out of ``max_new_tokens`` leaves the batch (its cache rows are dropped), so finished rows
+   cost nothing;
+4. when a row closes a tool call (``<|tool_start|> expr <|tool_end|>``), the engine runs the tool
+   and forces ``<|output_start|> result <|output_end|>`` into that row, with loss mask 0.
+
+Sampling uses an explicit ``torch.Generator`` seeded by the caller: same seed, same samples.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.tokenizer import Tokenizer
+from posttrain.tools import ToolRegistry
+
+
+@dataclass
+class SamplingParams:
+    """How completions are sampled."""
+
+    temperature: float = 1.0  # softmax temperature; 0 means greedy
+    top_k: int | None = 50  # keep the k most likely tokens (None: all)
+    top_p: float | None = None  # nucleus: keep the smallest set with this much mass (None: off)
+    max_new_tokens: int = 64  # completion budget per row, forced tool outputs included
+
+
+@dataclass
+class RolloutBatch:
+    """Completions of ``len(prompts) * n`` rows, in prompt order (row i belongs to prompt i // n)."""
+
+    prompt_ids: list[list[int]]  # the prompt of each row
+    completion_ids: torch.Tensor  # (B, T) long, pad after the end
+    logprobs: torch.Tensor  # (B, T) log-prob of each sampled token (0 on forced/pad tokens)
+    mask: torch.Tensor  # (B, T) float, 1 on tokens the model sampled
+    lengths: torch.Tensor  # (B,) completion length in tokens (forced tool outputs included)
+    finished: torch.Tensor  # (B,) bool, True when the row emitted the stop token
+    group_ids: torch.Tensor  # (B,) long, index of the row's prompt
+    tool_calls: int = 0  # tool calls made in the batch
+    tool_failures: int = 0  # of which returned an error string
+
+    def completion_tokens(self, row: int) -> list[int]:
+        return self.completion_ids[row, : int(self.lengths[row])].tolist()
+
+
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):
+    """Sample one token per row from ``logits`` (B, V) → (tokens (B,), logprobs (B,)).
+
+    The returned log-prob is that of the token under softmax(logits / temperature) before top-k /
+    top-p truncation: the distribution a trainer recomputes. Greedy rows get their argmax.
+    """
+    if params.temperature <= 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    scaled = logits / params.temperature  # (B, V)
+    logp = torch.log_softmax(scaled, -1)
+    filtered = scaled
+    if params.top_k is not None and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_logits, order = torch.sort(filtered, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop_sorted = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # mass before token
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        filtered = filtered.masked_fill(drop, float("-inf"))
+    tokens = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to one length → (ids (B, L), real-token mask (B, L))."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    real = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        real[i, width - len(s) :] = True
+    return ids, real
+
+
+class _ToolState:
+    """Per-row tool-call bookkeeping: where the open call began and what must be forced next."""
+
+    def __init__(self):
+        self.call_start: dict[int, int] = {}  # row -> step of its <|tool_start|>
+        self.forced: dict[int, deque[int]] = {}  # row -> tokens still to force
+
+
+class Engine:
+    """Samples completions from a model that supports ``model(ids, cache=..., pad_mask=...)``."""
+
+    def __init__(self, model, tokenizer: Tokenizer, tools: ToolRegistry | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tools = tools
+        self.stop_ids = {tokenizer.assistant_end_id}
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        params: SamplingParams,
+        seed: int,
+        share_prefix: bool = True,
+    ) -> RolloutBatch:
+        """``n`` completions per prompt; ``share_prefix=False`` prefills every row (for benchmarks)."""
+        tok = self.tokenizer
+        gen = torch.Generator().manual_seed(seed)
+        device = self.model.device
+        rows = len(prompts) * n
+        prefill = prompts if share_prefix else [p for p in prompts for _ in range(n)]
+        ids, real = left_pad(prefill, tok.pad_id)
+        cache = self.model.new_cache(len(prefill), ids.shape[1] + params.max_new_tokens)
+        logits = self.model(ids.to(device), cache=cache, pad_mask=real.to(device))[:, -1]  # (P, V)
+        if share_prefix and n > 1:
+            expand = torch.arange(len(prompts), device=device).repeat_interleave(n)
+            cache.select(expand)
+            logits = logits[expand]  # (B, V)
+
+        out = torch.full((rows, params.max_new_tokens), tok.pad_id, dtype=torch.long)
+        out_logp = torch.zeros(rows, params.max_new_tokens)
+        out_mask = torch.zeros(rows, params.max_new_tokens)
+        lengths = torch.zeros(rows, dtype=torch.long)
+        finished = torch.zeros(rows, dtype=torch.bool)
+        active = torch.arange(rows)  # original row of each cache row
+        tools, calls, failures = _ToolState(), 0, 0
+        stop_ids = torch.tensor(sorted(self.stop_ids))
+        for step in range(params.max_new_tokens):
+            tokens, logp = sample_tokens(logits, params, gen)
+            tokens, logp = tokens.cpu(), logp.float().cpu()
+            sampled = torch.ones(len(active))
+            if tools.forced:  # forced tool outputs override samples
+                where = {row: j for j, row in enumerate(active.tolist())}
+                for row, queue in list(tools.forced.items()):
+                    j = where[row]
+                    tokens[j], logp[j], sampled[j] = queue.popleft(), 0.0, 0.0
+                    if not queue:
+                        del tools.forced[row]
+            out[active, step], out_logp[active, step], out_mask[active, step] = tokens, logp, sampled
+            lengths[active] = step + 1
+            if self.tools is not None:
+                for j in torch.nonzero(sampled.bool() & (tokens == tok.tool_start_id)).flatten().tolist():
+                    tools.call_start[int(active[j])] = step
+                for j in torch.nonzero(sampled.bool() & (tokens == tok.tool_end_id)).flatten().tolist():
+                    row = int(active[j])
+                    if row not in tools.call_start:
+                        continue  # a stray <|tool_end|> is just a token
+                    expr = tok.decode(out[row, tools.call_start.pop(row) + 1 : step].tolist())
+                    result = self.tools.run(expr)
+                    calls += 1
+                    failures += result.startswith("error")
+                    forced = [tok.output_start_id, *tok.encode(result), tok.output_end_id]
+                    tools.forced[row] = deque(forced)
+            done = torch.isin(tokens, stop_ids) & sampled.bool()
+            finished[active[done]] = True
+            if step == params.max_new_tokens - 1 or bool(done.all()):
+                break
+            keep = torch.nonzero(~done).flatten()
+            if len(keep) < len(active):  # compact: finished rows leave the batch
+                cache.select(keep.to(device))
+                active, tokens = active[keep], tokens[keep]
+            logits = self.model(tokens[:, None].to(device), cache=cache)[:, -1]
+        width = int(lengths.max()) if rows else 0
+        return RolloutBatch(
+            prompt_ids=[p for p in prompts for _ in range(n)],
+            completion_ids=out[:, :width],
+            logprobs=out_logp[:, :width],
+            mask=out_mask[:, :width],
+            lengths=lengths,
+            finished=finished,
+            group_ids=torch.arange(len(prompts)).repeat_interleave(n),
+            tool_calls=calls,
+            tool_failures=failures,
+        )

@@ -1,0 +1,82 @@
+"""Evaluation metrics over sampled answers: pass@k (unbiased estimator) and maj@k (majority vote)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from posttrain.engine import SamplingParams
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021, Codex):
+
+    pass@k = 1 − C(n − c, k) / C(n, k) = 1 − Π_{i = n−c+1}^{n} (1 − k / i)
+
+    The product form avoids huge binomials. Returns 1.0 when n − c < k (every k-subset holds a
+    correct sample). Raises ValueError unless 0 <= c <= n and 1 <= k <= n.
+    """
+    if n < 0 or c < 0 or k < 1:
+        raise ValueError(f"pass_at_k needs n >= 0, c >= 0, k >= 1; got n={n}, c={c}, k={k}")
+    if k > n or c > n:
+        raise ValueError(f"pass_at_k needs k <= n and c <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0  # probability that a random k-subset holds no correct sample
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def mean_pass_at_k(samples_correct: Sequence[Sequence[bool]], ks: Iterable[int]) -> dict[int, float]:
+    """Mean over problems of pass_at_k(n_p, c_p, k) for each k; samples_correct[p] is problem p's
+    per-sample correctness. Raises ValueError for no problems or k above a problem's sample count."""
+    if not samples_correct:
+        raise ValueError("mean_pass_at_k needs at least one problem")
+    counts = [(len(s), sum(bool(x) for x in s)) for s in samples_correct]  # (n_p, c_p)
+    return {k: sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in ks}
+
+
+def majority(answers: Sequence[str | None]) -> str | None:
+    """Most frequent non-None answer; ties go to the answer seen first; None if there is none."""
+    votes = Counter(a for a in answers if a is not None)  # insertion order = first occurrence
+    return max(votes, key=votes.__getitem__) if votes else None
+
+
+def maj_at_k(answers: Sequence[str | None], gold: str, k: int) -> float:
+    """maj@k: 1.0 if the majority vote over the first k answers equals `gold`, else 0.0.
+
+    None (no extractable answer) casts no vote; ties are broken by first occurrence; answers are
+    compared as given, so normalise them (and gold) first.
+    """
+    if k < 1:
+        raise ValueError(f"maj_at_k needs k >= 1, got {k}")
+    return float(majority(answers[:k]) == gold)
+
+
+def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64) -> dict[str, float]:
+    """Sample ``config.samples`` completions per held-out problem and score them with the task.
+
+    Returns ``eval/pass@k`` for each k in ``config.ks`` (unbiased estimator; a completion counts as
+    correct when its reward is ≥ 1), ``eval/reward`` (mean reward per completion) and
+    ``eval/mean_length`` (completion tokens). Problems go through the engine ``chunk`` at a time.
+    """
+    params = SamplingParams(config.temperature, config.top_k, None, config.max_new_tokens)
+    tok = engine.tokenizer
+    correct: list[list[bool]] = []
+    rewards: list[float] = []
+    lengths: list[int] = []
+    for start in range(0, len(problems), chunk):
+        convs = [task.prompt(p) for p in problems[start : start + chunk]]
+        prompts = [tok.render_for_completion(c) for c in convs]
+        batch = engine.generate(prompts, config.samples, params, seed=config.seed + start)
+        for i, conv in enumerate(convs):
+            rows = range(i * config.samples, (i + 1) * config.samples)
+            r = [task.reward(conv, tok.decode(batch.completion_tokens(j))) for j in rows]
+            rewards += r
+            correct.append([x >= 1.0 for x in r])
+        lengths += batch.lengths.tolist()
+    out = {f"eval/pass@{k}": v for k, v in mean_pass_at_k(correct, config.ks).items()}
+    out["eval/reward"] = sum(rewards) / len(rewards)
+    out["eval/mean_length"] = sum(lengths) / len(lengths)
+    return out

@@ -1,0 +1,202 @@
+"""The built-in task: multi-step arithmetic word problems solved with the calculator tool.
+
+Problems come from a handful of templates (2–3 steps: buy packs and add, sell twice and subtract,
+earn and spend, share equally, legs on a farm, ...). A worked solution writes each step as a
+calculator call and ends with ``#### answer``::
+
+    <|tool_start|>4*17<|tool_end|><|output_start|>68<|output_end|> <|tool_start|>23+68<|tool_end|>...
+    #### 91
+
+Everything is a pure function of its seed. The test split is fixed (seed ``test_seed``) and the
+training generator skips any question that is in it.
+
+**The imperfect teacher.** Real SFT data has mistakes. ``teacher_error`` is the share of training
+solutions with one wrong step: a mistyped operand, a wrong operator, or a slip copying the final
+answer. A model trained by imitation learns to make those slips at the same rate; the verifiable
+reward lets RL unlearn them. That is the point the demo makes.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from posttrain.tools import calculate
+
+NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia")
+ITEMS = ("apples", "pens", "cards", "books", "eggs", "shells", "stamps", "beads", "coins", "cups")
+_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One word problem: the question, its calculator steps and the gold answer."""
+
+    question: str
+    steps: tuple[str, ...]  # calculator expressions; "{0}" is the first step's result
+    answer: str
+
+
+def _buy_packs(r: random.Random) -> Problem:
+    name, item = r.choice(NAMES), r.choice(ITEMS)
+    a, b, c = r.randint(2, 60), r.randint(2, 9), r.randint(2, 25)
+    q = f"{name} has {a} {item}. {name} buys {b} packs of {c} {item}. How many {item} does {name} have now?"
+    return Problem(q, (f"{b}*{c}", f"{a}+{{0}}"), str(a + b * c))
+
+
+def _sell_twice(r: random.Random) -> Problem:
+    item = r.choice(ITEMS)
+    b, c = r.randint(2, 40), r.randint(2, 40)
+    a = b + c + r.randint(1, 60)
+    q = f"A shop had {a} {item}. It sold {b} in the morning and {c} in the afternoon. How many {item} are left?"
+    return Problem(q, (f"{b}+{c}", f"{a}-{{0}}"), str(a - b - c))
+
+
+def _earn_spend(r: random.Random) -> Problem:
+    name = r.choice(NAMES)
+    a, b = r.randint(3, 30), r.randint(2, 9)
+    c = r.randint(1, a * b - 1)
+    q = f"{name} earns {a} dollars a day for {b} days, then spends {c} dollars. How many dollars are left?"
+    return Problem(q, (f"{a}*{b}", f"{{0}}-{c}"), str(a * b - c))
+
+
+def _share(r: random.Random) -> Problem:
+    item = r.choice(ITEMS)
+    c = r.randint(2, 9)
+    b = r.randint(2, 12)
+    a = c * r.randint(1, 12)
+    while (a * b) % c:
+        a += 1
+    q = f"There are {a} boxes with {b} {item} in each. The {item} are shared equally by {c} kids. How many {item} does each kid get?"
+    return Problem(q, (f"{a}*{b}", f"{{0}}/{c}"), str(a * b // c))
+
+
+def _pages_left(r: random.Random) -> Problem:
+    name = r.choice(NAMES)
+    a, c = r.randint(3, 30), r.randint(2, 9)
+    b = a * c + r.randint(1, 200)
+    q = f"{name} reads {a} pages a day. The book has {b} pages. How many pages are left after {c} days?"
+    return Problem(q, (f"{a}*{c}", f"{b}-{{0}}"), str(b - a * c))
+
+
+def _farm_legs(r: random.Random) -> Problem:
+    a, b = r.randint(2, 40), r.randint(2, 40)
+    q = f"A farm has {a} cows and {b} hens. How many legs do the animals have in total?"
+    return Problem(q, (f"{a}*4", f"{b}*2", "{0}+{1}"), str(a * 4 + b * 2))
+
+
+TEMPLATES: tuple[Callable[[random.Random], Problem], ...] = (
+    _buy_packs, _sell_twice, _earn_spend, _share, _pages_left, _farm_legs,
+)
+
+
+def make_problem(r: random.Random) -> Problem:
+    return r.choice(TEMPLATES)(r)
+
+
+def _corrupt(step: str, r: random.Random) -> str:
+    """One realistic slip in an expression: a mistyped operand or the wrong operator."""
+    operands = re.findall(r"\d+", step)
+    if r.random() < 0.5:
+        i = r.randrange(len(operands))
+        wrong = str(max(0, int(operands[i]) + r.choice((-10, -2, -1, 1, 2, 10))))
+        parts = re.split(r"(\d+)", step)
+        parts[2 * i + 1] = wrong
+        return "".join(parts)
+    op = re.search(r"[-+*/]", step).group()
+    return step.replace(op, r.choice([o for o in "+-*" if o != op]), 1)
+
+
+def solution_parts(problem: Problem, r: random.Random | None = None, error_rate: float = 0.0) -> list[dict]:
+    """The worked solution as assistant parts; with prob. ``error_rate`` it contains one slip.
+
+    A slip in a step carries through: later steps use the (wrong) result the calculator gave.
+    """
+    slip = r is not None and r.random() < error_rate
+    bad_step = r.randrange(len(problem.steps) + 1) if slip else -1  # == len(steps): final copy slips
+    results: list[str] = []
+    parts: list[dict] = []
+    for i, template in enumerate(problem.steps):
+        step = template.format(*results)
+        if i == bad_step:
+            step = _corrupt(step, r)
+        results.append(calculate(step))
+        parts += [
+            {"type": "tool_call", "text": step},
+            {"type": "tool_output", "text": results[-1]},
+            {"type": "text", "text": " "},
+        ]
+    final = results[-1]
+    if bad_step == len(problem.steps):
+        final = str(int(final) + r.choice((-10, -1, 1, 10)))
+    parts.append({"type": "text", "text": f"#### {final}"})
+    return parts
+
+
+def conversation(problem: Problem, parts: list[dict] | None = None) -> dict:
+    """A conversation for the problem; with ``parts`` it includes the assistant's solution."""
+    messages = [{"role": "user", "content": problem.question}]
+    if parts is not None:
+        messages.append({"role": "assistant", "content": parts})
+    return {"messages": messages, "answer": problem.answer}
+
+
+def extract_answer(completion: str) -> str | None:
+    """The number after the last ``####`` with commas removed, or None."""
+    found = _ANSWER.findall(completion)
+    return found[-1].replace(",", "") if found else None
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
+
+
+class ArithmeticTask:
+    """Arithmetic word problems with a fixed held-out test split and a 0/1 reward."""
+
+    name = "arithmetic"
+
+    def __init__(self, test_size: int = 256, test_seed: int = 1234, teacher_error: float = 0.3):
+        self.teacher_error = teacher_error
+        r = random.Random(test_seed)
+        problems: dict[str, Problem] = {}
+        while len(problems) < test_size:
+            p = make_problem(r)
+            problems.setdefault(p.question, p)
+        self.test: list[Problem] = list(problems.values())
+        self._test_questions = set(problems)
+
+    def train_problem(self, r: random.Random) -> Problem:
+        """A fresh training problem that is not in the test split."""
+        while True:
+            p = make_problem(r)
+            if p.question not in self._test_questions:
+                return p
+
+    def sft_example(self, r: random.Random) -> dict:
+        """A training conversation with a teacher solution (imperfect at rate ``teacher_error``)."""
+        p = self.train_problem(r)
+        return conversation(p, solution_parts(p, r, self.teacher_error))
+
+    def reward(self, conv: dict, completion: str) -> float:
+        """1.0 when the completion's final ``#### N`` equals the gold answer, else 0.0."""
+        got = extract_answer(completion)
+        return float(got is not None and _same_number(got, conv["answer"]))
+
+    def prompt(self, problem: Problem) -> dict:
+        """The conversation the model answers (user turn only), carrying the gold answer."""
+        return conversation(problem)
+
+    def corpus(self, r: random.Random, n: int = 2000) -> list[str]:
+        """Texts to train the built-in tokenizer on: questions and teacher solutions."""
+        texts = []
+        for _ in range(n):
+            conv = self.sft_example(r)
+            texts.append(conv["messages"][0]["content"])
+            texts += [part["text"] for part in conv["messages"][1]["content"]]
+        return texts

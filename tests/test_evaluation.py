@@ -1,0 +1,62 @@
+"""Specs for posttrain.evaluation: pass@k and maj@k."""
+
+import math
+
+import pytest
+
+from posttrain.evaluation import maj_at_k, mean_pass_at_k, pass_at_k
+
+
+@pytest.mark.parametrize(
+    ("k", "expected"),
+    [
+        (1, 0.4),  # 1 − (1 − 1/4)(1 − 1/5) = 1 − 0.75·0.8 = 1 − C(3,1)/C(5,1)
+        (2, 0.7),  # 1 − (1 − 2/4)(1 − 2/5) = 1 − 0.5·0.6  = 1 − C(3,2)/C(5,2)
+        (3, 0.9),  # 1 − (1 − 3/4)(1 − 3/5) = 1 − 0.25·0.4 = 1 − C(3,3)/C(5,3)
+        (4, 1.0),  # n − c = 3 < 4: every 4-subset holds a correct sample
+        (5, 1.0),
+    ],
+)
+def test_pass_at_k_n5_c2(k, expected):
+    assert pass_at_k(5, 2, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_edges():
+    assert all(pass_at_k(10, 0, k) == 0.0 for k in range(1, 11))
+    assert all(pass_at_k(10, 10, k) == 1.0 for k in range(1, 11))
+    assert pass_at_k(1000, 1, 1) == pytest.approx(0.001)
+
+
+def test_pass_at_k_matches_binomials():
+    n, c, k = 200, 37, 10
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(5, 2, 6), (5, 6, 1), (-1, 0, 1), (5, -1, 1), (5, 2, 0)])
+def test_pass_at_k_rejects_bad_arguments(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+def test_mean_pass_at_k():
+    # problem 0: n=2, c=1 → pass@1 = 0.5, pass@2 = 1;  problem 1: n=2, c=0 → 0, 0.
+    assert mean_pass_at_k([[True, False], [False, False]], [1, 2]) == {1: 0.25, 2: 0.5}
+    with pytest.raises(ValueError):
+        mean_pass_at_k([], [1])
+
+
+def test_maj_at_k():
+    answers = ["3", "4", "4", None, "3", "3"]
+    assert maj_at_k(answers, "3", 3) == 0.0  # first 3: "4" ×2 beats "3" ×1
+    assert maj_at_k(answers, "4", 3) == 1.0
+    assert maj_at_k(answers, "3", 6) == 1.0  # "3" ×3 beats "4" ×2; None casts no vote
+    assert maj_at_k(answers, "3", 100) == 1.0  # k beyond the list uses every answer
+
+
+def test_maj_at_k_ties_and_no_answers():
+    assert maj_at_k(["4", "3"], "4", 2) == 1.0  # tie → first occurrence wins
+    assert maj_at_k(["4", "3"], "3", 2) == 0.0
+    assert maj_at_k([None, "3", "4"], "3", 3) == 1.0
+    assert maj_at_k([None, None], "3", 2) == 0.0
+    with pytest.raises(ValueError):
+        maj_at_k(["3"], "3", 0)
