@@ -105,6 +105,7 @@ class RLConfig:
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
     log_samples_every: int = 10  # write prompts/completions/rewards to samples.jsonl every N steps
+    eval_before: bool = True  # evaluate the initial policy before the first step
 
 
 def suggest(name: str, valid: list[str]) -> str:
@@ -147,8 +148,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         return _coerce(next(a for a in args if a is not type(None)), value, path)
     if origin is tuple:
         items = value if isinstance(value, list | tuple) else [value]
-        inner = args[0] if args else Any
-        return tuple(_coerce(inner, v, path) for v in items)
+        if len(args) == 2 and args[1] is Ellipsis or not args:
+            return tuple(_coerce(args[0] if args else Any, v, path) for v in items)
+        if len(items) != len(args):
+            raise ConfigError(f"config key '{path}' needs {len(args)} values, got {list(items)!r}")
+        return tuple(_coerce(a, v, path) for a, v in zip(args, items, strict=True))
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -156,6 +160,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             return float(value)  # YAML reads 1e-3 as a string
         except ValueError:
             pass
+    if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # e.g. run_dir=2024
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
             raise ConfigError(f"config key '{path}' must be {hint.__name__}, got {value!r}")

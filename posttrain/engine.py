@@ -33,6 +33,16 @@ class SamplingParams:
     top_p: float | None = None  # nucleus: keep the smallest set with this much mass (None: off)
     max_new_tokens: int = 64  # completion budget per row, forced tool outputs included
 
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
 
 @dataclass
 class RolloutBatch:
@@ -116,8 +126,8 @@ class Engine:
     ) -> RolloutBatch:
         """``n`` completions per prompt; ``share_prefix=False`` prefills every row (for benchmarks)."""
         tok = self.tokenizer
-        gen = torch.Generator().manual_seed(seed)
         device = self.model.device
+        gen = torch.Generator(device=device).manual_seed(seed)  # on the logits' device
         rows = len(prompts) * n
         prefill = prompts if share_prefix else [p for p in prompts for _ in range(n)]
         ids, real = left_pad(prefill, tok.pad_id)

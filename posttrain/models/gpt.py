@@ -81,7 +81,11 @@ def _rms_norm(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.n_head % config.n_kv_head == 0, "n_kv_head must divide n_head"
+        if config.n_head % config.n_kv_head or config.n_embd % (2 * config.n_head):
+            raise ValueError(
+                f"need n_kv_head | n_head and an even head dim n_embd/n_head; got n_embd={config.n_embd}, "
+                f"n_head={config.n_head}, n_kv_head={config.n_kv_head}"
+            )
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         self.q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)

@@ -64,11 +64,12 @@ def _earn_spend(r: random.Random) -> Problem:
 
 def _share(r: random.Random) -> Problem:
     item = r.choice(ITEMS)
-    c = r.randint(2, 9)
-    b = r.randint(2, 12)
-    a = c * r.randint(1, 12)
-    while (a * b) % c:
-        a += 1
+    while True:
+        a, b = r.randint(2, 40), r.randint(2, 9)
+        divisors = [c for c in range(2, 10) if (a * b) % c == 0]
+        if divisors:
+            break
+    c = r.choice(divisors)
     q = f"There are {a} boxes with {b} {item} in each. The {item} are shared equally by {c} kids. How many {item} does each kid get?"
     return Problem(q, (f"{a}*{b}", f"{{0}}/{c}"), str(a * b // c))
 
@@ -76,7 +77,7 @@ def _share(r: random.Random) -> Problem:
 def _pages_left(r: random.Random) -> Problem:
     name = r.choice(NAMES)
     a, c = r.randint(3, 30), r.randint(2, 9)
-    b = a * c + r.randint(1, 200)
+    b = a * c + r.randint(5, 150)
     q = f"{name} reads {a} pages a day. The book has {b} pages. How many pages are left after {c} days?"
     return Problem(q, (f"{a}*{c}", f"{b}-{{0}}"), str(b - a * c))
 

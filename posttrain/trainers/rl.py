@@ -72,8 +72,11 @@ def rollout_metrics(batch: RolloutBatch, rewards: torch.Tensor, zero_std: torch.
     }
 
 
-def train_rl(config: RLConfig, progress: bool = True) -> dict[str, dict[str, float]]:
-    """Run RL as configured; returns {"before": eval metrics, "after": eval metrics}."""
+def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None) -> dict[str, dict[str, float]]:
+    """Run RL as configured; returns {"before": eval metrics, "after": eval metrics}.
+
+    ``before``: the initial policy's metrics when the caller has them (with ``eval_before`` off).
+    """
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     run_dir = Path(config.run_dir)
@@ -93,10 +96,13 @@ def train_rl(config: RLConfig, progress: bool = True) -> dict[str, dict[str, flo
     P, G = config.prompts_per_step, config.samples_per_prompt
 
     model.eval()
-    before = after = evaluate_task(engine, task, test, config.eval)
-    log.write({"step": 0, **before})
+    if config.eval_before:
+        before = evaluate_task(engine, task, test, config.eval)
+        log.write({"step": 0, **before})
+    before = after = before or {}
     with StepProgress("rl", config.steps, ("reward", "eval/pass@1"), progress) as bar:
-        bar.print("before RL: " + "  ".join(f"{k}={v:.3f}" for k, v in before.items()))
+        if before:
+            bar.print("before RL: " + "  ".join(f"{k}={v:.3f}" for k, v in before.items()))
         for step in range(config.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, config.steps, config.optim)

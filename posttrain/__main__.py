@@ -1,0 +1,3 @@
+from posttrain.cli import app
+
+app(prog_name="posttrain")

@@ -1,0 +1,88 @@
+"""End-to-end specs for the trainers and the CLI: tiny budgets, and a metric that must move."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import RLConfig, SFTConfig, load_config
+from posttrain.metrics import read_jsonl
+from posttrain.trainers.rl import train_rl
+from posttrain.trainers.sft import train_sft
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+TINY_MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.n_embd=64"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """A small SFT model that solves some problems (teacher_error=0.5 leaves RL room to improve)."""
+    torch.set_num_threads(2)
+    run_dir = tmp_path_factory.mktemp("sft")
+    config = load_config(SFTConfig, None, [
+        f"run_dir={run_dir}", "steps=260", "batch_size=32", "optim.lr=5e-3", "task.teacher_error=0.5",
+        "eval.problems=32", "eval.samples=4", "eval.ks=[1,4]", "eval.every=0", *TINY_MODEL,
+    ])
+    metrics = train_sft(config, progress=False)
+    return run_dir, metrics
+
+
+def test_sft_loss_falls_and_checkpoint_is_written(sft_run):
+    run_dir, metrics = sft_run
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    first = sum(r["loss"] for r in rows[:10]) / 10
+    last = sum(r["loss"] for r in rows[-10:]) / 10
+    assert last < 0.5 * first
+    assert metrics["eval/pass@1"] > 0.05  # it solves some held-out problems
+    assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
+
+
+def test_grpo_raises_mean_reward(sft_run, tmp_path):
+    run_dir, _ = sft_run
+    config = load_config(RLConfig, None, [
+        f"run_dir={tmp_path}", f"init_from={run_dir / 'checkpoints' / 'final'}", "steps=16",
+        "prompts_per_step=8", "samples_per_prompt=8", "optim.lr=2e-3", "optim.warmup_steps=2",
+        "eval.problems=32", "eval.samples=4", "eval.ks=[1,4]", "eval.every=0", "sampling.max_new_tokens=48",
+    ])
+    result = train_rl(config, progress=False)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    steps = [r for r in rows if "reward" in r]
+    early = sum(r["reward"] for r in steps[:4]) / 4
+    late = sum(r["reward"] for r in steps[-4:]) / 4
+    assert late > early + 0.05, (early, late)
+    assert result["after"]["eval/reward"] > result["before"]["eval/reward"]
+    for key in ("frac_reward_zero_std", "entropy", "grad_norm", "completions/mean_length",
+                "tools/call_frequency", "timing_s/gen", "throughput/gen_tokens_per_s"):
+        assert key in steps[-1], key
+    samples = read_jsonl(tmp_path / "samples.jsonl")
+    assert samples and {"prompt", "completion", "reward"} <= samples[0].keys()
+
+
+def test_cli_demo_quick_writes_summary(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain", "demo", "--quick", "--no-progress", "--run-dir", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"sft", "rl", "wall_s"}
+    for stage in ("sft", "rl"):
+        assert {"pass@1", "pass@8", "reward"} <= set(summary[stage])
+        assert 0.0 <= summary[stage]["pass@1"] <= summary[stage]["pass@8"] <= 1.0
+    assert (out / "rl" / "checkpoints" / "final" / "model.safetensors").exists()
+    assert "after SFT" in proc.stdout and "after RL" in proc.stdout
+
+
+def test_cli_rejects_a_misspelled_config_key(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain", "rl", str(CONFIGS / "demo_rl.yaml"), "optim.lrr=1e-3"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "optim.lrr" in proc.stderr and "'lr'" in proc.stderr
