@@ -181,12 +181,6 @@ def test_every_field_has_a_default_of_its_declared_type(cls):
             assert type(value) is hint, f.name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug: config._coerce treats tuple[float, float] like tuple[float, ...] (uses args[0] for "
-    "every item, no length check), so optim.betas=[0.9] is accepted as (0.9,) and only fails later "
-    "inside AdamW; a fixed-length tuple of the wrong length should raise ConfigError naming the key",
-)
 @pytest.mark.parametrize("override", ["optim.betas=[0.9]", "optim.betas=[0.9, 0.95, 0.99]"])
 def test_fixed_length_tuple_of_wrong_length_is_an_error(override):
     with pytest.raises(ConfigError, match="'optim.betas'"):

@@ -435,12 +435,6 @@ def test_left_pad_exact_layout():
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug: sample_tokens with top_p=0.0 drops every token (mass-before >= 0 is always true), "
-    "so torch.multinomial raises RuntimeError on a NaN distribution; nucleus sampling should keep at "
-    "least the most likely token (or SamplingParams should reject top_p <= 0 with a ValueError)",
-)
 def test_zero_top_p_keeps_the_argmax_or_is_rejected():
     logits = _logits()
     try:

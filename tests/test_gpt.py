@@ -174,12 +174,6 @@ def test_default_init_residual_branches_start_as_identity(make_gpt):
     assert model.config_dict()["n_kv_head"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="source bug: GPT/Attention do not check that n_embd is divisible by n_head with an even head "
-    "dim; GPTConfig(n_embd=30, n_head=4) builds a model whose first forward fails with an opaque "
-    "RuntimeError in _apply_rotary (tensor size mismatch) instead of a clear error at construction",
-)
 @pytest.mark.parametrize(("n_embd", "n_head"), [(30, 4), (36, 4)])  # head dim 7.5, 9 (odd)
 def test_bad_head_dim_is_rejected_at_construction(make_gpt, n_embd, n_head):
     with pytest.raises((ValueError, AssertionError)):

@@ -70,7 +70,8 @@ def _share(r: random.Random) -> Problem:
         if divisors:
             break
     c = r.choice(divisors)
-    q = f"There are {a} boxes with {b} {item} in each. The {item} are shared equally by {c} kids. How many {item} does each kid get?"
+    q = (f"There are {a} boxes with {b} {item} in each. The {item} are shared equally by {c} kids. "
+         f"How many {item} does each kid get?")
     return Problem(q, (f"{a}*{b}", f"{{0}}/{c}"), str(a * b // c))
 
 
