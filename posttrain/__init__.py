@@ -1,0 +1,3 @@
+"""posttrain: post-train language models with SFT and reinforcement learning."""
+
+__version__ = "0.1.0"

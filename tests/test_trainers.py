@@ -16,17 +16,15 @@ from posttrain.trainers.rl import train_rl
 from posttrain.trainers.sft import train_sft
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-TINY_MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.n_embd=64"]
 
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
-    """A small SFT model that solves some problems (teacher_error=0.5 leaves RL room to improve)."""
+    """The demo's SFT stage (about 2 minutes on 2 cores): the built-in GPT learns the task from scratch."""
     torch.set_num_threads(2)
     run_dir = tmp_path_factory.mktemp("sft")
-    config = load_config(SFTConfig, None, [
-        f"run_dir={run_dir}", "steps=260", "batch_size=32", "optim.lr=5e-3", "task.teacher_error=0.5",
-        "eval.problems=32", "eval.samples=4", "eval.ks=[1,4]", "eval.every=0", *TINY_MODEL,
+    config = load_config(SFTConfig, CONFIGS / "demo_sft.yaml", [
+        f"run_dir={run_dir}", "eval.problems=64", "eval.samples=4", "eval.ks=[1,4]",
     ])
     metrics = train_sft(config, progress=False)
     return run_dir, metrics
@@ -38,7 +36,7 @@ def test_sft_loss_falls_and_checkpoint_is_written(sft_run):
     first = sum(r["loss"] for r in rows[:10]) / 10
     last = sum(r["loss"] for r in rows[-10:]) / 10
     assert last < 0.5 * first
-    assert metrics["eval/pass@1"] > 0.05  # it solves some held-out problems
+    assert metrics["eval/pass@1"] > 0.4  # it learned the task, from scratch
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
 
 
@@ -46,7 +44,7 @@ def test_grpo_raises_mean_reward(sft_run, tmp_path):
     run_dir, _ = sft_run
     config = load_config(RLConfig, None, [
         f"run_dir={tmp_path}", f"init_from={run_dir / 'checkpoints' / 'final'}", "steps=16",
-        "prompts_per_step=8", "samples_per_prompt=8", "optim.lr=2e-3", "optim.warmup_steps=2",
+        "prompts_per_step=16", "samples_per_prompt=8", "optim.lr=1e-3", "optim.warmup_steps=2",
         "eval.problems=32", "eval.samples=4", "eval.ks=[1,4]", "eval.every=0", "sampling.max_new_tokens=48",
     ])
     result = train_rl(config, progress=False)
@@ -54,7 +52,7 @@ def test_grpo_raises_mean_reward(sft_run, tmp_path):
     steps = [r for r in rows if "reward" in r]
     early = sum(r["reward"] for r in steps[:4]) / 4
     late = sum(r["reward"] for r in steps[-4:]) / 4
-    assert late > early + 0.05, (early, late)
+    assert late > early + 0.05, (early, late)  # teacher slips get unlearned
     assert result["after"]["eval/reward"] > result["before"]["eval/reward"]
     for key in ("frac_reward_zero_std", "entropy", "grad_norm", "completions/mean_length",
                 "tools/call_frequency", "timing_s/gen", "throughput/gen_tokens_per_s"):

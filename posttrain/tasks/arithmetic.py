@@ -23,6 +23,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from posttrain.evaluation import evaluate_task
 from posttrain.tools import calculate
 
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia")
@@ -189,6 +190,10 @@ class ArithmeticTask:
         """1.0 when the completion's final ``#### N`` equals the gold answer, else 0.0."""
         got = extract_answer(completion)
         return float(got is not None and _same_number(got, conv["answer"]))
+
+    def evaluate(self, engine, config) -> dict[str, float]:
+        """pass@k, mean reward and completion length on the first ``config.problems`` test problems."""
+        return evaluate_task(engine, self, self.test[: config.problems], config)
 
     def prompt(self, problem: Problem) -> dict:
         """The conversation the model answers (user turn only), carrying the gold answer."""

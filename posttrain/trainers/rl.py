@@ -30,7 +30,6 @@ from posttrain.algorithms import losses
 from posttrain.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.config import RLConfig, save_config
 from posttrain.engine import Engine, RolloutBatch
-from posttrain.evaluation import evaluate_task
 from posttrain.metrics import JsonlWriter, StepProgress
 from posttrain.models.gpt import token_logprobs
 from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
@@ -91,13 +90,12 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     advantage_fn = adv_fns.choose(adv_fns.ADVANTAGES, config.algorithm, "algorithm")
     adv_kwargs = {"scale": config.adv_scale} if config.algorithm == "grpo" else {}
     prompt_rng = random.Random(config.seed)
-    test = task.test[: config.eval.problems]
     log, samples_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl")
     P, G = config.prompts_per_step, config.samples_per_prompt
 
     model.eval()
     if config.eval_before:
-        before = evaluate_task(engine, task, test, config.eval)
+        before = task.evaluate(engine, config.eval)
         log.write({"step": 0, **before})
     before = after = before or {}
     with StepProgress("rl", config.steps, ("reward", "eval/pass@1"), progress) as bar:
@@ -157,7 +155,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                                        "completion": texts[i], "reward": rewards[i].item()})
             if step + 1 == config.steps or (config.eval.every and (step + 1) % config.eval.every == 0):
                 model.eval()
-                after = evaluate_task(engine, task, test, config.eval)
+                after = task.evaluate(engine, config.eval)
                 metrics.update(after)
                 bar.print(f"step {step + 1}: " + "  ".join(f"{k}={v:.3f}" for k, v in after.items()))
             log.write(metrics)

@@ -18,7 +18,6 @@ import torch
 from posttrain.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.config import SFTConfig, save_config
 from posttrain.engine import Engine
-from posttrain.evaluation import evaluate_task
 from posttrain.metrics import JsonlWriter, StepProgress
 from posttrain.models.gpt import GPT
 from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
@@ -63,7 +62,6 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     engine = Engine(model, tokenizer, default_registry())
     optimizer = make_optimizer(model, config.optim)
     data_rng = random.Random(config.seed + 1)
-    test = task.test[: config.eval.problems]
     log = JsonlWriter(run_dir / "metrics.jsonl")
     final: dict[str, float] = {}
     with StepProgress("sft", config.steps, ("loss", "eval/pass@1"), progress) as bar:
@@ -91,7 +89,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             last = step + 1 == config.steps
             if last or (config.eval.every and (step + 1) % config.eval.every == 0):
                 model.eval()
-                final = evaluate_task(engine, task, test, config.eval)
+                final = task.evaluate(engine, config.eval)
                 metrics.update(final)
                 bar.print(f"step {step + 1}: " + "  ".join(f"{k}={v:.3f}" for k, v in final.items()))
             log.write(metrics)
