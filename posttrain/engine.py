@@ -99,11 +99,39 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 class _ToolState:
-    """Per-row tool-call bookkeeping: where the open call began and what must be forced next."""
+    """Per-row tool-call bookkeeping: where an open call began and what must be forced next."""
 
-    def __init__(self):
+    def __init__(self, tokenizer: Tokenizer, registry: ToolRegistry):
+        self.tok, self.registry = tokenizer, registry
         self.call_start: dict[int, int] = {}  # row -> step of its <|tool_start|>
         self.forced: dict[int, deque[int]] = {}  # row -> tokens still to force
+        self.calls = self.failures = 0
+
+    def force(self, active: torch.Tensor, tokens, logp, sampled) -> None:
+        """Overwrite this step's samples with pending tool-output tokens (logprob 0, mask 0)."""
+        if not self.forced:
+            return
+        where = {row: j for j, row in enumerate(active.tolist())}
+        for row, queue in list(self.forced.items()):
+            j = where[row]
+            tokens[j], logp[j], sampled[j] = queue.popleft(), 0.0, 0.0
+            if not queue:
+                del self.forced[row]
+
+    def observe(self, active: torch.Tensor, tokens, sampled, step: int, out: torch.Tensor) -> None:
+        """Open calls on <|tool_start|>; on <|tool_end|> run the tool and queue its output."""
+        tok, was_sampled = self.tok, sampled.bool()
+        for j in torch.nonzero(was_sampled & (tokens == tok.tool_start_id)).flatten().tolist():
+            self.call_start[int(active[j])] = step
+        for j in torch.nonzero(was_sampled & (tokens == tok.tool_end_id)).flatten().tolist():
+            row = int(active[j])
+            if row not in self.call_start:
+                continue  # a stray <|tool_end|> is just a token
+            expr = tok.decode(out[row, self.call_start.pop(row) + 1 : step].tolist())
+            result = self.registry.run(expr)
+            self.calls += 1
+            self.failures += result.startswith("error")
+            self.forced[row] = deque([tok.output_start_id, *tok.encode(result), tok.output_end_id])
 
 
 class Engine:
@@ -144,34 +172,18 @@ class Engine:
         lengths = torch.zeros(rows, dtype=torch.long)
         finished = torch.zeros(rows, dtype=torch.bool)
         active = torch.arange(rows)  # original row of each cache row
-        tools, calls, failures = _ToolState(), 0, 0
+        tools = _ToolState(tok, self.tools) if self.tools is not None else None
         stop_ids = torch.tensor(sorted(self.stop_ids))
         for step in range(params.max_new_tokens):
             tokens, logp = sample_tokens(logits, params, gen)
             tokens, logp = tokens.cpu(), logp.float().cpu()
-            sampled = torch.ones(len(active))
-            if tools.forced:  # forced tool outputs override samples
-                where = {row: j for j, row in enumerate(active.tolist())}
-                for row, queue in list(tools.forced.items()):
-                    j = where[row]
-                    tokens[j], logp[j], sampled[j] = queue.popleft(), 0.0, 0.0
-                    if not queue:
-                        del tools.forced[row]
+            sampled = torch.ones(len(active))  # 0 where a tool output is forced instead
+            if tools is not None:
+                tools.force(active, tokens, logp, sampled)
             out[active, step], out_logp[active, step], out_mask[active, step] = tokens, logp, sampled
             lengths[active] = step + 1
-            if self.tools is not None:
-                for j in torch.nonzero(sampled.bool() & (tokens == tok.tool_start_id)).flatten().tolist():
-                    tools.call_start[int(active[j])] = step
-                for j in torch.nonzero(sampled.bool() & (tokens == tok.tool_end_id)).flatten().tolist():
-                    row = int(active[j])
-                    if row not in tools.call_start:
-                        continue  # a stray <|tool_end|> is just a token
-                    expr = tok.decode(out[row, tools.call_start.pop(row) + 1 : step].tolist())
-                    result = self.tools.run(expr)
-                    calls += 1
-                    failures += result.startswith("error")
-                    forced = [tok.output_start_id, *tok.encode(result), tok.output_end_id]
-                    tools.forced[row] = deque(forced)
+            if tools is not None:
+                tools.observe(active, tokens, sampled, step, out)
             done = torch.isin(tokens, stop_ids) & sampled.bool()
             finished[active[done]] = True
             if step == params.max_new_tokens - 1 or bool(done.all()):
@@ -190,6 +202,6 @@ class Engine:
             lengths=lengths,
             finished=finished,
             group_ids=torch.arange(len(prompts)).repeat_interleave(n),
-            tool_calls=calls,
-            tool_failures=failures,
+            tool_calls=tools.calls if tools is not None else 0,
+            tool_failures=tools.failures if tools is not None else 0,
         )
