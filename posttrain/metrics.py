@@ -70,3 +70,11 @@ class StepProgress:
 
     def print(self, text: str) -> None:
         self._progress.console.print(text)
+
+    def print_metrics(self, label: str, metrics: dict) -> None:
+        self.print(f"{label}: " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+
+
+def eval_due(step: int, total: int, every: int) -> bool:
+    """Whether to evaluate after 1-based ``step``: every ``every`` steps (0: never) and after the last."""
+    return step == total or (every > 0 and step % every == 0)

@@ -30,7 +30,7 @@ from posttrain.algorithms import losses
 from posttrain.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.config import RLConfig, save_config
 from posttrain.engine import Engine, RolloutBatch
-from posttrain.metrics import JsonlWriter, StepProgress
+from posttrain.metrics import JsonlWriter, StepProgress, eval_due
 from posttrain.models.gpt import token_logprobs
 from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
 from posttrain.tasks import make_task
@@ -100,7 +100,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     before = after = before or {}
     with StepProgress("rl", config.steps, ("reward", "eval/pass@1"), progress) as bar:
         if before:
-            bar.print("before RL: " + "  ".join(f"{k}={v:.3f}" for k, v in before.items()))
+            bar.print_metrics("before RL", before)
         for step in range(config.steps):
             t0 = time.perf_counter()
             lr = lr_at(step, config.steps, config.optim)
@@ -153,11 +153,11 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                 for i in range(0, P * G, G):  # the first sample of every group
                     samples_log.write({"step": step + 1, "prompt": convs[i // G]["messages"][0]["content"],
                                        "completion": texts[i], "reward": rewards[i].item()})
-            if step + 1 == config.steps or (config.eval.every and (step + 1) % config.eval.every == 0):
+            if eval_due(step + 1, config.steps, config.eval.every):
                 model.eval()
                 after = task.evaluate(engine, config.eval)
                 metrics.update(after)
-                bar.print(f"step {step + 1}: " + "  ".join(f"{k}={v:.3f}" for k, v in after.items()))
+                bar.print_metrics(f"step {step + 1}", after)
             log.write(metrics)
             bar.update(metrics)
     log.close()

@@ -18,7 +18,7 @@ import torch
 from posttrain.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.config import SFTConfig, save_config
 from posttrain.engine import Engine
-from posttrain.metrics import JsonlWriter, StepProgress
+from posttrain.metrics import JsonlWriter, StepProgress, eval_due
 from posttrain.models.gpt import GPT
 from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
 from posttrain.tasks import make_task
@@ -86,12 +86,11 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
                 "tokens": int(n_tokens),
                 "timing_s/step": time.perf_counter() - t0,
             }
-            last = step + 1 == config.steps
-            if last or (config.eval.every and (step + 1) % config.eval.every == 0):
+            if eval_due(step + 1, config.steps, config.eval.every):
                 model.eval()
                 final = task.evaluate(engine, config.eval)
                 metrics.update(final)
-                bar.print(f"step {step + 1}: " + "  ".join(f"{k}={v:.3f}" for k, v in final.items()))
+                bar.print_metrics(f"step {step + 1}", final)
             log.write(metrics)
             bar.update(metrics)
     log.close()
