@@ -49,6 +49,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # final lr as a fraction of lr
     grad_clip: float = 1.0  # clip the global grad norm to this (0: off)
 
+    def __post_init__(self):
+        _check_choice("optim.schedule", self.schedule, ["cosine", "linear", "constant"])
+
 
 @dataclass
 class EvalConfig:
@@ -106,6 +109,22 @@ class RLConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
     log_samples_every: int = 10  # write prompts/completions/rewards to samples.jsonl every N steps
     eval_before: bool = True  # evaluate the initial policy before the first step
+
+    def __post_init__(self):
+        from posttrain.algorithms import advantages, losses
+
+        for key, valid in (
+            ("algorithm", advantages.ADVANTAGES),
+            ("adv_scale", advantages.GRPO_SCALES),
+            ("loss_agg", losses.AGGREGATIONS),
+            ("kl_kind", losses.KL_ESTIMATORS),
+        ):
+            _check_choice(key, getattr(self, key), list(valid))
+
+
+def _check_choice(key: str, value: str, valid: list[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"config key '{key}' has unknown value '{value}'{suggest(value, valid)}")
 
 
 def suggest(name: str, valid: list[str]) -> str:

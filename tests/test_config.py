@@ -185,3 +185,18 @@ def test_every_field_has_a_default_of_its_declared_type(cls):
 def test_fixed_length_tuple_of_wrong_length_is_an_error(override):
     with pytest.raises(ConfigError, match="'optim.betas'"):
         load_config(SFTConfig, overrides=[override])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "hint"),
+    [
+        ("algorithm=grpoo", "'algorithm'", "'grpo'"),
+        ("loss_agg=token_mean", "'loss_agg'", "'token-mean'"),
+        ("kl_kind=k33", "'kl_kind'", "'k3'"),
+        ("optim.schedule=cosin", "'optim.schedule'", "'cosine'"),
+    ],
+)
+def test_an_unknown_variant_name_is_a_config_error_with_a_suggestion(override, key, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(RLConfig, None, [override])
+    assert key in str(err.value) and hint in str(err.value)
