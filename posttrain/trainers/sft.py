@@ -39,13 +39,13 @@ def collate(tokenizer: Tokenizer, convs: list[dict]) -> tuple[torch.Tensor, torc
     return inputs, targets
 
 
-def build_policy(config: SFTConfig, task, seed: int) -> tuple[GPT, Tokenizer]:
+def build_policy(config: SFTConfig, task) -> tuple[GPT, Tokenizer]:
     """The checkpoint in ``init_from``, or a fresh built-in GPT with a tokenizer trained on the task."""
     if config.init_from:
         model, tokenizer, _ = load_checkpoint(config.init_from)
         return model, tokenizer
-    tokenizer = Tokenizer.train(task.corpus(random.Random(seed)))
-    torch.manual_seed(seed)
+    tokenizer = Tokenizer.train(task.corpus(random.Random(config.seed)))
+    torch.manual_seed(config.seed)
     model = GPT(dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
     return model, tokenizer
 
@@ -58,7 +58,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     task = make_task(config.task)
-    model, tokenizer = build_policy(config, task, config.seed)
+    model, tokenizer = build_policy(config, task)
     engine = Engine(model, tokenizer, default_registry())
     optimizer = make_optimizer(model, config.optim)
     data_rng = random.Random(config.seed + 1)
