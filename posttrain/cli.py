@@ -37,22 +37,24 @@ def demo(
 def sft(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=1e-3")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Supervised fine-tuning on a task's solutions."""
     from posttrain.trainers.sft import train_sft
 
-    train_sft(_load(SFTConfig, config, overrides))
+    train_sft(_load(SFTConfig, config, overrides), progress=progress)
 
 
 @app.command()
 def rl(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/)")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. steps=100")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. algorithm=dapo")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
-    """On-policy RL (GRPO family) from a checkpoint with the task's verifiable reward."""
+    """On-policy RL from a checkpoint: algorithm=nanochat|grpo|dr_grpo|dapo|rloo|reinforce_pp|ppo."""
     from posttrain.trainers.rl import train_rl
 
-    train_rl(_load(RLConfig, config, overrides))
+    train_rl(_load(RLConfig, config, overrides), progress=progress)
 
 
 if __name__ == "__main__":

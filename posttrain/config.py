@@ -84,25 +84,81 @@ class SFTConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The PPO critic: a value head on a trainable copy of the policy trunk (advantage: gae only)."""
+
+    lr: float = 2e-3  # critic peak learning rate (same warm-up and schedule as the policy)
+    warmup_steps: int = 5  # first RL steps train only the critic (the policy waits for sane values)
+    value_clip: float = 0.2  # clip V to V_old ± this in the value loss (0: no clipping)
+
+
+# Named presets of RLConfig: the published recipes, as defaults for the fields left at None.
+# Fields not named here keep the dataclass default. `.inf` clip = no clipping.
+RL_PRESETS: dict[str, dict[str, Any]] = {
+    # nanochat chat_rl: r − group mean, token-mean PG, no KL, no clip (one on-policy update).
+    "nanochat": dict(advantage="reinforce", loss_agg="token-mean", clip_low=float("inf"), clip_high=float("inf"),
+                     kl_coef=0.0, kl_in="loss"),
+    # DeepSeekMath GRPO: group-std advantage, per-sequence mean of token losses, clip 0.2, k3 KL (β 0.04) in loss.
+    "grpo": dict(advantage="grpo", adv_scale="group", loss_agg="seq-mean-token-mean", kl_coef=0.04, kl_kind="k3",
+                 kl_in="loss"),
+    # Dr. GRPO (Liu et al. 2025): no std division, constant length normaliser, no KL.
+    "dr_grpo": dict(advantage="dr_grpo", loss_agg="seq-mean-token-sum-norm", kl_coef=0.0),
+    # DAPO (Yu et al. 2025): clip-higher, token-mean, dynamic sampling, soft overlong penalty, no KL.
+    "dapo": dict(advantage="grpo", adv_scale="group", loss_agg="token-mean", clip_high=0.28, kl_coef=0.0,
+                 dynamic_sampling=True, overlong="penalty"),
+    # RLOO (Ahmadian et al. 2024): leave-one-out baseline, the completion is one action (token sum).
+    "rloo": dict(advantage="rloo", loss_agg="seq-mean-token-sum", kl_coef=0.0, kl_kind="k1", kl_in="reward"),
+    # REINFORCE++ (Hu 2025): k1 KL per token in the reward, discounted return whitened over the batch.
+    "reinforce_pp": dict(advantage="reinforce_pp", loss_agg="token-mean", kl_coef=0.01, kl_kind="k1",
+                         kl_in="reward"),
+    # PPO for RLHF (Ouyang et al. 2022): critic + GAE, −β·k1 per token in the reward, several PPO updates.
+    "ppo": dict(advantage="gae", loss_agg="token-mean", kl_coef=0.05, kl_kind="k1", kl_in="reward",
+                ppo_epochs=2, minibatches=2, entropy_coef=0.001),
+}
+# What a field left at None gets when the preset does not name it.
+RL_FALLBACK: dict[str, Any] = dict(adv_scale="group", clip_low=0.2, clip_high=0.2, kl_kind="k3", kl_in="loss",
+                                   ppo_epochs=1, minibatches=1, entropy_coef=0.0, dynamic_sampling=False,
+                                   overlong="none")
+
+
+@dataclass
 class RLConfig:
-    """On-policy RL (GRPO family) from a checkpoint, with the task's verifiable reward."""
+    """On-policy RL from a checkpoint with the task's verifiable reward. ``algorithm`` names a preset
+    (RL_PRESETS) that fills every field left at None; set a field to override its preset."""
 
     run_dir: str = "runs/rl"  # where metrics, samples and checkpoints go
     seed: int = 0  # seeds prompt order and sampling
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     init_from: str = "runs/sft/checkpoints/final"  # checkpoint dir of the policy to train
-    algorithm: str = "grpo"  # advantage estimator: grpo | rloo | reinforce
-    steps: int = 100  # RL steps (one rollout batch and one update each)
+    algorithm: str = "grpo"  # preset: nanochat | grpo | dr_grpo | dapo | rloo | reinforce_pp | ppo
+    steps: int = 100  # RL steps (one rollout batch each)
     prompts_per_step: int = 16  # distinct prompts per step
     samples_per_prompt: int = 8  # completions per prompt (the group size G)
-    adv_scale: str = "group"  # grpo only: divide r − mean by the group std (group), batch std, or none
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm | ...
-    clip_low: float = 0.2  # PPO ratio clip below 1
-    clip_high: float = 0.2  # PPO ratio clip above 1 (DAPO clip-higher when > clip_low)
-    kl_coef: float = 0.0  # weight of the KL penalty to the initial policy (0: no reference model)
-    kl_kind: str = "k3"  # KL estimator: k1 | k2 | k3
-    skip_zero_std: bool = True  # groups whose rewards are all equal skip the backward pass
+    advantage: str | None = None  # estimator: grpo | dr_grpo | rloo | reinforce | reinforce_pp | gae
+    adv_scale: str | None = None  # grpo estimator: divide r − mean by the group std, batch std, or none
+    gamma: float = 1.0  # discount of the token-level estimators (reinforce_pp, gae)
+    lam: float = 0.95  # GAE λ
+    loss_agg: str | None = None  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    clip_low: float | None = None  # PPO ratio clip below 1 (.inf: none)
+    clip_high: float | None = None  # PPO ratio clip above 1 (DAPO clip-higher when > clip_low; .inf: none)
+    dual_clip: float = 0.0  # dual-clip bound c > 1 on the loss of negative-advantage tokens (0: off)
+    ratio_level: str = "token"  # importance ratio per token, or per sequence (GSPO)
+    ppo_epochs: int | None = None  # passes over each rollout batch
+    minibatches: int | None = None  # optimizer steps per pass, each on 1/minibatches of the rows
+    kl_coef: float | None = None  # β of the KL to the initial policy (0: no reference model at all)
+    kl_kind: str | None = None  # KL estimator: k1 | k2 | k3
+    kl_in: str | None = None  # loss: + β·KL in the loss (GRPO); reward: −β·KL per token in the reward (PPO)
+    kl_controller: str = "fixed"  # fixed | adaptive (β follows kl_target, Ziegler et al. 2019)
+    kl_target: float = 6.0  # adaptive controller: target KL per sequence (nats)
+    kl_horizon: int = 10000  # adaptive controller: samples over which β moves
+    entropy_coef: float | None = None  # entropy bonus weight in the policy loss
+    dynamic_sampling: bool | None = None  # DAPO: drop zero-variance groups and draw more prompts
+    max_sampling_rounds: int = 4  # dynamic sampling: rollout rounds per step at most
+    overlong: str | None = None  # truncated completions: none | mask (no loss) | penalty (DAPO soft penalty)
+    overlong_buffer: int = 16  # soft penalty ramps over the last this-many tokens of the budget
+    overlong_factor: float = 1.0  # soft penalty at the budget
     micro_batch: int = 64  # rows per forward/backward chunk
+    critic: CriticConfig = field(default_factory=CriticConfig)  # PPO critic (advantage: gae)
     sampling: SamplingParams = field(default_factory=SamplingParams)  # rollout sampling
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="linear"))
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
@@ -113,13 +169,26 @@ class RLConfig:
     def __post_init__(self):
         from posttrain.algorithms import advantages, losses
 
+        _check_choice("algorithm", self.algorithm, list(RL_PRESETS))
+        for key, value in {**RL_FALLBACK, **RL_PRESETS[self.algorithm]}.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         for key, valid in (
-            ("algorithm", advantages.ADVANTAGES),
+            ("advantage", [*advantages.ADVANTAGES, "reinforce_pp", "gae"]),
             ("adv_scale", advantages.GRPO_SCALES),
             ("loss_agg", losses.AGGREGATIONS),
             ("kl_kind", losses.KL_ESTIMATORS),
+            ("kl_in", ["loss", "reward"]),
+            ("kl_controller", losses.KL_CONTROLLERS),
+            ("ratio_level", losses.RATIO_LEVELS),
+            ("overlong", ["none", "mask", "penalty"]),
         ):
             _check_choice(key, getattr(self, key), list(valid))
+        for key in ("ppo_epochs", "minibatches", "max_sampling_rounds", "micro_batch", "overlong_buffer"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
+        if self.dual_clip and self.dual_clip <= 1:
+            raise ConfigError(f"config key 'dual_clip' must be > 1 (e.g. 3.0) or 0 (off), got {self.dual_clip}")
 
 
 def _check_choice(key: str, value: str, valid: list[str]) -> None:

@@ -16,7 +16,7 @@ Sampling uses an explicit ``torch.Generator`` seeded by the caller: same seed, s
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -60,6 +60,44 @@ class RolloutBatch:
 
     def completion_tokens(self, row: int) -> list[int]:
         return self.completion_ids[row, : int(self.lengths[row])].tolist()
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """The sub-batch of ``rows`` (B',) in that order; tool counts are kept as totals of the draw."""
+        rows = rows.long()
+        return replace(
+            self,
+            prompt_ids=[self.prompt_ids[r] for r in rows.tolist()],
+            completion_ids=self.completion_ids[rows],
+            logprobs=self.logprobs[rows],
+            mask=self.mask[rows],
+            lengths=self.lengths[rows],
+            finished=self.finished[rows],
+            group_ids=self.group_ids[rows],
+        )
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+        """Rows of all ``batches`` in order; completions right-padded to the widest, group ids
+        renumbered so groups of different batches stay distinct."""
+        width = max(b.completion_ids.shape[1] for b in batches)
+
+        def pad(x: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        offsets = [0]
+        for b in batches[:-1]:
+            offsets.append(offsets[-1] + (int(b.group_ids.max()) + 1 if len(b.group_ids) else 0))
+        return RolloutBatch(
+            prompt_ids=[p for b in batches for p in b.prompt_ids],
+            completion_ids=torch.cat([pad(b.completion_ids, pad_id) for b in batches]),
+            logprobs=torch.cat([pad(b.logprobs, 0.0) for b in batches]),
+            mask=torch.cat([pad(b.mask, 0.0) for b in batches]),
+            lengths=torch.cat([b.lengths for b in batches]),
+            finished=torch.cat([b.finished for b in batches]),
+            group_ids=torch.cat([b.group_ids + o for b, o in zip(batches, offsets, strict=True)]),
+            tool_calls=sum(b.tool_calls for b in batches),
+            tool_failures=sum(b.tool_failures for b in batches),
+        )
 
 
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):

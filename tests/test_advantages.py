@@ -76,6 +76,18 @@ def test_rloo_by_hand():
     close(A.rloo(rewards, groups), [2 / 3, -2 / 3, 2 / 3, -2 / 3, 3.0, -1.5, -1.5, 0.0])
 
 
+def test_rloo_baseline_excludes_the_sample_itself():
+    # The baseline used for i is r_i − A_i; it must equal the mean of the *others* and so must not move
+    # when r_i does. Group = [r, 1, 2, 6]: baseline of sample 0 = (1 + 2 + 6)/3 = 3 for any r.
+    groups = torch.zeros(4, dtype=torch.long)
+    for r in (-5.0, 0.0, 3.0, 100.0):
+        rewards = torch.tensor([r, 1.0, 2.0, 6.0])
+        close(rewards[0] - A.rloo(rewards, groups)[0], 3.0)
+        for i in range(4):  # A_i + mean of the others = r_i for every sample
+            others = torch.cat([rewards[:i], rewards[i + 1 :]]).mean()
+            close(A.rloo(rewards, groups)[i] + others, rewards[i].item())
+
+
 def test_reinforce_is_r_minus_group_mean():
     close(A.reinforce(REWARDS, GROUPS), [0.5, -0.5, 0.5, -0.5, 0, 0, 0, 0])
 
@@ -146,6 +158,16 @@ def test_gae_gamma1_lam1_returns_are_reward_to_go():
     adv, ret = A.gae(R3, V3, M3, gamma=1.0, lam=1.0, whiten=False)
     close(adv, [[0.5, 0.4, 0.3]])
     close(ret, [[1.0, 1.0, 1.0]])
+
+
+def test_gae_gamma1_lam1_zero_values_is_reward_to_go():
+    # V = 0, γ = λ = 1: δ_t = r_t, A_t = Σ_{s≥t, valid} r_s (reward-to-go), returns = A.
+    # Row 0: r = [1, 2, 3, 0] → [6, 5, 3, 0]. Row 1: r = [0.5, 0, 9, 9] with mask [1, 1, 0, 0] → [0.5, 0, 0, 0].
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 0.0], [0.5, 0.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    adv, ret = A.gae(rewards, torch.zeros(2, 4), mask, gamma=1.0, lam=1.0, whiten=False)
+    close(adv, [[6.0, 5.0, 3.0, 0.0], [0.5, 0.0, 0.0, 0.0]])
+    close(ret, adv)
 
 
 def test_gae_gamma09_lam08():

@@ -96,11 +96,11 @@ def test_suggest_exact_strings():
         ("steps=true", "steps"),  # a bool is not an int here
         ("optim.lr=fast", "optim.lr"),
         ("eval.ks=[1, x]", "eval.ks"),
-        ("skip_zero_std=3", "skip_zero_std"),
+        ("dynamic_sampling=3", "dynamic_sampling"),
     ],
 )
 def test_wrong_type_names_the_key(override, key):
-    cls = RLConfig if key == "skip_zero_std" else SFTConfig
+    cls = RLConfig if key == "dynamic_sampling" else SFTConfig
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(cls, overrides=[override])
 

@@ -45,15 +45,39 @@ def test_k3_and_k2_are_nonnegative_and_zero_iff_equal(pairs):
     assert (L.kl(logp, logp, "k3") == 0).all()
 
 
-def test_k1_and_k3_are_unbiased_for_kl():
-    # Samples from π; mean of k1 and k3 → KL(π ‖ ref) = Σ π log(π/ref).
-    g = torch.Generator().manual_seed(0)
-    p, q = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.3, 0.5])
-    true_kl = (p * (p / q).log()).sum()
-    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
-    logp, ref = p.log()[x], q.log()[x]
-    for kind in ("k1", "k3"):
-        assert L.kl(logp, ref, kind).mean().item() == pytest.approx(true_kl.item(), abs=0.01)
+FAR = ([0.6, 0.3, 0.1], [0.2, 0.3, 0.5])  # KL(π ‖ ref) = 0.498224
+CLOSE = ([0.5, 0.3, 0.2], [0.48, 0.31, 0.21])  # KL(π ‖ ref) = 0.000816
+
+
+def sampled_kl(pair, kind, n=200_000):
+    """(mean, tolerance, true KL): estimator `kind` averaged over n tokens drawn from π (seeded);
+    tolerance = 5 standard errors of that mean, 5·sd/√n with sd the estimator's sample std."""
+    p, q = (torch.tensor(x, dtype=torch.float64) for x in pair)
+    x = torch.multinomial(p, n, replacement=True, generator=torch.Generator().manual_seed(0))
+    est = L.kl(p.log()[x], q.log()[x], kind)  # (n,)
+    return est.mean().item(), 5 * est.std().item() / math.sqrt(n), (p * (p / q).log()).sum().item()
+
+
+@pytest.mark.parametrize("pair", [FAR, CLOSE], ids=["far", "close"])
+@pytest.mark.parametrize("kind", ["k1", "k3"])
+def test_k1_and_k3_are_unbiased_for_kl(kind, pair):
+    # E_π[k1] = E_π[log π/ref] = KL;  E_π[k3] = E_π[r − 1 − log r] with r = ref/π, and E_π[r] = 1, so = KL.
+    # Unbiased: the sample mean lies within 5 standard errors of the true KL for any pair (far: SE ≈ 0.002).
+    mean, tol, true_kl = sampled_kl(pair, kind)
+    assert mean == pytest.approx(true_kl, abs=tol)
+
+
+def test_k2_is_close_to_kl_only_for_close_policies():
+    # k2 = ½ log²(π/ref) is biased: with ref = π(1 + ε), E_π[k2] − KL = −Σ π ε³/6 + O(ε⁴), third order.
+    # For the close pair that bias (−8.5e-8) is ~30× smaller than 5 SE (2.5e-6), so the sampled mean must
+    # land within 5 SE of the KL. For the far pair the exact bias (−0.0066, computed below) exceeds the
+    # 5 SE tolerance (0.0043), which is why the spec uses a close pair.
+    mean, tol, true_kl = sampled_kl(CLOSE, "k2")
+    assert mean == pytest.approx(true_kl, abs=tol)
+    p, q = (torch.tensor(x, dtype=torch.float64) for x in FAR)
+    exact_k2 = (p * 0.5 * (p / q).log() ** 2).sum().item()  # E_π[k2] exactly = 0.491599
+    _, far_tol, far_kl = sampled_kl(FAR, "k2")
+    assert abs(exact_k2 - far_kl) > far_tol
 
 
 # --- aggregation ---------------------------------------------------------------------------------
@@ -70,6 +94,26 @@ def test_aggregate_four_modes():
     close(L.aggregate(X, MASK, "seq-mean-token-sum"), 3.5)  # (3 + 4) / 2
     close(L.aggregate(X, MASK, "seq-mean-token-sum-norm"), 7 / 6)  # 7 / (B·T = 2·3)
     close(L.aggregate(X, MASK, "seq-mean-token-sum-norm", max_len=7), 0.5)  # 7 / (2·7)
+
+
+X13 = torch.tensor([[6.0, 9.0, 9.0], [1.0, 2.0, 3.0]])
+MASK13 = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])  # lengths 1 and 3
+
+
+def test_aggregate_lengths_1_and_3_and_policy_loss_on_policy():
+    # valid: row 0 = {6} (sum 6, mean 6), row 1 = {1, 2, 3} (sum 6, mean 2); 4 tokens, B·T = 6.
+    expected = {
+        "token-mean": 12 / 4,  # 3: every token weighs the same
+        "seq-mean-token-mean": (6 + 2) / 2,  # 4: every sequence weighs the same
+        "seq-mean-token-sum": (6 + 6) / 2,  # 6
+        "seq-mean-token-sum-norm": 12 / 6,  # 2: ÷ B·T
+    }
+    for mode, value in expected.items():
+        close(L.aggregate(X13, MASK13, mode), value)
+        # On-policy ρ = 1, so ℓ_t = −A_t: per-token advantages −X give the same aggregate.
+        loss, _ = L.policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), -X13, MASK13, agg=mode)
+        close(loss, value)
+    close(L.aggregate(X13, MASK13, "seq-mean-token-sum-norm", max_len=4), 1.5)  # 12 / (2·4)
 
 
 def test_aggregate_all_masked_row_is_zero_not_nan():
@@ -109,6 +153,7 @@ def test_on_policy_gradient_is_vanilla_policy_gradient(agg):
     vanilla = L.aggregate(-adv[:, None] * logprobs(), mask, agg)  # −A·log π
     (grad_pg,) = torch.autograd.grad(vanilla, logits)
     torch.testing.assert_close(grad_ppo, grad_pg)
+    close(loss, L.aggregate(-adv[:, None].expand(3, 5), mask, agg).item())  # ρ = 1: loss = agg(−A·m)
     assert float(stats["ratio_mean"]) == pytest.approx(1.0)
     assert float(stats["clipfrac"]) == 0.0 and float(stats["approx_kl"]) == pytest.approx(0.0, abs=1e-7)
 
@@ -181,6 +226,119 @@ def test_policy_loss_ignores_masked_tokens():
     close(stats["clipfrac"], 0.0)
 
 
+def test_clipped_tokens_get_zero_gradient_others_minus_a_rho():
+    # ∂ℓ_t/∂log π_t = −A·ρ / N on tokens inside the clip region (or outside it against the advantage),
+    # exactly 0 where ρ left [1 − 0.2, 1 + 0.28] in the direction of A; N = valid tokens (token-mean).
+    g = torch.Generator().manual_seed(0)
+    ratio = 0.5 + torch.rand(8, 8, generator=g)  # ρ in [0.5, 1.5)
+    adv = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 1.0, -1.0])
+    mask = (torch.rand(8, 8, generator=g) < 0.8).float()
+    logp = ratio.log().requires_grad_()
+    loss, stats = L.policy_loss(logp, torch.zeros(8, 8), adv, mask, clip_low=0.2, clip_high=0.28)
+    (grad,) = torch.autograd.grad(loss, logp)
+    a = adv[:, None].expand(8, 8)
+    clipped = ((a > 0) & (ratio > 1.28)) | ((a < 0) & (ratio < 0.8))
+    assert clipped.any() and (~clipped).any()
+    close(grad, torch.where(clipped, 0.0, -a * ratio) * mask / mask.sum())
+    close(stats["clip_ratio/region_mean"], (clipped * mask).sum() / mask.sum())
+
+
+def test_no_clip_when_bounds_are_none():
+    # ρ = 10, A = +1 and ρ = 0.1, A = −1: far outside [0.8, 1.2] but no bounds → ℓ = −Aρ = [−10, 0.1],
+    # token-mean −4.95; ∂/∂log π = −Aρ / 2 = [−5, 0.05]; every clip fraction 0.
+    logp, old, adv, mask = one_token_batch([10.0, 0.1], [1.0, -1.0])
+    loss, stats = L.policy_loss(logp, old, adv, mask, clip_low=None, clip_high=None)
+    close(loss, -4.95)
+    (grad,) = torch.autograd.grad(loss, logp)
+    close(grad, [[-5.0], [0.05]])
+    for key in ("clipfrac", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        close(stats[key], 0.0)
+    # One side only: clip_high 0.2 clips ρ = 10 (→ −1.2, no gradient); the low side stays open.
+    loss, stats = L.policy_loss(logp, old, adv, mask, clip_low=None, clip_high=0.2)
+    close(loss, (-1.2 + 0.1) / 2)
+    (grad,) = torch.autograd.grad(loss, logp)
+    close(grad, [[0.0], [0.05]])
+    close(stats["clip_ratio/high_mean"], 0.5)
+    close(stats["clip_ratio/low_mean"], 0.0)
+
+
+def test_log_ratio_is_clamped_before_exp():
+    # log π − log π_old = 100: e^100 overflows fp32 to inf. Clamped to 20: ρ = e^20, with A = −1 and no
+    # clip ℓ = e^20 = 4.85e8, finite; the clamp passes no gradient, so the gradient is 0, finite too.
+    logp = torch.tensor([[100.0]], requires_grad=True)
+    loss, stats = L.policy_loss(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), None, None)
+    close(loss, math.exp(20), tol=1e-5)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert torch.isfinite(grad).all() and torch.isfinite(stats["approx_kl"])
+    loss, _ = L.policy_loss(
+        logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1), None, None, log_ratio_clamp=math.inf
+    )
+    assert torch.isinf(loss)  # what the clamp prevents
+
+
+# --- GSPO: sequence-level ratio --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("agg", list(L.AGGREGATIONS))
+def test_gspo_on_policy_equals_token_level(agg):
+    torch.manual_seed(0)
+    logp = torch.randn(3, 4, requires_grad=True)
+    mask = torch.tensor([[1.0] * 4, [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    token, _ = L.policy_loss(logp, logp.detach(), adv, mask, agg=agg)
+    seq, stats = L.policy_loss(logp, logp.detach(), adv, mask, agg=agg, ratio_level="sequence")
+    close(seq, token.item())
+    torch.testing.assert_close(torch.autograd.grad(seq, logp)[0], torch.autograd.grad(token, logp)[0])
+    close(stats["ratio_mean"], 1.0)
+
+
+def test_gspo_clips_whole_sequences_by_hand():
+    # old = 0, so log-ratios = logp. Row 0 (3 tokens, A = +1): [0.5, 0, 0.1], s₀ = 0.6/3 = 0.2 > log 1.2
+    # = 0.182322 → ρ = e^0.2 = 1.221403 on every token, all clipped: ℓ = −1.2 ×3, zero gradient.
+    # Token level would clip only token 0 (e^0.5 = 1.648721; e^0 and e^0.1 = 1.105171 are inside).
+    # Row 1 (2 valid tokens, A = −0.5; the masked 7.0 must not enter the mean): s₁ = (0.2 − 0.1)/2 = 0.05,
+    # ρ = e^0.05 = 1.051271, unclipped: ℓ = 0.5·1.051271 = 0.525636 ×2.
+    # token-mean over 5 tokens: (−3.6 + 1.051271) / 5 = −0.509746;
+    # ∂/∂log π_t = −A·e^{s_i} / 5: row 1 → 0.5·1.051271/5 = 0.105127.
+    logp = torch.tensor([[0.5, 0.0, 0.1], [0.2, -0.1, 7.0]], requires_grad=True)
+    old, mask, adv = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]]), torch.tensor([1.0, -0.5])
+    loss, stats = L.policy_loss(logp, old, adv, mask, ratio_level="sequence")
+    close(loss, -0.509746)
+    (grad,) = torch.autograd.grad(loss, logp)
+    close(grad, [[0.0, 0.0, 0.0], [0.105127, 0.105127, 0.0]])
+    close(stats["clip_ratio/high_mean"], 3 / 5)
+    close(stats["clipfrac"], 3 / 5)
+    close(stats["ratio_mean"], (3 * 1.221403 + 2 * 1.051271) / 5)
+    # Token level on the same batch: row 0 token 0 clipped only; ∂ = −A·ρ_t/5 = [0, −0.2, −0.221034].
+    token, token_stats = L.policy_loss(logp, old, adv, mask)
+    (token_grad,) = torch.autograd.grad(token, logp)
+    close(token_grad[0], [0.0, -0.2, -0.221034])
+    close(token_stats["clip_ratio/high_mean"], 1 / 5)
+
+
+def test_gspo_gradient_is_minus_a_times_sequence_ratio():
+    # No clipping, token-mean: ∂ℓ/∂log π_{i,t} = −A_i·exp(s_i) / N, s_i = mean log-ratio of row i, N = Σ m.
+    g = torch.Generator().manual_seed(1)
+    logp = (0.3 * torch.randn(3, 5, generator=g)).requires_grad_()
+    old = 0.3 * torch.randn(3, 5, generator=g)
+    mask = torch.tensor([[1.0] * 5, [1.0, 1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0, 1.0]])
+    adv = torch.tensor([1.5, -1.0, 0.25])
+    loss, _ = L.policy_loss(logp, old, adv, mask, clip_low=None, clip_high=None, ratio_level="sequence")
+    (grad,) = torch.autograd.grad(loss, logp)
+    s = ((logp.detach() - old) * mask).sum(-1) / mask.sum(-1)  # (B,)
+    close(grad, (-adv * s.exp())[:, None] * mask / mask.sum())
+
+
+def test_sequence_log_ratio_ignores_masked_tokens_and_empty_rows():
+    logp = torch.tensor([[0.3, 0.1, 50.0], [9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # row 0: (0.3 + 0.1)/2 = 0.2 on every position; row 1 is all masked → 0.
+    close(L.RATIO_LEVELS["sequence"](logp, torch.zeros(2, 3), mask), [[0.2, 0.2, 0.2], [0.0, 0.0, 0.0]])
+    close(L.RATIO_LEVELS["token"](logp, torch.ones(2, 3), mask), logp - 1)
+    with pytest.raises(ValueError, match="Did you mean 'sequence'"):
+        L.policy_loss(logp, logp, torch.ones(2), mask, ratio_level="sequense")
+
+
 # --- value loss ----------------------------------------------------------------------------------
 
 VALUES = torch.tensor([[1.0, 1.0, 1.0]])
@@ -219,6 +377,66 @@ def test_entropy_is_stable_for_huge_and_masked_logits():
     logits = torch.tensor([[[1000.0, 1000.0, -float("inf")], [1e4, 0.0, 0.0]]])
     # two equal survivors → log 2;  one dominant logit → 0.
     close(L.entropy_from_logits(logits), [[LN2, 0.0]])
+
+
+def naive_entropy(logits):
+    """The unchunked reference: full (B, T, V) fp32 softmax."""
+    logp = torch.log_softmax(logits.float(), -1)
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 100])  # 100 > B·T = 6
+def test_chunked_entropy_matches_naive_value_and_gradient(chunk_size):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 3, 11)).requires_grad_()
+    with torch.no_grad():
+        top_k_cut = logits.detach().clone()
+        top_k_cut[0, 1, :5] = -float("inf")
+    close(L.entropy_from_logits(top_k_cut, chunk_size), naive_entropy(top_k_cut), tol=1e-6)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    (grad,) = torch.autograd.grad((L.entropy_from_logits(logits, chunk_size) * mask).sum(), logits)
+    (ref,) = torch.autograd.grad((naive_entropy(logits) * mask).sum(), logits)
+    close(grad, ref, tol=1e-6)
+
+
+def test_chunked_entropy_graph_keeps_only_views_of_the_logits():
+    # Under checkpointing the autograd graph saves the chunk inputs (views of `logits`) and nothing else:
+    # no per-chunk softmax or fp32 copy stays alive until backward.
+    logits = torch.randn(4, 5, 7, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        entropy = L.entropy_from_logits(logits, chunk_size=6)
+    assert saved and all(t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() for t in saved)
+    entropy.sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_chunked_entropy_bf16_and_non_contiguous_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 9, dtype=torch.bfloat16)
+    h = L.entropy_from_logits(logits, chunk_size=3)
+    assert h.dtype == torch.float32 and h.shape == (2, 4)
+    close(h, naive_entropy(logits), tol=1e-6)
+    shifted = logits[:, :-1]  # no flat (B·T, V) view exists: handled row by row, still no copy
+    close(L.entropy_from_logits(shifted, chunk_size=2), naive_entropy(shifted), tol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        L.entropy_from_logits(logits, chunk_size=0)
+
+
+# --- KL coefficient controllers --------------------------------------------------------------------
+
+
+def test_kl_controllers_by_hand():
+    assert L.update_kl_coef("fixed", 0.1, 12.0, 64, 6.0, 10_000) == 0.1
+    # observed 12, target 6: e = clip(12/6 − 1 = 1, ±0.2) = 0.2 → 0.1·(1 + 0.2·64/10000) = 0.100128.
+    assert L.update_kl_coef("adaptive", 0.1, 12.0, 64, 6.0, 10_000) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10_000))
+    assert L.update_kl_coef("adaptive", 0.1, 6.0, 64, 6.0, 10_000) == pytest.approx(0.1)  # e = 0
+    # observed 0: e = clip(−1) = −0.2 → 0.1·(1 − 0.00128) = 0.099872.
+    assert L.update_kl_coef("adaptive", 0.1, 0.0, 64, 6.0, 10_000) == pytest.approx(0.099872)
+    assert L.KL_CONTROLLERS["adaptive"](0.1, 7.5, 100, 6.0, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    with pytest.raises(ValueError, match="Did you mean 'adaptive'"):
+        L.update_kl_coef("adaptiv", 0.1, 0.0, 64, 6.0, 10_000)
 
 
 # --- DPO and Bradley–Terry -----------------------------------------------------------------------

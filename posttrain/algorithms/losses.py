@@ -1,10 +1,11 @@
-"""Objectives: KL estimators, loss aggregation, PPO-family policy and value losses, entropy, DPO and
-Bradley–Terry.
+"""Objectives: KL estimators, loss aggregation, PPO-family policy and value losses (token- or
+sequence-level ratio), entropy, KL coefficient control, DPO and Bradley–Terry.
 
 Conventions: B = sequences, T = tokens, V = vocabulary. `logprobs` are per-token log-probabilities of
 the sampled tokens, (B, T). `mask` is a float (B, T) tensor, 1.0 on tokens that count. Variants are
-small functions registered in dicts (`KL_ESTIMATORS`, `AGGREGATIONS`, `DPO_LOSSES`) and picked by name;
-an unknown name raises ValueError with the valid names and the closest match.
+small functions registered in dicts (`KL_ESTIMATORS`, `AGGREGATIONS`, `RATIO_LEVELS`, `KL_CONTROLLERS`,
+`DPO_LOSSES`) and picked by name; an unknown name raises ValueError with the valid names and the closest
+match.
 
 Stats dicts hold detached 0-dim tensors (no host sync inside the step); call `float()` to log them.
 """
@@ -17,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from posttrain.algorithms.advantages import choose
 
@@ -103,6 +105,34 @@ def aggregate(
     return choose(AGGREGATIONS, mode, "loss aggregation")(per_token, mask, max_len)
 
 
+# --- ratio levels: (logprobs, old_logprobs, mask) -> log ρ, all (B, T) --------------------------------
+
+
+def ratio_token(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Token-level importance ratio (PPO, GRPO): log ρ_t = log π_t − log π_old,t."""
+    return logprobs - old_logprobs  # (B, T)
+
+
+def ratio_sequence(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Sequence-level importance ratio, GSPO-token form (Zheng et al. 2025):
+
+    s_i = Σ_t m_t (log π_t − log π_old,t) / Σ_t m_t   (log of the length-normalised sequence ratio)
+    log ρ_{i,t} = sg[s_i] + log π_t − sg[log π_t]
+
+    In value every token of sequence i has ρ = exp(s_i), so clipping acts on whole sequences; the gradient
+    of log ρ_{i,t} is ∇log π_t. Masked tokens do not count in the mean; an all-masked row gets s_i = 0.
+    """
+    diff = torch.where(mask > 0, logprobs - old_logprobs, 0.0)  # (B, T); where, not ×, so padding NaN/inf stays out
+    s = diff.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)  # (B, 1)
+    return s.detach() + logprobs - logprobs.detach()  # (B, T)
+
+
+RATIO_LEVELS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "token": ratio_token,
+    "sequence": ratio_sequence,
+}
+
+
 # --- PPO-family losses -----------------------------------------------------------------------------
 
 
@@ -111,33 +141,51 @@ def policy_loss(
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
+    clip_low: float | None = 0.2,
+    clip_high: float | None = 0.2,
     dual_clip: float | None = None,
     agg: str = "token-mean",
     max_len: int | None = None,
+    ratio_level: str = "token",
+    log_ratio_clamp: float = 20.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate policy loss (PPO, Schulman et al. 2017) -> (scalar loss, stats).
 
-    ρ = exp(log π − log π_old);  ℓ_t = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)).
-    clip_high > clip_low is DAPO's clip-higher. Dual clip (Ye et al. 2020), for A < 0 only:
-    ℓ_t = min(ℓ_t, −A·dual_clip) with dual_clip > 1, which bounds the loss when ρ ≫ 1.
-    `advantages` is (B,) (broadcast over tokens) or (B, T); it is detached. Tokens reduce with `agg`.
+    ρ = exp(clamp(log ρ, −c, c)), c = log_ratio_clamp;  ℓ_t = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)).
+    clip_high > clip_low is DAPO's clip-higher; clip_low / clip_high = None means no bound on that side.
+    Dual clip (Ye et al. 2020), for A < 0 only: ℓ_t = min(ℓ_t, −A·dual_clip) with dual_clip > 1, which
+    bounds the loss when ρ ≫ 1. `advantages` is (B,) (broadcast over tokens) or (B, T); it is detached.
+    Tokens reduce with `agg` (AGGREGATIONS).
+
+    `ratio_level` (RATIO_LEVELS) picks log ρ: "token" = log π_t − log π_old,t (PPO/GRPO); "sequence" =
+    GSPO (Zheng et al. 2025) in its GSPO-token form: every token of sequence i has ρ = exp(mean_t of
+    the sequence's log-ratios) in value and ∇log ρ_t = ∇log π_t, so a sequence is clipped as a whole.
+    GSPO as in the paper pairs it with agg="seq-mean-token-mean" and much tighter clips (≈ 3e-4 / 4e-4);
+    both are left to the caller.
+
+    Deviation from the papers (as verl): log ρ is clamped to [−c, c] before exp so that a stale or
+    broken old log-prob cannot overflow ρ to inf; clamped tokens get no gradient through ρ.
+    c = math.inf turns the clamp off.
 
     Stats (masked token means): clipfrac (the clipped term is the active max), clip_ratio/low_mean
     (ρ < 1 − clip_low and A < 0), clip_ratio/high_mean (ρ > 1 + clip_high and A > 0),
-    clip_ratio/region_mean (their sum), dual_clipfrac, ratio_mean, and approx_kl = k3 estimate of
-    KL(π_old ‖ π): ρ − 1 − log ρ (as cleanrl's approx_kl).
+    clip_ratio/region_mean (their sum), dual_clipfrac, ratio_mean (of the ρ used, so sequence ρ for GSPO),
+    and approx_kl = k3 estimate of KL(π_old ‖ π) from the clamped *token* log-ratio r: e^r − 1 − r
+    (as cleanrl's approx_kl), whatever the ratio level.
 
-    On-policy (old_logprobs = logprobs.detach()) ρ = 1 and ∇ℓ = −A·∇log π: vanilla policy gradient.
+    On-policy (old_logprobs = logprobs.detach()) ρ = 1 and ∇ℓ = −A·∇log π: vanilla policy gradient,
+    at either ratio level.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
+    ratio_fn = choose(RATIO_LEVELS, ratio_level, "ratio level")
+    lo = -math.inf if clip_low is None else 1.0 - clip_low
+    hi = math.inf if clip_high is None else 1.0 + clip_high
     adv = advantages.detach().reshape(advantages.shape[0], -1).expand_as(logprobs)  # (B, T)
-    log_ratio = logprobs - old_logprobs  # (B, T)
+    log_ratio = ratio_fn(logprobs, old_logprobs, mask).clamp(-log_ratio_clamp, log_ratio_clamp)  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     pg = -adv * ratio  # (B, T)
-    pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
+    pg_clipped = -adv * ratio.clamp(lo, hi)  # (B, T)
     per_token = torch.maximum(pg, pg_clipped)  # (B, T)
     dual_active = torch.zeros_like(mask, dtype=torch.bool)  # (B, T)
     if dual_clip is not None:
@@ -147,15 +195,16 @@ def policy_loss(
     loss = aggregate(per_token, mask, agg, max_len)
 
     with torch.no_grad():
-        low = ((ratio < 1.0 - clip_low) & (adv < 0)).to(mask.dtype)  # (B, T)
-        high = ((ratio > 1.0 + clip_high) & (adv > 0)).to(mask.dtype)  # (B, T)
+        low = ((ratio < lo) & (adv < 0)).to(mask.dtype)  # (B, T)
+        high = ((ratio > hi) & (adv > 0)).to(mask.dtype)  # (B, T)
+        token_lr = (logprobs - old_logprobs).clamp(-log_ratio_clamp, log_ratio_clamp)  # (B, T)
         stats = {
             "clipfrac": token_mean((pg_clipped > pg).to(mask.dtype), mask),
             "clip_ratio/low_mean": token_mean(low, mask),
             "clip_ratio/high_mean": token_mean(high, mask),
             "clip_ratio/region_mean": token_mean(low + high, mask),
             "dual_clipfrac": token_mean(dual_active.to(mask.dtype), mask),
-            "approx_kl": token_mean(kl_k3(old_logprobs, logprobs), mask),
+            "approx_kl": token_mean(torch.exp(token_lr) - 1 - token_lr, mask),
             "ratio_mean": token_mean(ratio, mask),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
@@ -187,16 +236,76 @@ def value_loss(
     return loss, stats
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the next-token distribution, (B, T, V) -> (B, T).
+# --- entropy -----------------------------------------------------------------------------------------
 
-    H = −Σ_v p_v log p_v with log p = log_softmax(logits) (logsumexp-stable); terms with p_v = 0
-    (e.g. logits set to −inf by top-k) count 0 rather than NaN.
+
+def _entropy_rows(rows: Tensor) -> Tensor:
+    """H = −Σ_v p_v log p_v for each row, (N, V) -> (N,), in at least fp32; p_v = 0 terms count 0."""
+    dtype = torch.promote_types(rows.dtype, torch.float32)  # bf16 logits: compute in fp32
+    logp = torch.log_softmax(rows.to(dtype), dim=-1)  # (N, V)
+    p = logp.exp()  # (N, V)
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # (N,)
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 4096) -> Tensor:
+    """Entropy of the next-token distribution, (B, T, V) -> (B, T) (any leading shape works).
+
+    H = −Σ_v p_v log p_v with log p = log_softmax(logits) (logsumexp-stable), computed in at least fp32;
+    terms with p_v = 0 (e.g. logits set to −inf by top-k) count 0 rather than NaN.
+
+    Memory: the (B·T, V) rows are processed `chunk_size` at a time, so the fp32 softmax temporaries are
+    (chunk_size, V), never a second full (B, T, V). When autograd records (grad enabled and logits
+    require grad, e.g. an entropy bonus) each chunk runs under non-reentrant activation checkpointing:
+    the graph keeps only the chunk inputs (views of `logits`) and recomputes the softmax in backward,
+    trading one extra softmax per chunk for memory.
     """
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits: compute in fp32
-    logp = torch.log_softmax(logits.to(dtype), dim=-1)  # (B, T, V)
-    p = logp.exp()  # (B, T, V)
-    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)  # (B, T)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    try:
+        flat = logits.view(-1, logits.shape[-1])  # (B·T, V), a view: no copy
+    except RuntimeError:  # strides allow no flat view (e.g. logits[:, :-1]): one leading row at a time
+        return torch.stack([entropy_from_logits(row, chunk_size) for row in logits.unbind(0)])
+    record = torch.is_grad_enabled() and logits.requires_grad
+    parts = []
+    for chunk in flat.split(chunk_size):  # (≤ chunk_size, V) views
+        if record:  # the function draws no random numbers, so no RNG state to stash
+            parts.append(checkpoint(_entropy_rows, chunk, use_reentrant=False, preserve_rng_state=False))
+        else:
+            parts.append(_entropy_rows(chunk))
+    return torch.cat(parts).view(logits.shape[:-1])  # (B, T)
+
+
+# --- KL coefficient controllers: (coef, observed_kl, n_samples, target, horizon) -> new coef ---------
+
+
+def kl_coef_fixed(coef: float, observed_kl: float, n_samples: int, target: float, horizon: int) -> float:
+    """β stays as it is."""
+    return coef
+
+
+def kl_coef_adaptive(coef: float, observed_kl: float, n_samples: int, target: float, horizon: int) -> float:
+    """Adaptive KL controller (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"):
+
+    e = clip(KL_observed / KL_target − 1, −0.2, 0.2);   β ← β · (1 + e · n_samples / horizon).
+
+    The paper writes the step as K_β·e; as in its released code (and TRL, verl) K_β = n_samples / horizon,
+    where n_samples is how many samples the update saw, so β moves at most 20 % per `horizon` samples.
+    """
+    if target <= 0 or horizon <= 0:
+        raise ValueError(f"adaptive KL control needs target > 0 and horizon > 0, got {target}, {horizon}")
+    e = min(max(observed_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + e * n_samples / horizon)
+
+
+KL_CONTROLLERS: dict[str, Callable[[float, float, int, float, int], float]] = {
+    "fixed": kl_coef_fixed,
+    "adaptive": kl_coef_adaptive,
+}
+
+
+def update_kl_coef(kind: str, coef: float, observed_kl: float, n_samples: int, target: float, horizon: int) -> float:
+    """New KL coefficient β from the controller `kind` in KL_CONTROLLERS (fixed | adaptive); pure."""
+    return choose(KL_CONTROLLERS, kind, "kl controller")(coef, observed_kl, n_samples, target, horizon)
 
 
 # --- preference losses ---------------------------------------------------------------------------

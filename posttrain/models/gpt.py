@@ -161,6 +161,14 @@ class GPT(nn.Module):
         With ``cache``: the tokens are appended after ``cache.length`` positions; ``pad_mask``
         (B, T) marks real tokens (False = left pad) and is only allowed on the first call.
         """
+        logits = self.lm_head(self.hidden_states(idx, cache, pad_mask)).float()  # (B, T, V)
+        if targets is None:
+            return logits
+        return token_logprobs(logits, targets)
+
+    def hidden_states(self, idx, cache: KVCache | None = None, pad_mask=None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, C) that the LM head reads (value and reward heads
+        read them too); arguments as in :meth:`forward`."""
         B, T = idx.shape
         if cache is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
@@ -176,10 +184,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin, i, cache, attn_mask)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(_rms_norm(x)).float()  # (B, T, V)
-        if targets is None:
-            return logits
-        return token_logprobs(logits, targets)
+        return _rms_norm(x)  # (B, T, C)
 
     @staticmethod
     def _cache_positions(cache: KVCache, B: int, T: int, pad_mask):

@@ -1,74 +1,50 @@
-"""On-policy RL with a verifiable reward (GRPO family). One step reads top to bottom:
+"""On-policy RL with a verifiable reward: one loop for every algorithm preset. A step reads top to bottom:
 
-    rollout → reward → advantage → loss → optimizer step
+    rollout → reward → score (old / reference log-probs, values) → advantage → update
 
-* rollout: ``prompts_per_step`` prompts × ``samples_per_prompt`` completions from the engine
-  (prefix shared within a group, tool calls executed);
-* reward: the task's reward of each completion;
-* advantage: one per completion from ``algorithms.advantages.ADVANTAGES[algorithm]``
-  (grpo: (r − mean_g)/std_g; dr_grpo/reinforce: r − mean_g; rloo: leave-one-out);
-  groups whose rewards are all equal carry no signal and, with ``skip_zero_std``, skip the
-  forward/backward entirely;
-* loss: PPO clipped surrogate on the sampled tokens (tool outputs are masked out), aggregated with
-  ``loss_agg``; optionally + kl_coef · KL(π ‖ π_ref) with the k3 estimator against the frozen
-  initial policy. One update per batch, so the ratio is 1 and the gradient is the plain policy
-  gradient −A·∇log π (nanochat's and DeepSeek's on-policy setting);
-* step: AdamW, grad clipping, LR schedule.
+* rollout: ``prompts_per_step`` prompts × ``samples_per_prompt`` completions from the engine (prefix
+  shared within a group, tool calls executed); with ``dynamic_sampling`` (DAPO) groups whose rewards
+  are all equal are replaced by fresh prompts;
+* reward: the task's reward, plus DAPO's soft overlong penalty when ``overlong: penalty``;
+* score: under no grad, the log-probs of the sampled tokens under the policy that sampled them
+  (needed when the batch gets more than one update, or for the KL) and under the frozen reference
+  (only when ``kl_coef`` > 0), and the critic's values (``advantage: gae``);
+* advantage: by name. Sequence-level estimators (grpo, dr_grpo, rloo, reinforce) see the sequence
+  reward r − β·Σ_t KL_t when the KL is in the reward; token-level ones (reinforce_pp, gae) see the
+  token rewards −β·KL_t on every token plus r on the last;
+* update: ``ppo_epochs`` × ``minibatches`` optimizer steps, each the PPO clipped surrogate on a
+  shuffled share of the rows (+ β·KL when the KL is in the loss, − entropy bonus), and for PPO a
+  clipped value loss on the critic. With one epoch and one minibatch the ratio is 1 and the update
+  is the plain policy gradient −A·∇log π.
+
+Rows whose loss is exactly zero (advantage 0 everywhere, no KL or entropy term) skip the forward and
+backward, but still count in the loss normaliser, so skipping changes cost and nothing else.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from posttrain.algorithms import advantages as adv_fns
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_checkpoint, save_checkpoint
 from posttrain.config import RLConfig, save_config
-from posttrain.engine import Engine, RolloutBatch
+from posttrain.engine import Engine
 from posttrain.metrics import JsonlWriter, StepProgress, eval_due
 from posttrain.models.gpt import token_logprobs
+from posttrain.models.heads import ValueModel
 from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
+from posttrain.rewards import overlong_penalty
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
-
-
-def sequences(batch: RolloutBatch, rows: torch.Tensor, pad_id: int):
-    """Prompt + completion of ``rows``, right-padded for a forward pass.
-
-    Returns inputs (R, L−1), targets (R, L−1) (−1 outside completions) and mask (R, L−1), which
-    is 1 on sampled completion tokens (forced tool outputs stay 0), aligned with the targets.
-    """
-    full = [batch.prompt_ids[r] + batch.completion_tokens(r) for r in rows.tolist()]
-    width = max(len(s) for s in full)
-    ids = torch.full((len(full), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(full), width - 1), -1, dtype=torch.long)
-    mask = torch.zeros(len(full), width - 1)
-    for i, r in enumerate(rows.tolist()):
-        seq, start, n = full[i], len(batch.prompt_ids[r]), int(batch.lengths[r])
-        ids[i, : len(seq)] = torch.tensor(seq)
-        targets[i, start - 1 : start - 1 + n] = batch.completion_ids[r, :n]
-        mask[i, start - 1 : start - 1 + n] = batch.mask[r, :n]
-    return ids[:, :-1], targets, mask
-
-
-def rollout_metrics(batch: RolloutBatch, rewards: torch.Tensor, zero_std: torch.Tensor) -> dict:
-    lengths = batch.lengths.float()
-    return {
-        "reward": rewards.mean().item(),
-        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-        "frac_reward_zero_std": zero_std.float().mean().item(),
-        "completions/mean_length": lengths.mean().item(),
-        "completions/min_length": lengths.min().item(),
-        "completions/max_length": lengths.max().item(),
-        "completions/clipped_ratio": (~batch.finished).float().mean().item(),
-        "tools/call_frequency": batch.tool_calls / len(rewards),
-        "tools/failure_frequency": batch.tool_failures / max(1, batch.tool_calls),
-    }
+from posttrain.trainers.rollout import TrainBatch, collect, last_token, layout, rollout_metrics
 
 
 def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None) -> dict[str, dict[str, float]]:
@@ -84,14 +60,17 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     torch.manual_seed(config.seed)
     task = make_task(config.task)
     model, tokenizer, _ = load_checkpoint(config.init_from)
-    reference = copy.deepcopy(model).requires_grad_(False) if config.kl_coef > 0 else None
+    kl_coef = config.kl_coef
+    reference = copy.deepcopy(model).requires_grad_(False) if kl_coef > 0 else None
+    critic = ValueModel.from_policy(model) if config.advantage == "gae" else None
     engine = Engine(model, tokenizer, default_registry())
     optimizer = make_optimizer(model, config.optim)
-    advantage_fn = adv_fns.choose(adv_fns.ADVANTAGES, config.algorithm, "algorithm")
-    adv_kwargs = {"scale": config.adv_scale} if config.algorithm == "grpo" else {}
+    critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
+    critic_optimizer = make_optimizer(critic, critic_optim) if critic is not None else None
     prompt_rng = random.Random(config.seed)
     log, samples_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl")
     P, G = config.prompts_per_step, config.samples_per_prompt
+    multi_update = config.ppo_epochs * config.minibatches > 1
 
     model.eval()
     if config.eval_before:
@@ -105,54 +84,90 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
             t0 = time.perf_counter()
             lr = lr_at(step, config.steps, config.optim)
             set_lr(optimizer, lr)
+            if critic_optimizer is not None:
+                set_lr(critic_optimizer, lr_at(step, config.steps, critic_optim))
 
-            # 1. rollout: P prompts × G samples, prefix shared per group
+            # 1. rollout: P prompts × G samples (more rounds with dynamic sampling)
             model.eval()
-            convs = [task.prompt(task.train_problem(prompt_rng)) for _ in range(P)]
-            prompts = [tokenizer.render_for_completion(c) for c in convs]
-            batch = engine.generate(prompts, G, config.sampling, seed=config.seed * 1_000_003 + step)
+            ro = collect(engine, task, prompt_rng, P, G, config.sampling, seed=(config.seed * 1_000_003 + step) * 64,
+                         dynamic=config.dynamic_sampling, max_rounds=config.max_sampling_rounds)
+            metrics = {"step": step + 1, **rollout_metrics(ro)}
             t_gen = time.perf_counter()
+            if len(ro.rewards) == 0:  # dynamic sampling found no group with signal: nothing to learn
+                metrics.update({"learning_rate": lr, "timing_s/gen": t_gen - t0, "timing_s/step": t_gen - t0})
+                log.write(metrics)
+                bar.update(metrics)
+                continue
 
-            # 2. reward: the task's verifiable reward of every completion
-            texts = [tokenizer.decode(batch.completion_tokens(i)) for i in range(P * G)]
-            rewards = torch.tensor([task.reward(convs[i // G], texts[i]) for i in range(P * G)])  # (B,)
+            # 2. reward: the task's verifiable reward, plus the soft overlong penalty (DAPO)
+            rewards = ro.rewards.clone()  # (B,)
+            if config.overlong == "penalty":
+                penalty = overlong_penalty(ro.batch.lengths, config.sampling.max_new_tokens,
+                                           config.overlong_buffer, config.overlong_factor)  # (B,)
+                rewards += penalty
+                metrics["rewards/overlong_penalty/mean"] = penalty.mean().item()
+            data = layout(ro.batch, tokenizer.pad_id)  # (B, L)
+            if config.overlong == "mask":  # truncated completions get no loss (DAPO overlong filtering)
+                data.mask *= ro.batch.finished[:, None].to(data.mask.dtype)
             t_reward = time.perf_counter()
 
-            # 3. advantage: one scalar per completion; zero-variance groups carry no signal
-            advantages = advantage_fn(rewards, batch.group_ids, **adv_kwargs)  # (B,)
-            zero_std = adv_fns.group_stats(rewards, batch.group_ids).zero_std  # (B,)
-            rows = torch.nonzero(~zero_std if config.skip_zero_std else torch.ones_like(zero_std)).flatten()
+            # 3. score: old policy, reference and critic, no grad
+            old_logp = score(model, data, config.micro_batch) if multi_update or reference is not None else None
+            ref_logp = score(reference, data, config.micro_batch) if reference is not None else None
+            values = score(critic, data, config.micro_batch) if critic is not None else None
+            kl_tok = torch.zeros_like(data.mask)  # (B, L)
+            if reference is not None:
+                kl_tok = losses.kl(old_logp, ref_logp, config.kl_kind) * data.mask
+                metrics["kl"] = losses.token_mean(kl_tok, data.mask).item()
+            t_score = time.perf_counter()
 
-            # 4. loss and 5. step (skipped when no group carries signal)
+            # 4. advantage: per token (B, L); sequence-level estimators broadcast over the completion
+            beta_r = kl_coef if config.kl_in == "reward" else 0.0
+            token_rewards = -beta_r * kl_tok + rewards[:, None] * last_token(data.mask)  # (B, L)
+            seq_rewards = rewards - beta_r * kl_tok.sum(-1)  # (B,)
+            advantages, returns = estimate_advantages(config, seq_rewards, token_rewards, ro.batch.group_ids,
+                                                      data.mask, values)  # (B, L), (B, L) | None
+            metrics.update(advantage_metrics(advantages, data.mask, values, returns))
+
+            # 5. update: ppo_epochs × minibatches optimizer steps
             model.train()
-            stats: dict[str, float] = {}
-            grad_norm = 0.0
-            if len(rows) > 0:
-                optimizer.zero_grad(set_to_none=True)
-                stats = accumulate_policy_gradient(model, reference, batch, rows, advantages, config, tokenizer.pad_id)
-                grad_norm = clip_grad(model, config.optim.grad_clip)
-                optimizer.step()
+            update_actor = critic is None or step >= config.critic.warmup_steps
+            needs_all = (config.kl_in == "loss" and kl_coef > 0) or config.entropy_coef > 0
+            live = needs_all | (advantages.abs().sum(-1) > 0)  # (B,) rows whose loss is not 0
+            gen = torch.Generator().manual_seed(config.seed * 7919 + step)
+            sums: dict[str, float] = {}
+            n_updates = 0
+            for rows in minibatch_rows(len(rewards), config.ppo_epochs, config.minibatches, gen):
+                part: dict[str, float] = {}
+                if critic is not None:
+                    part |= critic_step(critic, critic_optimizer, data, rows, values, returns, config)
+                if update_actor and bool(live[rows].any()):
+                    part |= policy_step(model, optimizer, data, rows, live, old_logp, ref_logp, advantages,
+                                        config, kl_coef)
+                for k, v in part.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_updates += 1
+            metrics.update({k: v / n_updates for k, v in sums.items()})
+            if config.kl_controller != "fixed" and reference is not None:
+                kl_coef = losses.update_kl_coef(config.kl_controller, kl_coef, kl_tok.sum(-1).mean().item(),
+                                                len(rewards), config.kl_target, config.kl_horizon)
             t_end = time.perf_counter()
 
-            gen_tokens = int(batch.mask.sum())
-            metrics = {
-                "step": step + 1,
-                **rollout_metrics(batch, rewards, zero_std),
-                "advantages/mean": advantages.mean().item(),
-                "advantages/std": advantages.std().item(),
-                **stats,
-                "grad_norm": grad_norm,
+            gen_tokens = int(ro.batch.mask.sum())
+            metrics.update({
+                "kl_coef": kl_coef,
                 "learning_rate": lr,
                 "timing_s/gen": t_gen - t0,
                 "timing_s/reward": t_reward - t_gen,
-                "timing_s/update": t_end - t_reward,
+                "timing_s/ref": t_score - t_reward,
+                "timing_s/update": t_end - t_score,
                 "timing_s/step": t_end - t0,
                 "throughput/gen_tokens_per_s": gen_tokens / max(t_gen - t0, 1e-9),
-            }
+            })
             if config.log_samples_every and step % config.log_samples_every == 0:
-                for i in range(0, P * G, G):  # the first sample of every group
-                    samples_log.write({"step": step + 1, "prompt": convs[i // G]["messages"][0]["content"],
-                                       "completion": texts[i], "reward": rewards[i].item()})
+                for i in range(0, len(rewards), G):  # the first sample of every group
+                    samples_log.write({"step": step + 1, "prompt": ro.convs[i // G]["messages"][0]["content"],
+                                       "completion": ro.texts[i], "reward": rewards[i].item()})
             if eval_due(step + 1, config.steps, config.eval.every):
                 model.eval()
                 after = task.evaluate(engine, config.eval)
@@ -166,37 +181,116 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     return {"before": before, "after": after}
 
 
-def accumulate_policy_gradient(model, reference, batch, rows, advantages, config: RLConfig, pad_id: int) -> dict:
-    """Backward of the policy loss over ``rows`` in micro-batches; returns mean stats.
+def estimate_advantages(config: RLConfig, seq_rewards: Tensor, token_rewards: Tensor, group_ids: Tensor,
+                        mask: Tensor, values: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Advantages (B, L) from the estimator named by ``config.advantage``, and returns (B, L) for the critic
+    (GAE only). Sequence-level estimators give one A per completion, broadcast over its valid tokens."""
+    if config.advantage == "gae":
+        return adv_fns.gae(token_rewards, values, mask, config.gamma, config.lam)
+    if config.advantage == "reinforce_pp":
+        return adv_fns.reinforce_pp(token_rewards, mask, config.gamma), None
+    kwargs = {"scale": config.adv_scale} if config.advantage == "grpo" else {}
+    per_seq = adv_fns.ADVANTAGES[config.advantage](seq_rewards, group_ids, **kwargs)  # (B,)
+    return per_seq[:, None] * mask, None
 
-    Each micro-batch's loss is weighted by its share of the batch (tokens for token-mean, rows
-    otherwise), so the accumulated gradient equals that of one big batch.
+
+def advantage_metrics(advantages: Tensor, mask: Tensor, values: Tensor | None, returns: Tensor | None) -> dict:
+    """Masked mean/std of the advantages (and the critic's values and returns, for PPO)."""
+    def stats(name: str, x: Tensor) -> dict:
+        n = mask.sum().clamp(min=1)
+        mean = (x * mask).sum() / n
+        std = (((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)).sqrt()
+        return {f"{name}/mean": mean.item(), f"{name}/std": std.item()}
+
+    out = stats("advantages", advantages)
+    if values is not None:
+        out |= stats("values", values) | stats("returns", returns)
+    return out
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, data: TrainBatch, micro_batch: int) -> Tensor:
+    """Per-token log-probs of the targets (a policy) or values (a critic), (B, L), in micro-batches."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros_like(data.mask)  # (B, L)
+    for rows in torch.arange(len(data.mask)).split(micro_batch):
+        inputs, targets, _, w = data.take(rows)
+        out[rows, :w] = model(inputs) if isinstance(model, ValueModel) else model(inputs, targets)
+    model.train(was_training)
+    return out * data.mask
+
+
+def minibatch_rows(n: int, epochs: int, minibatches: int, gen: torch.Generator):
+    """Row indices of each optimizer step: ``epochs`` shuffles of range(n), each cut into ``minibatches``."""
+    for _ in range(epochs):
+        yield from torch.randperm(n, generator=gen).tensor_split(minibatches)
+
+
+def _share(mask: Tensor, agg: str) -> Tensor:
+    """A micro-batch's share of the loss normaliser: its tokens for token-mean, its rows otherwise."""
+    return mask.sum() if agg == "token-mean" else torch.tensor(float(mask.shape[0]))
+
+
+def policy_step(model, optimizer, data: TrainBatch, rows: Tensor, live: Tensor, old_logp: Tensor | None,
+                ref_logp: Tensor | None, advantages: Tensor, config: RLConfig, kl_coef: float) -> dict:
+    """One optimizer step of the policy on minibatch ``rows`` (only its ``live`` rows run).
+
+    Loss = policy_loss (+ β·KL to the reference when ``kl_in`` is loss) − entropy_coef·entropy, each
+    aggregated with ``loss_agg`` over the whole minibatch: micro-batch losses are weighted by their
+    share of its tokens (token-mean) or rows (other modes), so the gradient equals the full batch's.
     """
-    inputs, targets, mask = sequences(batch, rows, pad_id)  # (R, L)
-    token_share = config.loss_agg == "token-mean"
-    total = mask.sum() if token_share else torch.tensor(float(len(rows)))
+    total = _share(data.mask[rows], config.loss_agg)
+    max_len = config.sampling.max_new_tokens
+    kl_in_loss = config.kl_in == "loss" and ref_logp is not None
+    optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
-    for start in range(0, len(rows), config.micro_batch):
-        sl = slice(start, start + config.micro_batch)
-        m = mask[sl]  # (r, L)
-        logits = model(inputs[sl])  # (r, L, V)
-        logp = token_logprobs(logits, targets[sl])  # (r, L)
-        adv = advantages[rows[sl]]  # (r,)
-        loss, pstats = losses.policy_loss(
-            logp, logp.detach(), adv, m, config.clip_low, config.clip_high,
-            agg=config.loss_agg, max_len=config.sampling.max_new_tokens,
+    for micro in rows[live[rows]].split(config.micro_batch):
+        inputs, targets, m, w = data.take(micro)  # (r, w)
+        logits = model(inputs)  # (r, w, V)
+        logp = token_logprobs(logits, targets)  # (r, w)
+        old = old_logp[micro, :w] if old_logp is not None else logp.detach()
+        loss, stats = losses.policy_loss(
+            logp, old, advantages[micro, :w], m, config.clip_low, config.clip_high,
+            dual_clip=config.dual_clip or None, agg=config.loss_agg, max_len=max_len, ratio_level=config.ratio_level,
         )
-        if reference is not None:
-            with torch.no_grad():
-                ref_logp = token_logprobs(reference(inputs[sl]), targets[sl])
-            kl = losses.kl(logp, ref_logp, config.kl_kind)
-            loss = loss + config.kl_coef * losses.aggregate(kl, m, config.loss_agg, config.sampling.max_new_tokens)
-            pstats["kl"] = losses.token_mean(kl.detach(), m)
-        weight = (m.sum() if token_share else torch.tensor(float(m.shape[0]))) / total
+        stats["policy_loss"] = loss.detach()
+        if kl_in_loss:
+            kl = losses.kl(logp, ref_logp[micro, :w], config.kl_kind)  # (r, w)
+            loss = loss + kl_coef * losses.aggregate(kl, m, config.loss_agg, max_len)
+        entropy = losses.entropy_from_logits(logits if config.entropy_coef > 0 else logits.detach())  # (r, w)
+        if config.entropy_coef > 0:
+            loss = loss - config.entropy_coef * losses.aggregate(entropy, m, config.loss_agg, max_len)
+        stats["entropy"] = losses.token_mean(entropy.detach(), m)
+        weight = _share(m, config.loss_agg) / total
         (loss * weight).backward()
-        with torch.no_grad():
-            pstats["entropy"] = losses.token_mean(losses.entropy_from_logits(logits), m)
-            pstats["policy_loss"] = loss.detach()
-        for k, v in pstats.items():
+        for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + float(v) * float(weight)
+    grad_norm = clip_grad(model, config.optim.grad_clip)
+    optimizer.step()
+    # sums are over live rows weighted by their share of the minibatch: the loss is already the full
+    # minibatch's (other rows add 0); diagnostics are rescaled to means over the live rows
+    live_share = float(_share(data.mask[rows[live[rows]]], config.loss_agg) / total)
+    stats = {k: v if k == "policy_loss" else v / max(live_share, 1e-12) for k, v in sums.items()}
+    return stats | {"grad_norm": grad_norm}
+
+
+def critic_step(critic: ValueModel, optimizer, data: TrainBatch, rows: Tensor, old_values: Tensor,
+                returns: Tensor, config: RLConfig) -> dict:
+    """One optimizer step of the critic on minibatch ``rows``: clipped value loss (PPO2) against the GAE
+    returns, aggregated like the policy loss."""
+    total = _share(data.mask[rows], config.loss_agg)
+    optimizer.zero_grad(set_to_none=True)
+    sums = {"value_loss": 0.0, "vf_clipfrac": 0.0}
+    for micro in rows.split(config.micro_batch):
+        inputs, _, m, w = data.take(micro)
+        loss, stats = losses.value_loss(critic(inputs), old_values[micro, :w], returns[micro, :w], m,
+                                        config.critic.value_clip or None, config.loss_agg,
+                                        config.sampling.max_new_tokens)
+        weight = _share(m, config.loss_agg) / total
+        (loss * weight).backward()
+        sums["value_loss"] += float(loss.detach()) * float(weight)
+        sums["vf_clipfrac"] += float(stats["vf_clipfrac"]) * float(weight)
+    sums["critic/grad_norm"] = clip_grad(critic, config.optim.grad_clip)
+    optimizer.step()
     return sums

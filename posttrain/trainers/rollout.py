@@ -1,0 +1,138 @@
+"""The rollout half of an RL step: draw prompts, generate, score with the task, and lay the batch out
+as training tensors. The engine never learns which algorithm runs; this module never computes a loss.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from posttrain.algorithms.advantages import group_stats
+from posttrain.engine import Engine, RolloutBatch, SamplingParams
+
+
+@dataclass
+class Rollout:
+    """Completions of whole groups (row i answers ``convs[i // G]``) and their task rewards."""
+
+    convs: list[dict]  # one conversation (prompt) per group
+    batch: RolloutBatch  # B = len(convs) · G rows, group ids 0..len(convs)−1 in row order
+    texts: list[str]  # decoded completions, (B,)
+    rewards: Tensor  # (B,) task reward of each completion
+    rounds: int  # generation rounds it took (1 without dynamic sampling)
+    drawn: int  # rows generated over all rounds (tool counts of the batch are over these)
+    frac_zero_std: float  # share of first-round rows whose group has equal rewards
+
+
+def collect(
+    engine: Engine,
+    task,
+    prompt_rng: random.Random,
+    prompts: int,
+    group_size: int,
+    sampling: SamplingParams,
+    seed: int,
+    dynamic: bool = False,
+    max_rounds: int = 1,
+) -> Rollout:
+    """Generate ``group_size`` completions for ``prompts`` prompts and score them.
+
+    Dynamic sampling (DAPO, Yu et al. 2025): groups whose rewards are all equal carry no gradient
+    signal, so they are dropped and fresh prompts are drawn, round after round, until ``prompts``
+    groups with signal are in hand or ``max_rounds`` rounds ran (then the step trains on what it has,
+    possibly nothing; DAPO instead keeps drawing without a bound). Extra groups from the last round
+    are cut. Round r samples with seed ``seed + r``.
+    """
+    tok, G = engine.tokenizer, group_size
+    convs: list[dict] = []
+    parts: list[RolloutBatch] = []
+    texts: list[str] = []
+    rewards: list[Tensor] = []
+    frac_zero_std, kept, rounds = 0.0, 0, 0
+    for rounds in range(1, (max_rounds if dynamic else 1) + 1):
+        drawn = [task.prompt(task.train_problem(prompt_rng)) for _ in range(prompts)]
+        batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seed=seed + rounds - 1)
+        done = [tok.decode(batch.completion_tokens(i)) for i in range(len(drawn) * G)]
+        r = torch.tensor([float(task.reward(drawn[i // G], done[i])) for i in range(len(drawn) * G)])  # (B,)
+        zero_std = group_stats(r, batch.group_ids).zero_std  # (B,)
+        if rounds == 1:
+            frac_zero_std = zero_std.float().mean().item()
+        groups = [g for g in range(len(drawn)) if not (dynamic and zero_std[g * G])][: prompts - kept]
+        rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
+        convs += [drawn[g] for g in groups]
+        parts.append(batch.select(rows))
+        texts += [done[i] for i in rows.tolist()]
+        rewards.append(r[rows])
+        kept += len(groups)
+        if kept >= prompts:
+            break
+    batch = RolloutBatch.concat(parts, tok.pad_id)
+    batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
+    return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, frac_zero_std)
+
+
+@dataclass
+class TrainBatch:
+    """Prompt + completion of every row, right-padded, aligned for a forward pass.
+
+    ``inputs[b, t]`` predicts ``targets[b, t]``; ``mask`` is 1 on sampled completion tokens (forced
+    tool outputs and padding stay 0), so per-token log-probs, values and advantages all share the
+    (B, L) layout of ``mask``.
+    """
+
+    inputs: Tensor  # (B, L) long
+    targets: Tensor  # (B, L) long, −1 outside completions
+    mask: Tensor  # (B, L) float
+    widths: Tensor  # (B,) positions that hold real tokens
+
+    def take(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """inputs, targets, mask of ``rows``, cut to their widest real length w (less padding to run)."""
+        w = int(self.widths[rows].max())
+        return self.inputs[rows, :w], self.targets[rows, :w], self.mask[rows, :w], w
+
+
+def layout(batch: RolloutBatch, pad_id: int) -> TrainBatch:
+    """The rollout as (B, L) training tensors (see :class:`TrainBatch`)."""
+    full = [batch.prompt_ids[r] + batch.completion_tokens(r) for r in range(len(batch.prompt_ids))]
+    width = max(len(s) for s in full)
+    ids = torch.full((len(full), width), pad_id, dtype=torch.long)  # (B, L+1)
+    targets = torch.full((len(full), width - 1), -1, dtype=torch.long)  # (B, L)
+    mask = torch.zeros(len(full), width - 1)  # (B, L)
+    for r, seq in enumerate(full):
+        start, n = len(batch.prompt_ids[r]), int(batch.lengths[r])
+        ids[r, : len(seq)] = torch.tensor(seq)
+        targets[r, start - 1 : start - 1 + n] = batch.completion_ids[r, :n]
+        mask[r, start - 1 : start - 1 + n] = batch.mask[r, :n]
+    widths = torch.tensor([len(s) - 1 for s in full])
+    return TrainBatch(ids[:, :-1], targets, mask, widths)
+
+
+def last_token(mask: Tensor) -> Tensor:
+    """One-hot (B, L) of each row's last valid token (all zero for an all-masked row)."""
+    positions = torch.arange(mask.shape[1]).expand_as(mask)  # (B, L)
+    last = torch.where(mask > 0, positions, -1).max(dim=1).values  # (B,)
+    return (positions == last[:, None]).to(mask.dtype) * (last[:, None] >= 0)
+
+
+def rollout_metrics(ro: Rollout) -> dict:
+    """TRL-named metrics of the rollout (rewards, lengths, truncation, tools)."""
+    batch, rewards = ro.batch, ro.rewards
+    lengths = batch.lengths.float()
+    if len(rewards) == 0:
+        return {"reward": float("nan"), "frac_reward_zero_std": ro.frac_zero_std, "sampling/rounds": ro.rounds}
+    return {
+        "reward": rewards.mean().item(),
+        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "frac_reward_zero_std": ro.frac_zero_std,
+        "sampling/rounds": ro.rounds,
+        "sampling/groups": len(ro.convs),
+        "completions/mean_length": lengths.mean().item(),
+        "completions/min_length": lengths.min().item(),
+        "completions/max_length": lengths.max().item(),
+        "completions/clipped_ratio": (~batch.finished).float().mean().item(),
+        "tools/call_frequency": batch.tool_calls / ro.drawn,
+        "tools/failure_frequency": batch.tool_failures / max(1, batch.tool_calls),
+    }
