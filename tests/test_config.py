@@ -8,6 +8,8 @@ import typing
 import pytest
 
 from posttrain.config import (
+    RL_FALLBACK,
+    RL_PRESETS,
     ConfigError,
     EvalConfig,
     OptimConfig,
@@ -200,3 +202,47 @@ def test_an_unknown_variant_name_is_a_config_error_with_a_suggestion(override, k
     with pytest.raises(ConfigError) as err:
         load_config(RLConfig, None, [override])
     assert key in str(err.value) and hint in str(err.value)
+
+
+# --- RL presets ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", list(RL_PRESETS))
+def test_every_preset_resolves_every_field(preset):
+    cfg = RLConfig(algorithm=preset)
+    for key in {*RL_FALLBACK, *RL_PRESETS[preset]}:
+        assert getattr(cfg, key) is not None, key
+    assert cfg.advantage == RL_PRESETS[preset]["advantage"]
+
+
+def test_dapo_preset_is_the_papers_recipe():
+    cfg = load_config(RLConfig, overrides=["algorithm=dapo"])
+    assert (cfg.advantage, cfg.adv_scale, cfg.loss_agg) == ("grpo", "group", "token-mean")
+    assert (cfg.clip_low, cfg.clip_high, cfg.kl_coef) == (0.2, 0.28, 0.0)
+    assert cfg.dynamic_sampling and cfg.overlong == "penalty"
+
+
+def test_preset_is_only_defaults_any_field_overrides():
+    cfg = load_config(RLConfig, overrides=["algorithm=dapo", "clip_high=0.3", "dynamic_sampling=false"])
+    assert cfg.clip_high == 0.3 and cfg.dynamic_sampling is False
+    assert cfg.overlong == "penalty"  # untouched fields keep the preset's value
+    grpo = RLConfig(algorithm="grpo", kl_coef=0.0)
+    assert grpo.kl_coef == 0.0 and grpo.kl_kind == "k3"
+
+
+def test_resolved_preset_round_trips_through_yaml(tmp_path):
+    cfg = RLConfig(algorithm="nanochat")
+    assert cfg.clip_low == float("inf")  # nanochat: no clipping
+    save_config(cfg, tmp_path / "c.yaml")
+    assert ".inf" in (tmp_path / "c.yaml").read_text()
+    assert load_config(RLConfig, tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("ppo_epochs=0", "ppo_epochs"), ("minibatches=0", "minibatches"), ("dual_clip=0.5", "dual_clip"),
+    ("kl_in=rewards", "kl_in"), ("overlong=truncate", "overlong"), ("ratio_level=seq", "ratio_level"),
+    ("kl_controller=adaptve", "kl_controller"), ("advantage=gea", "advantage"),
+])
+def test_bad_rl_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(RLConfig, overrides=[override])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.config import RLConfig, SFTConfig, load_config
+from posttrain.config import RL_PRESETS, RLConfig, SFTConfig, load_config
 from posttrain.metrics import read_jsonl
 from posttrain.trainers.rl import train_rl
 from posttrain.trainers.sft import train_sft
@@ -40,25 +40,63 @@ def test_sft_loss_falls_and_checkpoint_is_written(sft_run):
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").exists()
 
 
-def test_grpo_raises_mean_reward(sft_run, tmp_path):
+def rl_overrides(sft_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"init_from={sft_dir / 'checkpoints' / 'final'}", "optim.lr=1e-3",
+            "optim.warmup_steps=2", "eval.problems=32", "eval.samples=4", "eval.ks=[1,4]", "eval.every=0",
+            "sampling.max_new_tokens=48", *extra]
+
+
+@pytest.mark.parametrize("preset", ["grpo", "rloo", "ppo"])
+def test_preset_raises_mean_reward(sft_run, tmp_path, preset):
     run_dir, _ = sft_run
-    config = load_config(RLConfig, None, [
-        f"run_dir={tmp_path}", f"init_from={run_dir / 'checkpoints' / 'final'}", "steps=16",
-        "prompts_per_step=16", "samples_per_prompt=8", "optim.lr=1e-3", "optim.warmup_steps=2",
-        "eval.problems=32", "eval.samples=4", "eval.ks=[1,4]", "eval.every=0", "sampling.max_new_tokens=48",
-    ])
+    config = load_config(RLConfig, None, rl_overrides(run_dir, tmp_path, f"algorithm={preset}", "steps=16"))
     result = train_rl(config, progress=False)
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
-    steps = [r for r in rows if "reward" in r]
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "reward" in r]
     early = sum(r["reward"] for r in steps[:4]) / 4
     late = sum(r["reward"] for r in steps[-4:]) / 4
     assert late > early + 0.05, (early, late)  # teacher slips get unlearned
     assert result["after"]["eval/reward"] > result["before"]["eval/reward"]
-    for key in ("frac_reward_zero_std", "entropy", "grad_norm", "completions/mean_length",
-                "tools/call_frequency", "timing_s/gen", "throughput/gen_tokens_per_s"):
+    for key in ("frac_reward_zero_std", "entropy", "grad_norm", "completions/mean_length", "kl_coef",
+                "tools/call_frequency", "timing_s/gen", "timing_s/update", "throughput/gen_tokens_per_s"):
         assert key in steps[-1], key
+    if preset != "rloo":  # grpo (KL in loss) and ppo (KL in reward) keep a reference model
+        assert 0 < steps[-1]["kl"] < 1
+    if preset == "ppo":  # the critic learns: its loss falls once it tracks the returns
+        assert steps[-1]["value_loss"] < steps[0]["value_loss"]
+        assert steps[0].get("policy_loss") is None  # critic warm-up: the policy waits
     samples = read_jsonl(tmp_path / "samples.jsonl")
     assert samples and {"prompt", "completion", "reward"} <= samples[0].keys()
+
+
+@pytest.mark.parametrize("preset", list(RL_PRESETS))
+def test_every_preset_runs(sft_run, tmp_path, preset):
+    run_dir, _ = sft_run
+    config = load_config(RLConfig, None, rl_overrides(
+        run_dir, tmp_path, f"algorithm={preset}", "steps=3", "prompts_per_step=4", "samples_per_prompt=4",
+        "eval_before=false", "eval.problems=4", "critic.warmup_steps=1"))
+    train_rl(config, progress=False)
+    steps = read_jsonl(tmp_path / "metrics.jsonl")
+    assert len(steps) == 3
+    trained = [r for r in steps if "policy_loss" in r]
+    assert trained, "the policy never updated"
+    for r in trained:
+        for key in ("policy_loss", "entropy", "grad_norm", "clip_ratio/region_mean", "approx_kl"):
+            assert r[key] == r[key], key  # not NaN
+    if preset == "dapo":
+        assert all(r["sampling/groups"] <= 4 for r in steps) and "rewards/overlong_penalty/mean" in steps[0]
+
+
+def test_cli_rl_takes_a_preset_on_the_command_line(sft_run, tmp_path):
+    run_dir, _ = sft_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "posttrain", "rl", str(CONFIGS / "demo_rl.yaml"), "--no-progress",
+         *rl_overrides(run_dir, tmp_path, "algorithm=dapo", "clip_high=0.3", "steps=2", "prompts_per_step=2",
+                       "eval_before=false", "eval.problems=2")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = load_config(RLConfig, tmp_path / "config.yaml")
+    assert (saved.algorithm, saved.clip_high, saved.dynamic_sampling) == ("dapo", 0.3, True)
 
 
 def test_cli_demo_quick_writes_summary(tmp_path):

@@ -77,6 +77,19 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         before = task.evaluate(engine, config.eval)
         log.write({"step": 0, **before})
     before = after = before or {}
+
+    def end_step(step: int, metrics: dict) -> dict | None:
+        """Evaluate when due, log the step; returns the evaluation's metrics, if one ran."""
+        result = None
+        if eval_due(step + 1, config.steps, config.eval.every):
+            model.eval()
+            result = task.evaluate(engine, config.eval)
+            metrics.update(result)
+            bar.print_metrics(f"step {step + 1}", result)
+        log.write(metrics)
+        bar.update(metrics)
+        return result
+
     with StepProgress("rl", config.steps, ("reward", "eval/pass@1"), progress) as bar:
         if before:
             bar.print_metrics("before RL", before)
@@ -91,12 +104,10 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
             model.eval()
             ro = collect(engine, task, prompt_rng, P, G, config.sampling, seed=(config.seed * 1_000_003 + step) * 64,
                          dynamic=config.dynamic_sampling, max_rounds=config.max_sampling_rounds)
-            metrics = {"step": step + 1, **rollout_metrics(ro)}
+            metrics = {"step": step + 1, **rollout_metrics(ro), "learning_rate": lr}
             t_gen = time.perf_counter()
             if len(ro.rewards) == 0:  # dynamic sampling found no group with signal: nothing to learn
-                metrics.update({"learning_rate": lr, "timing_s/gen": t_gen - t0, "timing_s/step": t_gen - t0})
-                log.write(metrics)
-                bar.update(metrics)
+                after = end_step(step, metrics | {"timing_s/gen": t_gen - t0, "timing_s/step": t_gen - t0}) or after
                 continue
 
             # 2. reward: the task's verifiable reward, plus the soft overlong penalty (DAPO)
@@ -123,8 +134,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 
             # 4. advantage: per token (B, L); sequence-level estimators broadcast over the completion
             beta_r = kl_coef if config.kl_in == "reward" else 0.0
-            token_rewards = -beta_r * kl_tok + rewards[:, None] * last_token(data.mask)  # (B, L)
-            seq_rewards = rewards - beta_r * kl_tok.sum(-1)  # (B,)
+            seq_rewards, token_rewards = kl_shaped_rewards(rewards, kl_tok, data.mask, beta_r)  # (B,), (B, L)
             advantages, returns = estimate_advantages(config, seq_rewards, token_rewards, ro.batch.group_ids,
                                                       data.mask, values)  # (B, L), (B, L) | None
             metrics.update(advantage_metrics(advantages, data.mask, values, returns))
@@ -156,7 +166,6 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
             gen_tokens = int(ro.batch.mask.sum())
             metrics.update({
                 "kl_coef": kl_coef,
-                "learning_rate": lr,
                 "timing_s/gen": t_gen - t0,
                 "timing_s/reward": t_reward - t_gen,
                 "timing_s/ref": t_score - t_reward,
@@ -168,17 +177,24 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                 for i in range(0, len(rewards), G):  # the first sample of every group
                     samples_log.write({"step": step + 1, "prompt": ro.convs[i // G]["messages"][0]["content"],
                                        "completion": ro.texts[i], "reward": rewards[i].item()})
-            if eval_due(step + 1, config.steps, config.eval.every):
-                model.eval()
-                after = task.evaluate(engine, config.eval)
-                metrics.update(after)
-                bar.print_metrics(f"step {step + 1}", after)
-            log.write(metrics)
-            bar.update(metrics)
+            after = end_step(step, metrics) or after
     log.close()
     samples_log.close()
     save_checkpoint(run_dir / "checkpoints" / "final", model, tokenizer, {"step": config.steps, "stage": "rl"})
     return {"before": before, "after": after}
+
+
+def kl_shaped_rewards(rewards: Tensor, kl_tok: Tensor, mask: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """The task reward with the KL penalty folded in (RLHF's KL-in-reward), in both shapes:
+
+    sequence (B,):  r − β·Σ_t KL_t                                  (RLOO, Ahmadian et al. 2024)
+    token (B, L):   −β·KL_t on every valid token, + r on the last one (PPO, Ouyang et al. 2022)
+
+    ``kl_tok`` (B, L) is the per-token KL estimate, 0 off the mask; β = 0 gives the plain reward.
+    """
+    seq = rewards - beta * kl_tok.sum(-1)  # (B,)
+    tok = -beta * kl_tok + rewards[:, None] * last_token(mask)  # (B, L)
+    return seq, tok
 
 
 def estimate_advantages(config: RLConfig, seq_rewards: Tensor, token_rewards: Tensor, group_ids: Tensor,
