@@ -88,6 +88,30 @@ def budget_run(preset: str, seed: int, sft: Path, out: Path, budget: float, step
             "pass@8": result["after"]["eval/pass@8"], "kl_to_start": kl_to_start(run / "checkpoints" / "final", sft)}
 
 
+def plot(presets: list[str], seed: int, out: Path, path: Path) -> None:
+    """Training reward (moving mean over 10 steps) against training seconds, one line per preset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for preset in presets:
+        log = [json.loads(line) for line in (out / f"{preset}_s{seed}" / "metrics.jsonl").read_text().splitlines()]
+        log = [r for r in log if r.get("reward") == r.get("reward") and "timing_s/step" in r]  # drop NaN rows
+        t = torch.tensor([r["timing_s/step"] for r in log]).cumsum(0)
+        reward = torch.tensor([r["reward"] for r in log])
+        smooth = torch.stack([reward[max(0, i - 9): i + 1].mean() for i in range(len(reward))])
+        ax.plot(t.numpy(), smooth.numpy(), label=preset)
+    ax.set_xlabel("training seconds (2-core CPU)")
+    ax.set_ylabel("training reward (moving mean, 10 steps)")
+    ax.set_title(f"RL presets from the same SFT checkpoint, seed {seed}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sft", type=Path, help="SFT checkpoint dir (default: train the demo SFT stage)")
@@ -95,6 +119,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=90.0, help="training seconds per preset")
     ap.add_argument("--presets", nargs="+", default=list(RL_PRESETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--plot", type=Path, help="write a PNG of training reward against time (first seed)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     sft = args.sft
@@ -129,6 +154,8 @@ def main() -> None:
 
         print(f"| {preset} | {mean('steps'):.0f} | {mean('train_s'):.0f} | {mean('s_per_step'):.2f} | "
               f"{mean('pass@1'):.3f} | {mean('pass@8'):.3f} | {mean('kl_to_start'):.4f} |")
+    if args.plot:
+        plot(args.presets, args.seeds[0], args.out, args.plot)
     best = max(args.presets, key=lambda p: sum(r["pass@1"] for r in rows if r["preset"] == p))
     best_p1 = sum(r["pass@1"] for r in rows if r["preset"] == best) / len(args.seeds)
     print(f"RESULT best={best} pass@1={best_p1:.3f}")

@@ -27,7 +27,7 @@ def demo(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="where everything is written")] = Path("runs/demo"),
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
-    """SFT the built-in GPT from scratch, then GRPO; print held-out pass@1/pass@8 before and after RL."""
+    """SFT the built-in GPT from scratch, then RL (Dr. GRPO); print held-out pass@1/pass@8 before and after RL."""
     from posttrain.demo import run_demo
 
     run_demo(run_dir, quick=quick, progress=progress)

@@ -1,4 +1,4 @@
-"""`posttrain demo`: SFT from an imperfect teacher, then GRPO, then a before/after table.
+"""`posttrain demo`: SFT from an imperfect teacher, then RL (Dr. GRPO), then a before/after table.
 
 Both stages are the shipped configs ``configs/demo_sft.yaml`` and ``configs/demo_rl.yaml``; the
 demo only points them at one run directory (and shrinks them with ``quick``).
@@ -35,8 +35,8 @@ def run_demo(run_dir: str | Path, quick: bool = False, progress: bool = True) ->
                          [f"run_dir={rl_dir}", f"init_from={sft_dir / 'checkpoints' / 'final'}",
                           "eval_before=false", *(QUICK_RL if quick else [])])
     console = Console()
-    console.print(f"[bold]posttrain demo[/bold]: SFT ({sft_cfg.steps} steps) then GRPO ({rl_cfg.steps} steps) "
-                  f"on arithmetic word problems, built-in GPT, CPU. Run dir: {run_dir}")
+    console.print(f"[bold]posttrain demo[/bold]: SFT ({sft_cfg.steps} steps) then RL: {rl_cfg.algorithm} "
+                  f"({rl_cfg.steps} steps) on arithmetic word problems, built-in GPT, CPU. Run dir: {run_dir}")
     sft = train_sft(sft_cfg, progress=progress)
     rl = train_rl(rl_cfg, progress=progress, before=sft)["after"]
     wall = time.perf_counter() - start

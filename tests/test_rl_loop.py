@@ -103,6 +103,7 @@ def test_dynamic_sampling_keeps_only_groups_with_signal():
     assert ro.batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert ro.rounds == len(engine.seeds) > 1 and engine.seeds == list(range(100, 100 + ro.rounds))
     assert ro.drawn == ro.rounds * 4 * 3
+    assert len(ro.first_rewards) == 12 and ro.first_rewards.sum() < 4  # round 1 as drawn, odd problems too
     assert 0 < ro.frac_zero_std < 1
 
 

@@ -24,6 +24,7 @@ class Rollout:
     rewards: Tensor  # (B,) task reward of each completion
     rounds: int  # generation rounds it took (1 without dynamic sampling)
     drawn: int  # rows generated over all rounds (tool counts of the batch are over these)
+    first_rewards: Tensor  # task rewards of the whole first round, before any filtering: the policy's score
     frac_zero_std: float  # share of first-round rows whose group has equal rewards
 
 
@@ -51,7 +52,7 @@ def collect(
     parts: list[RolloutBatch] = []
     texts: list[str] = []
     rewards: list[Tensor] = []
-    frac_zero_std, kept, rounds = 0.0, 0, 0
+    frac_zero_std, kept, rounds, first = 0.0, 0, 0, torch.zeros(0)
     for rounds in range(1, (max_rounds if dynamic else 1) + 1):
         drawn = [task.prompt(task.train_problem(prompt_rng)) for _ in range(prompts)]
         batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seed=seed + rounds - 1)
@@ -59,7 +60,7 @@ def collect(
         r = torch.tensor([float(task.reward(drawn[i // G], done[i])) for i in range(len(drawn) * G)])  # (B,)
         zero_std = group_stats(r, batch.group_ids).zero_std  # (B,)
         if rounds == 1:
-            frac_zero_std = zero_std.float().mean().item()
+            first, frac_zero_std = r, zero_std.float().mean().item()
         groups = [g for g in range(len(drawn)) if not (dynamic and zero_std[g * G])][: prompts - kept]
         rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
         convs += [drawn[g] for g in groups]
@@ -71,7 +72,7 @@ def collect(
             break
     batch = RolloutBatch.concat(parts, tok.pad_id)
     batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
-    return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, frac_zero_std)
+    return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std)
 
 
 @dataclass
@@ -118,21 +119,25 @@ def last_token(mask: Tensor) -> Tensor:
 
 
 def rollout_metrics(ro: Rollout) -> dict:
-    """TRL-named metrics of the rollout (rewards, lengths, truncation, tools)."""
-    batch, rewards = ro.batch, ro.rewards
-    lengths = batch.lengths.float()
-    if len(rewards) == 0:
-        return {"reward": float("nan"), "frac_reward_zero_std": ro.frac_zero_std, "sampling/rounds": ro.rounds}
-    return {
-        "reward": rewards.mean().item(),
-        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+    """TRL-named metrics of the rollout. ``reward``/``reward_std`` are over the first round as drawn (with
+    dynamic sampling the kept groups are a biased sample; their mean is ``sampling/kept_reward``)."""
+    batch, first = ro.batch, ro.first_rewards
+    out = {
+        "reward": first.mean().item(),
+        "reward_std": first.std().item() if len(first) > 1 else 0.0,
         "frac_reward_zero_std": ro.frac_zero_std,
         "sampling/rounds": ro.rounds,
         "sampling/groups": len(ro.convs),
+        "tools/call_frequency": batch.tool_calls / ro.drawn,
+        "tools/failure_frequency": batch.tool_failures / max(1, batch.tool_calls),
+    }
+    if len(ro.rewards) == 0:
+        return out
+    lengths = batch.lengths.float()
+    return out | {
+        "sampling/kept_reward": ro.rewards.mean().item(),
         "completions/mean_length": lengths.mean().item(),
         "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),
         "completions/clipped_ratio": (~batch.finished).float().mean().item(),
-        "tools/call_frequency": batch.tool_calls / ro.drawn,
-        "tools/failure_frequency": batch.tool_failures / max(1, batch.tool_calls),
     }
