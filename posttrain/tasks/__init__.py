@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from posttrain.config import TaskConfig, suggest
 from posttrain.tasks.arithmetic import ArithmeticTask
+from posttrain.tasks.gsm8k import GSM8KTask
 
-TASKS = {"arithmetic": ArithmeticTask}
+TASKS = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask}
 
 
 def make_task(config: TaskConfig):
-    """Build the task named in ``config``."""
+    """Build the task named in ``config`` (each task class reads its own fields of the TaskConfig)."""
     if config.name not in TASKS:
         raise ValueError(f"unknown task '{config.name}'{suggest(config.name, list(TASKS))}")
-    return TASKS[config.name](
-        test_size=config.test_size, test_seed=config.test_seed, teacher_error=config.teacher_error
-    )
+    return TASKS[config.name].from_config(config)

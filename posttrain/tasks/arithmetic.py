@@ -174,6 +174,11 @@ class ArithmeticTask:
         self.test: list[Problem] = list(problems.values())
         self._test_questions = set(problems)
 
+    @classmethod
+    def from_config(cls, config) -> ArithmeticTask:
+        """The task described by a TaskConfig (test_size, test_seed, teacher_error)."""
+        return cls(test_size=config.test_size, test_seed=config.test_seed, teacher_error=config.teacher_error)
+
     def train_problem(self, r: random.Random) -> Problem:
         """A fresh training problem that is not in the test split."""
         while True:
@@ -190,6 +195,10 @@ class ArithmeticTask:
         """1.0 when the completion's final ``#### N`` equals the gold answer, else 0.0."""
         got = extract_answer(completion)
         return float(got is not None and _same_number(got, conv["answer"]))
+
+    def columns(self, conv: dict) -> dict:
+        """Dataset columns for reward functions: the gold ``answer`` and the ``extract`` mode ('####')."""
+        return {"answer": conv["answer"], "extract": "strict"}
 
     def evaluate(self, engine, config) -> dict[str, float]:
         """pass@k, mean reward and completion length on the first ``config.problems`` test problems."""

@@ -1,0 +1,383 @@
+"""GSM8K (Cobbe et al. 2021): grade-school math word problems with a numeric final answer.
+
+A row is ``{"question": ..., "answer": ...}``; the answer is a worked solution with calculator
+annotations and a final line, e.g. ``"She makes 9 * 2 = $<<9*2=18>>18 a day.\\n#### 18"``.
+
+**Formats** (``TaskConfig.format``) decide what the model is asked for and what SFT teaches:
+
+- ``hash``: the question plus an instruction; the solution is the dataset's reasoning without the
+  ``<<...>>`` annotations, ending ``#### N``.
+- ``xml``: a system prompt asks for ``<reasoning>\\n...\\n</reasoning>\\n<answer>\\n...\\n</answer>``
+  (the GRPO-on-GSM8K practice); the solution has that shape.
+- ``tool``: as ``hash``, but each annotation ``<<expr=result>>`` becomes a calculator call: a
+  ``tool_call`` part (expr) and a ``tool_output`` part (what ``posttrain.tools.calculate`` says, which
+  is what the engine will insert at rollout). The number the dataset repeats right after an
+  annotation is dropped, as the tool output already says it. An annotation whose expression the
+  calculator does not evaluate to the annotated result (in the real data: ``<<3/4=3/4>>`` in one
+  test row) is dropped and its surrounding text kept, exactly as in the ``hash`` format.
+
+**Answer extraction** (``extract_answer`` modes; ``TaskConfig.extract``, default: the format's own,
+hash → strict, xml → xml, tool → strict):
+
+- ``strict``: the number right after the last ``####`` (None when that ``####`` has no number);
+- ``flexible``: the last number anywhere in the text;
+- ``xml``: the content of the last ``<answer>...</answer>``: normalised when it is a number, else the
+  stripped text as written (it then only matches the gold through math-verify).
+
+Numbers are normalised by ``normalize_number`` and compared as floats with a relative tolerance of
+1e-6 (``same_number``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import threading
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from posttrain.config import suggest
+from posttrain.evaluation import evaluate_task
+from posttrain.tools import calculate
+
+FORMATS = ("hash", "xml", "tool")
+EXTRACT_MODES = ("strict", "flexible", "xml")
+DEFAULT_EXTRACT = {"hash": "strict", "xml": "xml", "tool": "strict"}
+HASH_INSTRUCTION = "Solve it step by step, then give the final answer on its own line as '#### <number>'."
+XML_SYSTEM = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+
+_DIGITS = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"  # 1,234,567.89 | 1234567.89 | .89; no exponent
+_PLAIN_NUMBER = re.compile(_DIGITS)  # what is left once sign, $, % and a final period are off
+_NUMBER = re.compile(r"(?:(?<![\w)])-)?\$?" + _DIGITS)  # in text; "5-3" holds 5 and 3, not −3
+_AFTER_HASH = re.compile(r"\s*(" + _NUMBER.pattern + ")")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANNOTATION = re.compile(r"<<(.*?)>>")
+_LEADING_NUMBER = re.compile(r"-?" + _DIGITS)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One GSM8K row."""
+
+    question: str
+    solution: str  # the worked solution before the final '####', calculator annotations included
+    answer: str  # the final answer, normalised (see normalize_number)
+
+
+# --- numbers and answers ----------------------------------------------------------------------
+
+
+def normalize_number(s: str) -> str | None:
+    """A number written the way people write it, as a canonical string; None if it is not one.
+
+    Surrounding spaces, a trailing period, a leading ``$`` (after an optional sign), a trailing ``%``
+    and thousands commas go; trailing fractional zeros go: "1,000.00" → "1000", "$5" → "5",
+    "-3.50" → "-3.5", "7.0" → "7", "12%" → "12", ".50" → "0.5", "-0" → "0". Commas must group thousands ("12,34"
+    is not a number); anything else around the number (units, words) makes it None.
+    """
+    text = s.strip().removesuffix(".").removesuffix("%").strip()
+    sign = ""
+    if text.startswith(("-", "+")):
+        sign, text = text[0], text[1:].lstrip()
+    text = text.removeprefix("$").lstrip()
+    if not _PLAIN_NUMBER.fullmatch(text):
+        return None
+    value = Decimal(text.replace(",", ""))
+    value = -value if sign == "-" else value
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def same_number(a: str | None, b: str | None) -> bool:
+    """|a − b| ≤ 1e-6 · max(|a|, |b|) for two number strings; False if either is None or not a float."""
+    if a is None or b is None:
+        return False
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-6)
+    except ValueError:
+        return False
+
+
+def extract_answer(text: str, mode: str = "strict") -> str | None:
+    """The answer in a completion, normalised; None when there is none. Modes: see the module doc."""
+    if mode == "strict":
+        _, sep, tail = text.rpartition("####")
+        found = _AFTER_HASH.match(tail) if sep else None
+        return normalize_number(found.group(1)) if found else None
+    if mode == "flexible":
+        numbers = _NUMBER.findall(text)
+        return normalize_number(numbers[-1]) if numbers else None
+    if mode == "xml":
+        tags = _ANSWER_TAG.findall(text)
+        content = tags[-1].strip() if tags else ""
+        return (normalize_number(content) or content) if content else None
+    raise ValueError(f"unknown extract mode '{mode}'{suggest(mode, list(EXTRACT_MODES))}")
+
+
+def is_correct(completion: str, gold: str, mode: str = "flexible", math_verify: bool = False) -> bool:
+    """Whether the completion's answer (``extract_answer(completion, mode)``) equals the gold.
+
+    ``gold`` is a dataset answer field (its text after the last ``####`` is used) or a bare answer.
+    Equal means ``same_number`` after normalising both. With ``math_verify`` the answer also counts
+    when math-verify (the ``math-verify`` package, ``pip install 'posttrain[hf]'``) finds it
+    equivalent to the gold, e.g. ``\\frac{1}{2}`` for 0.5 in an ``<answer>`` tag; if the package is not
+    installed this silently falls back to the numeric comparison alone.
+    """
+    answer = extract_answer(completion, mode)
+    if answer is None:
+        return False
+    gold_text = gold.rpartition("####")[2].strip()
+    if same_number(answer, normalize_number(gold_text)):
+        return True
+    return math_verify and _math_verify_equal(gold_text, answer)
+
+
+def _math_verify_equal(gold: str, answer: str) -> bool:
+    """``math_verify.verify(parse(gold), parse(answer))``; False if the package is missing or fails."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return False
+    # its timeouts use SIGALRM, which only works on the main thread: off it (a reward worker), turn them off
+    on_main = threading.current_thread() is threading.main_thread()
+    parse_kw = {} if on_main else {"parsing_timeout": None}
+    verify_kw = {} if on_main else {"timeout_seconds": None}
+    try:
+        return bool(verify(parse(gold, **parse_kw), parse(answer, **parse_kw), **verify_kw))
+    except Exception:  # an answer it cannot parse is not a correct one
+        return False
+
+
+# --- solutions in each format -----------------------------------------------------------------
+
+
+def strip_annotations(solution: str) -> str:
+    """The solution without its calculator annotations: "2*3=<<2*3=6>>6" → "2*3=6"."""
+    return _ANNOTATION.sub("", solution)
+
+
+def tool_parts(solution: str) -> list[dict]:
+    """The solution as assistant parts, each annotation a calculator call and its output.
+
+    ``"9 * 2 = $<<9*2=18>>18 a day"`` → text ``"9 * 2 = $"``, tool_call ``"9*2"``, tool_output ``"18"``,
+    text ``" a day"``. An annotation the calculator does not confirm is dropped (text kept as is).
+    """
+    parts: list[dict] = []
+    text, pos = "", 0
+    for found in _ANNOTATION.finditer(solution):
+        text += solution[pos : found.start()]
+        pos = found.end()
+        expr, _, claimed = found.group(1).rpartition("=")
+        result = calculate(expr)
+        if not same_number(result, normalize_number(claimed)):
+            continue
+        if text:
+            parts.append({"type": "text", "text": text})
+        parts += [{"type": "tool_call", "text": expr.strip()}, {"type": "tool_output", "text": result}]
+        text = ""
+        repeated = _LEADING_NUMBER.match(solution, pos)  # "<<9*2=18>>18": the output already says 18
+        if repeated and same_number(normalize_number(repeated.group()), result):
+            pos = repeated.end()
+    text += solution[pos:]
+    if text:
+        parts.append({"type": "text", "text": text})
+    return parts
+
+
+def solution_content(problem: Problem, fmt: str) -> str | list[dict]:
+    """The assistant's worked solution in ``fmt``: a string (hash, xml) or a list of parts (tool)."""
+    if fmt == "hash":
+        return f"{strip_annotations(problem.solution)}\n#### {problem.answer}"
+    if fmt == "xml":
+        reasoning = strip_annotations(problem.solution)
+        return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{problem.answer}\n</answer>\n"
+    if fmt == "tool":
+        return tool_parts(f"{problem.solution}\n#### {problem.answer}")
+    raise ValueError(f"unknown gsm8k format '{fmt}'{suggest(fmt, list(FORMATS))}")
+
+
+def conversation(problem: Problem, fmt: str, solution: bool = False) -> dict:
+    """The prompt in ``fmt`` (xml: a system turn; hash, tool: an instruction after the question),
+    with the worked solution as the assistant turn when ``solution``; carries the gold answer."""
+    if fmt == "xml":
+        messages = [{"role": "system", "content": XML_SYSTEM}, {"role": "user", "content": problem.question}]
+    else:
+        messages = [{"role": "user", "content": f"{problem.question}\n{HASH_INSTRUCTION}"}]
+    if solution:
+        messages.append({"role": "assistant", "content": solution_content(problem, fmt)})
+    return {"messages": messages, "answer": problem.answer}
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def to_problem(row: object, where: str) -> Problem:
+    """A dataset row as a Problem; ValueError naming ``where`` if it lacks a question or a final answer."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with 'question' and 'answer', got {type(row).__name__}")
+    for key in ("question", "answer"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise ValueError(f"{where}: row has no '{key}' (a non-empty string)")
+    solution, sep, final = row["answer"].rpartition("####")
+    answer = normalize_number(final) if sep else None
+    if answer is None:
+        raise ValueError(f"{where}: the answer does not end with '#### <number>'")
+    return Problem(row["question"], solution.rstrip(), answer)
+
+
+def read_jsonl(path: Path) -> list[Problem]:
+    """Rows of a JSON-lines file (blank lines skipped); errors name the file and the 1-based line."""
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
+            problems.append(to_problem(row, f"{path}:{number}"))
+    return problems
+
+
+def read_parquet(path: Path) -> list[Problem]:
+    """Rows of a parquet file, read with pyarrow (or pandas); errors name the file and the 0-based row."""
+    try:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    except ImportError:
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError(
+                f"reading {path} needs pyarrow: pip install 'posttrain[hf]' (or pip install pyarrow)"
+            ) from None
+        rows = pandas.read_parquet(path).to_dict("records")
+    return [to_problem(row, f"{path} row {i}") for i, row in enumerate(rows)]
+
+
+def read_file(path: Path) -> list[Problem]:
+    """The problems in a .jsonl or .parquet file; ValueError if it has none."""
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise ValueError(f"gsm8k data file {path} must be .jsonl or .parquet")
+    problems = read_jsonl(path) if path.suffix == ".jsonl" else read_parquet(path)
+    if not problems:
+        raise ValueError(f"gsm8k data file {path} has no rows")
+    return problems
+
+
+def _split_file(directory: Path, split: str) -> Path:
+    for suffix in (".jsonl", ".parquet"):
+        if (directory / f"{split}{suffix}").is_file():
+            return directory / f"{split}{suffix}"
+    raise FileNotFoundError(f"gsm8k data directory {directory} has no {split}.jsonl or {split}.parquet")
+
+
+def _read_hub(dataset_id: str) -> tuple[list[Problem], list[Problem]]:
+    try:
+        import datasets
+    except ImportError:
+        raise FileNotFoundError(
+            f"gsm8k data '{dataset_id}' is not a local file or directory; to load it as a Hugging Face hub "
+            "dataset: pip install 'posttrain[hf]'"
+        ) from None
+    loaded = datasets.load_dataset(dataset_id, "main")
+    train, test = (
+        [to_problem(row, f"{dataset_id}[{split}] row {i}") for i, row in enumerate(loaded[split])]
+        for split in ("train", "test")
+    )
+    if not test:
+        raise ValueError(f"gsm8k dataset '{dataset_id}' has an empty test split")
+    return train, test
+
+
+def load_splits(data: str, test_size: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """(train, test) problems from ``data``; the test split is cut to its first ``test_size`` rows (0: all).
+
+    ``data`` is a directory holding ``train`` and ``test`` .jsonl/.parquet files; or one such file,
+    whose first ``test_size`` rows are the test split and the rest the training split (test_size 0:
+    every row is test, nothing to train on); or, when no such path exists, a Hugging Face hub dataset
+    id (e.g. ``openai/gsm8k``, config ``main``), which needs ``datasets``.
+    """
+    path = Path(data).expanduser()
+    if path.is_dir():
+        train, test = read_file(_split_file(path, "train")), read_file(_split_file(path, "test"))
+    elif path.is_file():
+        rows = read_file(path)
+        cut = test_size or len(rows)
+        return rows[cut:], rows[:cut]
+    else:
+        train, test = _read_hub(data)
+    return train, test[:test_size] if test_size else test
+
+
+# --- the task ---------------------------------------------------------------------------------
+
+
+class GSM8KTask:
+    """GSM8K word problems in one prompt format, with a 0/1 reward from the configured extraction."""
+
+    name = "gsm8k"
+
+    def __init__(
+        self,
+        train: list[Problem],
+        test: list[Problem],
+        format: str = "hash",
+        extract: str | None = None,
+        math_verify: bool = False,
+    ):
+        if format not in FORMATS:
+            raise ValueError(f"unknown gsm8k format '{format}'{suggest(format, list(FORMATS))}")
+        if extract is not None and extract not in EXTRACT_MODES:
+            raise ValueError(f"unknown gsm8k extract mode '{extract}'{suggest(extract, list(EXTRACT_MODES))}")
+        self.train, self.test = train, test
+        self.format = format
+        self.extract = extract or DEFAULT_EXTRACT[format]
+        self.math_verify = math_verify
+
+    @classmethod
+    def from_config(cls, config) -> GSM8KTask:
+        """The task described by a TaskConfig (data, test_size, format, extract, math_verify)."""
+        train, test = load_splits(config.data, config.test_size)
+        return cls(train, test, config.format, config.extract, config.math_verify)
+
+    def train_problem(self, r: random.Random) -> Problem:
+        """A training problem drawn uniformly at random."""
+        if not self.train:
+            raise ValueError("gsm8k: no training rows (a single data file with test_size 0 is all test)")
+        return r.choice(self.train)
+
+    def sft_example(self, r: random.Random) -> dict:
+        """A training conversation with the dataset's worked solution in this format."""
+        return conversation(self.train_problem(r), self.format, solution=True)
+
+    def prompt(self, problem: Problem) -> dict:
+        """The conversation the model answers (no assistant turn), carrying the gold answer."""
+        return conversation(problem, self.format)
+
+    def reward(self, conv: dict, completion: str) -> float:
+        """1.0 when the completion's answer (this task's extraction mode) equals the gold, else 0.0."""
+        return float(is_correct(completion, conv["answer"], self.extract, self.math_verify))
+
+    def columns(self, conv: dict) -> dict:
+        """Dataset columns for reward functions: the gold ``answer`` and the ``extract`` mode."""
+        return {"answer": conv["answer"], "extract": self.extract}
+
+    def evaluate(self, engine, config) -> dict[str, float]:
+        """pass@k, mean reward and completion length on the first ``config.problems`` test problems."""
+        return evaluate_task(engine, self, self.test[: config.problems], config)
+
+    def corpus(self, r: random.Random, n: int = 2000) -> list[str]:
+        """Texts to train the built-in tokenizer on: every text of ``n`` training conversations."""
+        texts = []
+        for _ in range(n):
+            for message in self.sft_example(r)["messages"]:
+                content = message["content"]
+                texts += [content] if isinstance(content, str) else [part["text"] for part in content]
+        return texts
