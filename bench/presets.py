@@ -38,7 +38,7 @@ UNPIN = ["advantage=null", "adv_scale=null", "loss_agg=null", "kl_coef=null", "k
 def rl_config(preset: str, sft: Path, run_dir: Path, seed: int, steps: int, calibrate: bool) -> RLConfig:
     """The demo's RL stage with ``preset``'s defaults; ``calibrate``: no eval, no critic warm-up (time full steps)."""
     return load_config(RLConfig, CONFIGS / "demo_rl.yaml", [
-        f"algorithm={preset}", *UNPIN, f"init_from={sft}", f"run_dir={run_dir}", f"seed={seed}",
+        f"algorithm={preset}", *UNPIN, f"model={sft}", f"run_dir={run_dir}", f"seed={seed}",
         f"steps={steps}", "eval_before=false", "eval.every=0", "log_samples_every=0",
         *(["eval.problems=1", "eval.samples=1", "eval.ks=[1]", "critic.warmup_steps=0"] if calibrate else []),
     ])

@@ -3,6 +3,8 @@
 ``load_config(SFTConfig, "configs/demo_sft.yaml", ["optim.lr=1e-3", "steps=50"])`` reads the
 YAML, applies ``key=value`` overrides (values parsed as YAML scalars), and builds the nested
 dataclasses. A key that does not exist is an error that names the key and the closest valid one.
+A section given a single value sets its first field: ``model=runs/sft/checkpoints/final`` is
+``model.path=...`` and ``task=gsm8k`` is ``task.name=gsm8k``.
 """
 
 from __future__ import annotations
@@ -31,10 +33,40 @@ class ConfigError(ValueError):
 class TaskConfig:
     """Which task supplies problems and rewards."""
 
-    name: str = "arithmetic"  # task name (built-in: arithmetic)
-    teacher_error: float = 0.3  # share of SFT solutions with one wrong step (imperfect teacher)
-    test_size: int = 256  # held-out problems in the fixed test split
-    test_seed: int = 1234  # seed of the test split
+    name: str = "arithmetic"  # task name: arithmetic (built-in, generated) | gsm8k
+    teacher_error: float = 0.3  # arithmetic: share of SFT solutions with one wrong step (imperfect teacher)
+    test_size: int = 256  # held-out problems in the test split (gsm8k: the first N rows; 0: all)
+    test_seed: int = 1234  # arithmetic: seed of the generated test split
+    data: str = "openai/gsm8k"  # gsm8k: a dir with train/test .jsonl|.parquet, one such file, or a hub dataset id
+    format: str = "hash"  # gsm8k prompt/answer format: hash ('#### N') | xml (<reasoning>/<answer>) | tool (calculator)
+    extract: str | None = None  # gsm8k answer extraction: strict | flexible | xml (None: the format's own)
+    math_verify: bool = False  # gsm8k: also accept answers math-verify finds equivalent (needs posttrain[hf])
+
+
+@dataclass
+class ModelConfig:
+    """Which policy to load. ``model=PATH`` on the command line (or ``model: PATH`` in YAML) sets ``path``."""
+
+    path: str | None = None  # a posttrain checkpoint dir, an HF model dir or hub id, or a .gguf file (None: fresh GPT)
+    dtype: str = "float32"  # HF models: float32 | bfloat16 | float16
+    tool_tokens: bool = False  # HF models: add the calculator's 4 special tokens (the embedding grows)
+
+    def __post_init__(self):
+        _check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (HF models only); the reference policy is the model with the adapter off."""
+
+    rank: int = 0  # adapter rank r (0: train every weight)
+    alpha: float = 32.0  # scale alpha / r of the adapter's update
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: tuple[str, ...] = ()  # module names to adapt, e.g. [q_proj, v_proj] (empty: all linear layers)
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ConfigError(f"config key 'lora.rank' must be >= 0, got {self.rank}")
 
 
 @dataclass
@@ -74,10 +106,11 @@ class SFTConfig:
     run_dir: str = "runs/sft"  # where metrics, samples and checkpoints go
     seed: int = 0  # seeds data order and initialisation
     threads: int = 0  # torch CPU threads (0: leave torch's default)
-    init_from: str | None = None  # checkpoint dir to start from (None: fresh built-in GPT)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the policy to start from (path None: a fresh GPT)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (HF models)
     steps: int = 600  # optimizer steps
     batch_size: int = 64  # conversations per step
-    model: GPTConfig = field(default_factory=GPTConfig)  # built-in GPT sizes (fresh model only)
+    gpt: GPTConfig = field(default_factory=GPTConfig)  # built-in GPT sizes (fresh model only)
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
@@ -129,7 +162,8 @@ class RLConfig:
     run_dir: str = "runs/rl"  # where metrics, samples and checkpoints go
     seed: int = 0  # seeds prompt order and sampling
     threads: int = 0  # torch CPU threads (0: leave torch's default)
-    init_from: str = "runs/sft/checkpoints/final"  # checkpoint dir of the policy to train
+    model: ModelConfig = field(default_factory=lambda: ModelConfig("runs/sft/checkpoints/final"))  # policy to train
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (HF models)
     algorithm: str = "grpo"  # preset: nanochat | grpo | dr_grpo | dapo | rloo | reinforce_pp | ppo
     steps: int = 100  # RL steps (one rollout batch each)
     prompts_per_step: int = 16  # distinct prompts per step
@@ -163,6 +197,10 @@ class RLConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="linear"))
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
+    rewards: dict[str, float] = field(default_factory=dict)  # reward fn → weight: a built-in name, 'task' (the
+    # task's 0/1 reward) or 'package.module:function' with TRL's signature; empty: {task: 1.0}
+    reward_timeout: float = 30.0  # seconds a reward function may run per batch before its samples get the fallback
+    reward_fallback: float = 0.0  # reward of samples whose function raised, hung or returned NaN
     log_samples_every: int = 10  # write prompts/completions/rewards to samples.jsonl every N steps
     eval_before: bool = True  # evaluate the initial policy before the first step
 
@@ -202,21 +240,35 @@ def suggest(name: str, valid: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
 
 
+# A section given a scalar (``model=runs/x``, ``task: gsm8k``) sets the section's first field; while
+# overrides are merged the scalar waits under this key.
+_SHORTHAND = "<first field>"
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node = tree
     *parents, leaf = dotted.split(".")
     for key in parents:
+        if key in node and not isinstance(node[key], dict):
+            node[key] = {_SHORTHAND: node[key]}
         node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
-    node[leaf] = value
+    if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
+        node[leaf][_SHORTHAND] = value  # `model=x` after a YAML `model: {...}` keeps the other fields
+    else:
+        node[leaf] = value
 
 
-def _build(cls: type[T], data: dict, where: str) -> T:
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{where or 'config'}' must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+def _build(cls: type[T], data: Any, where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    first = next(iter(fields))
+    if not isinstance(data, dict):
+        if isinstance(data, list):
+            raise ConfigError(f"'{where or 'config'}' must be a mapping, got {type(data).__name__}")
+        data = {first: data}
+    if _SHORTHAND in data:
+        data = {**data, first: data[_SHORTHAND]}
+        del data[_SHORTHAND]
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
@@ -229,11 +281,17 @@ def _build(cls: type[T], data: dict, where: str) -> T:
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
+    if isinstance(value, dict) and _SHORTHAND in value:
+        raise ConfigError(f"override '{path}.{next(k for k in value if k != _SHORTHAND)}': '{path}' is not a section")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         return _coerce(next(a for a in args if a is not type(None)), value, path)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a mapping (e.g. {{name: 1.0}}), got {value!r}")
+        return {_coerce(args[0], k, path): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin is tuple:
         items = value if isinstance(value, list | tuple) else [value]
         if len(args) == 2 and args[1] is Ellipsis or not args:

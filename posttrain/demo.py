@@ -32,7 +32,7 @@ def run_demo(run_dir: str | Path, quick: bool = False, progress: bool = True) ->
     sft_cfg = load_config(SFTConfig, CONFIG_DIR / "demo_sft.yaml",
                           [f"run_dir={sft_dir}", *(QUICK_SFT if quick else [])])
     rl_cfg = load_config(RLConfig, CONFIG_DIR / "demo_rl.yaml",
-                         [f"run_dir={rl_dir}", f"init_from={sft_dir / 'checkpoints' / 'final'}",
+                         [f"run_dir={rl_dir}", f"model={sft_dir / 'checkpoints' / 'final'}",
                           "eval_before=false", *(QUICK_RL if quick else [])])
     console = Console()
     console.print(f"[bold]posttrain demo[/bold]: SFT ({sft_cfg.steps} steps) then RL: {rl_cfg.algorithm} "

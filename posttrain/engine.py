@@ -173,13 +173,15 @@ class _ToolState:
 
 
 class Engine:
-    """Samples completions from a model that supports ``model(ids, cache=..., pad_mask=...)``."""
+    """Samples completions from a model that supports ``model(ids, cache=..., pad_mask=...)`` and
+    ``model.new_cache(batch, max_len)`` (the built-in GPT, or an HF model through ``models.hf``), with a
+    tokenizer that has ``pad_id``, ``stop_ids``, ``has_tools`` and the tool token ids."""
 
     def __init__(self, model, tokenizer: Tokenizer, tools: ToolRegistry | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.tools = tools
-        self.stop_ids = {tokenizer.assistant_end_id}
+        self.tools = tools if tokenizer.has_tools else None  # a tokenizer without tool tokens cannot call
+        self.stop_ids = set(tokenizer.stop_ids)
 
     @torch.inference_mode()
     def generate(

@@ -52,6 +52,8 @@ class Tokenizer:
         self._word_ids = {w: i for i, w in enumerate(self.id_to_token) if isinstance(w, str)}
         for s in SPECIAL_TOKENS:
             setattr(self, s.strip("<|>") + "_id", self._word_ids[s])
+        self.stop_ids = [self.assistant_end_id]  # tokens that end a completion
+        self.has_tools = True  # the chat format has tool-call tokens
 
     @classmethod
     def train(cls, texts: Iterable[str], min_count: int = 2, max_words: int = 4096) -> Tokenizer:
@@ -149,6 +151,10 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"kind": "posttrain-words-v1", "words": self.words}))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """``tokenizer.json`` in ``directory`` (what a checkpoint holds)."""
+        self.save(Path(directory) / "tokenizer.json")
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

@@ -28,12 +28,12 @@ def test_defaults_without_file_or_overrides():
 
 
 def test_dotted_overrides_set_nested_fields():
-    cfg = load_config(SFTConfig, overrides=["optim.lr=1e-3", "steps=5", "model.n_layer=3"])
+    cfg = load_config(SFTConfig, overrides=["optim.lr=1e-3", "steps=5", "gpt.n_layer=3"])
     assert cfg.optim.lr == 0.001 and type(cfg.optim.lr) is float
     assert cfg.steps == 5 and type(cfg.steps) is int
-    assert cfg.model.n_layer == 3
+    assert cfg.gpt.n_layer == 3
     assert cfg.optim.warmup_steps == OptimConfig().warmup_steps  # siblings keep their defaults
-    assert cfg.model.n_embd == SFTConfig().model.n_embd
+    assert cfg.gpt.n_embd == SFTConfig().gpt.n_embd
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,7 @@ def test_dotted_overrides_set_nested_fields():
         ("eval.ks=[1, 4, 16]", ("eval", "ks"), (1, 4, 16)),
         ("eval.ks=2", ("eval", "ks"), (2,)),
         ("eval.top_k=null", ("eval", "top_k"), None),
-        ("init_from=runs/x/ckpt", ("init_from",), "runs/x/ckpt"),
+        ("model.path=runs/x/ckpt", ("model", "path"), "runs/x/ckpt"),
         ("task.name=arithmetic", ("task", "name"), "arithmetic"),
         ("run_dir=runs/a=b", ("run_dir",), "runs/a=b"),  # only the first '=' splits
     ],
@@ -112,9 +112,17 @@ def test_override_into_a_value_that_is_not_a_section():
         load_config(SFTConfig, overrides=["steps=5", "steps.x=1"])
 
 
-def test_section_given_a_scalar_is_an_error():
+def test_section_given_a_scalar_sets_its_first_field():
+    config = load_config(RLConfig, overrides=["model=runs/x", "model.dtype=bfloat16", "task=gsm8k"])
+    assert (config.model.path, config.model.dtype, config.task.name) == ("runs/x", "bfloat16", "gsm8k")
+    # after a YAML-style section, the scalar replaces only the first field
+    config = load_config(RLConfig, overrides=["model.dtype=float16", "model=runs/y"])
+    assert (config.model.path, config.model.dtype) == ("runs/y", "float16")
+
+
+def test_section_given_a_list_is_an_error():
     with pytest.raises(ConfigError, match="'optim' must be a mapping"):
-        load_config(SFTConfig, overrides=["optim=3"])
+        load_config(SFTConfig, overrides=["optim=[1, 2]"])
 
 
 def test_override_without_equals_is_an_error():
@@ -168,7 +176,7 @@ def test_to_dict_is_plain_data():
     data = to_dict(SFTConfig())
     assert data["optim"]["betas"] == [0.9, 0.95]
     assert data["eval"]["ks"] == [1, 8]
-    assert data["model"]["n_kv_head"] == SFTConfig().model.n_kv_head
+    assert data["gpt"]["n_kv_head"] == SFTConfig().gpt.n_kv_head
 
 
 @pytest.mark.parametrize("cls", [SFTConfig, RLConfig, OptimConfig, EvalConfig])

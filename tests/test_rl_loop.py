@@ -12,7 +12,7 @@ from posttrain.config import RLConfig
 from posttrain.engine import RolloutBatch
 from posttrain.models.gpt import GPT, GPTConfig
 from posttrain.trainers.rl import estimate_advantages, kl_shaped_rewards, minibatch_rows, policy_step
-from posttrain.trainers.rollout import TrainBatch, collect, last_token, layout
+from posttrain.trainers.rollout import Scorer, TrainBatch, collect, last_token, layout
 
 
 def rollout_batch(prompts: list[list[int]], completions: list[list[int]], n: int, sampled=None) -> RolloutBatch:
@@ -69,7 +69,8 @@ class _Tok:
 
 
 class _Engine:
-    """Sample j of every group completes with token j + 1; records the seeds it was called with."""
+    """Sample j of every group completes with token j + 1, then the stop token 99; records the seeds it was
+    called with."""
 
     tokenizer = _Tok()
 
@@ -78,7 +79,7 @@ class _Engine:
 
     def generate(self, prompts, n, params, seed):
         self.seeds.append(seed)
-        return rollout_batch(prompts, [[j + 1] for _ in prompts for j in range(n)], n)
+        return rollout_batch(prompts, [[j + 1, 99] for _ in prompts for j in range(n)], n)
 
 
 class _Task:
@@ -91,12 +92,19 @@ class _Task:
         return {"p": p, "messages": [{"role": "user", "content": str(p)}]}
 
     def reward(self, conv: dict, text: str) -> float:
-        return float(conv["p"] % 2 == 0 and text == "[1]")
+        return float(conv["p"] % 2 == 0 and text == "[1]")  # the text comes without its stop token
+
+    def columns(self, conv: dict) -> dict:
+        return {"answer": str(conv["p"])}
+
+
+def scorer(task, weights=None) -> Scorer:
+    return Scorer(task, weights or {}, timeout_s=5.0, fallback=0.0)
 
 
 def test_dynamic_sampling_keeps_only_groups_with_signal():
     engine = _Engine()
-    ro = collect(engine, _Task(), random.Random(1), prompts=4, group_size=3, sampling=None, seed=100,
+    ro = collect(engine, _Task(), scorer(_Task()), random.Random(1), prompts=4, group_size=3, sampling=None, seed=100,
                  dynamic=True, max_rounds=10)
     assert len(ro.convs) == 4 and all(c["p"] % 2 == 0 for c in ro.convs)
     assert ro.rewards.tolist() == [1, 0, 0] * 4
@@ -108,7 +116,7 @@ def test_dynamic_sampling_keeps_only_groups_with_signal():
 
 
 def test_without_dynamic_sampling_one_round_keeps_everything():
-    ro = collect(_Engine(), _Task(), random.Random(0), prompts=4, group_size=3, sampling=None, seed=0)
+    ro = collect(_Engine(), _Task(), scorer(_Task()), random.Random(0), prompts=4, group_size=3, sampling=None, seed=0)
     assert ro.rounds == 1 and len(ro.convs) == 4 and len(ro.rewards) == 12
 
 
@@ -117,9 +125,27 @@ def test_dynamic_sampling_gives_up_after_max_rounds():
         def reward(self, conv, text):
             return 0.0
 
-    ro = collect(_Engine(), Never(), random.Random(0), prompts=2, group_size=2, sampling=None, seed=0,
+    ro = collect(_Engine(), Never(), scorer(Never()), random.Random(0), prompts=2, group_size=2, sampling=None, seed=0,
                  dynamic=True, max_rounds=3)
     assert ro.rounds == 3 and len(ro.rewards) == 0 and ro.frac_zero_std == 1.0
+
+
+def test_scorer_combines_the_task_reward_with_trl_style_functions():
+    def shorter(prompts, completions, lengths, answer, group_ids, **_):  # TRL signature, our columns
+        assert prompts == ["4", "4", "3", "3"] and answer == ["4", "4", "3", "3"] and group_ids == [0, 0, 1, 1]
+        return [None if a == "3" else -0.5 * n for a, n in zip(answer, lengths, strict=True)]
+
+    def broken(prompts, completions, **_):
+        raise RuntimeError("boom")
+
+    task = _Task()
+    convs = [task.prompt(4), task.prompt(4), task.prompt(3), task.prompt(3)]
+    batch = rollout_batch([[5], [4]], [[1, 99], [2, 99], [1, 99], [2, 99]], 2)
+    s = scorer(task, {"task": 2.0, shorter: 1.0, broken: 1.0})
+    rewards, metrics = s(convs, ["[1]", "[2]", "[1]", "[2]"], batch)
+    assert rewards.tolist() == [2.0 - 1.0, -1.0, 0.0, 0.0]  # None: not applicable; broken: fallback 0
+    assert metrics["rewards/task/mean"] == 0.25 and metrics["rewards/shorter/mean"] == -1.0
+    assert metrics["rewards/broken/failures"] == 4 and "boom" in s.rewards.first_errors["broken"]
 
 
 def test_kl_shaped_rewards_by_hand():

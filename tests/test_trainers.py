@@ -41,7 +41,7 @@ def test_sft_loss_falls_and_checkpoint_is_written(sft_run):
 
 
 def rl_overrides(sft_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"init_from={sft_dir / 'checkpoints' / 'final'}", "optim.lr=1e-3",
+    return [f"run_dir={run_dir}", f"model={sft_dir / 'checkpoints' / 'final'}", "optim.lr=1e-3",
             "optim.warmup_steps=2", "eval.problems=32", "eval.samples=4", "eval.ks=[1,4]", "eval.every=0",
             "sampling.max_new_tokens=48", *extra]
 

@@ -42,7 +42,7 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     No clamping of the log-ratio (verl's "low_var_kl" clamps to ±20 / ±10); keep log-ratios sane upstream.
     """
     log_ratio = ref_logprobs - logprobs  # (B, T)
-    return torch.exp(log_ratio) - log_ratio - 1
+    return (torch.expm1(log_ratio) - log_ratio).clamp(min=0.0)  # expm1: no rounding below 0 near log_ratio = 0
 
 
 def kl_abs(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:

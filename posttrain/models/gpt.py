@@ -12,12 +12,16 @@ Rotary position embeddings, RMSNorm (no learned scale, as in nanochat), grouped-
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 
 @dataclass
@@ -209,6 +213,20 @@ class GPT(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.n_embd
+
+    def reference(self) -> GPT:
+        """A frozen copy of this model: the starting policy that KL terms measure against."""
+        return copy.deepcopy(self).requires_grad_(False)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """``model.safetensors`` (weights) and ``model.json`` (the config) in directory ``path``."""
+        weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(weights, Path(path) / "model.safetensors")
+        (Path(path) / "model.json").write_text(json.dumps(self.config_dict(), indent=1))
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ class ValueModel(nn.Module):
         """A trainable copy of ``policy``'s trunk (its LM head removed) with a fresh value head."""
         trunk = copy.deepcopy(policy).requires_grad_(True)
         trunk.lm_head = nn.Identity()  # unused by hidden_states; frees its weights
-        return cls(trunk, policy.config.n_embd)
+        return cls(trunk, policy.hidden_size)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = self.trunk.hidden_states(idx)  # (B, T, C)

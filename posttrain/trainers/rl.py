@@ -23,7 +23,6 @@ backward, but still count in the loss normaliser, so skipping changes cost and n
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import random
 import time
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from posttrain.algorithms import advantages as adv_fns
 from posttrain.algorithms import losses
-from posttrain.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.checkpoint import load_policy, save_checkpoint
 from posttrain.config import RLConfig, save_config
 from posttrain.engine import Engine
 from posttrain.metrics import JsonlWriter, StepProgress, eval_due
@@ -44,7 +43,7 @@ from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
 from posttrain.rewards import overlong_penalty
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
-from posttrain.trainers.rollout import TrainBatch, collect, last_token, layout, rollout_metrics
+from posttrain.trainers.rollout import Scorer, TrainBatch, collect, last_token, layout, rollout_metrics
 
 
 def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None) -> dict[str, dict[str, float]]:
@@ -59,11 +58,13 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     save_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.seed)
     task = make_task(config.task)
-    model, tokenizer, _ = load_checkpoint(config.init_from)
+    scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback)
+    model, tokenizer = load_policy(config.model, config.lora)
     kl_coef = config.kl_coef
-    reference = copy.deepcopy(model).requires_grad_(False) if kl_coef > 0 else None
+    reference = model.reference() if kl_coef > 0 else None  # LoRA: the same weights, adapter off
     critic = ValueModel.from_policy(model) if config.advantage == "gae" else None
     engine = Engine(model, tokenizer, default_registry())
+    reported: set[str] = set()  # reward functions whose first failure was printed
     optimizer = make_optimizer(model, config.optim)
     critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
     critic_optimizer = make_optimizer(critic, critic_optim) if critic is not None else None
@@ -102,9 +103,14 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 
             # 1. rollout: P prompts × G samples (more rounds with dynamic sampling)
             model.eval()
-            ro = collect(engine, task, prompt_rng, P, G, config.sampling, seed=(config.seed * 1_000_003 + step) * 64,
+            ro = collect(engine, task, scorer, prompt_rng, P, G, config.sampling,
+                         seed=(config.seed * 1_000_003 + step) * 64,
                          dynamic=config.dynamic_sampling, max_rounds=config.max_sampling_rounds)
             metrics = {"step": step + 1, **rollout_metrics(ro), "learning_rate": lr}
+            for name in scorer.rewards.first_errors.keys() - reported:
+                bar.print(f"[yellow]reward '{name}' failed (fallback {config.reward_fallback} used; counted in "
+                          f"rewards/{name}/failures), first error: {scorer.rewards.first_errors[name]}")
+                reported.add(name)
             t_gen = time.perf_counter()
             if len(ro.rewards) == 0:  # dynamic sampling found no group with signal: nothing to learn
                 after = end_step(step, metrics | {"timing_s/gen": t_gen - t0, "timing_s/step": t_gen - t0}) or after

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from posttrain.algorithms.advantages import group_stats
 from posttrain.engine import Engine, RolloutBatch, SamplingParams
+from posttrain.rewards import RewardSet
 
 
 @dataclass
@@ -26,11 +27,41 @@ class Rollout:
     drawn: int  # rows generated over all rounds (tool counts of the batch are over these)
     first_rewards: Tensor  # task rewards of the whole first round, before any filtering: the policy's score
     frac_zero_std: float  # share of first-round rows whose group has equal rewards
+    reward_metrics: dict  # rewards/<fn>/mean|std|failures of the first round
+
+
+class Scorer:
+    """The rollout's reward: a weighted :class:`RewardSet` of reward functions called with the TRL
+    signature ``f(prompts, completions, **columns)``. The name ``task`` stands for the task's own
+    verifiable reward; with no weights given the reward is ``{"task": 1.0}``.
+
+    Columns: the task's ``columns(conv)`` (``answer``, ``extract``), ``group_ids``, and ``lengths``
+    (completion tokens); completions are decoded without their stop token.
+    """
+
+    def __init__(self, task, weights: dict[str, float], timeout_s: float, fallback: float):
+        def task_reward(prompts, completions, conv, **_):
+            return [task.reward(c, text) for c, text in zip(conv, completions, strict=True)]
+
+        task_reward.__name__ = "task"
+        spec = {task_reward if name == "task" else name: w for name, w in (weights or {"task": 1.0}).items()}
+        self.task, self.rewards = task, RewardSet(spec, timeout_s, fallback)
+
+    def __call__(self, convs: list[dict], texts: list[str], batch: RolloutBatch) -> tuple[Tensor, dict]:
+        """(rewards (B,), metrics) of row i = completion ``texts[i]`` of conversation ``convs[i]``."""
+        columns: dict[str, list] = {"conv": convs, "group_ids": batch.group_ids.tolist(),
+                                    "lengths": batch.lengths.tolist()}
+        for conv in convs:
+            for key, value in self.task.columns(conv).items():
+                columns.setdefault(key, []).append(value)
+        prompts = [c["messages"][-1]["content"] for c in convs]
+        return self.rewards(prompts, texts, **columns)
 
 
 def collect(
     engine: Engine,
     task,
+    scorer: Scorer,
     prompt_rng: random.Random,
     prompts: int,
     group_size: int,
@@ -45,22 +76,22 @@ def collect(
     signal, so they are dropped and fresh prompts are drawn, round after round, until ``prompts``
     groups with signal are in hand or ``max_rounds`` rounds ran (then the step trains on what it has,
     possibly nothing; DAPO instead keeps drawing without a bound). Extra groups from the last round
-    are cut. Round r samples with seed ``seed + r``.
+    are cut. Round r samples with seed ``seed + r``. ``scorer`` gives each completion its reward.
     """
     tok, G = engine.tokenizer, group_size
     convs: list[dict] = []
     parts: list[RolloutBatch] = []
     texts: list[str] = []
     rewards: list[Tensor] = []
-    frac_zero_std, kept, rounds, first = 0.0, 0, 0, torch.zeros(0)
+    frac_zero_std, kept, rounds, first, first_metrics = 0.0, 0, 0, torch.zeros(0), {}
     for rounds in range(1, (max_rounds if dynamic else 1) + 1):
         drawn = [task.prompt(task.train_problem(prompt_rng)) for _ in range(prompts)]
         batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seed=seed + rounds - 1)
-        done = [tok.decode(batch.completion_tokens(i)) for i in range(len(drawn) * G)]
-        r = torch.tensor([float(task.reward(drawn[i // G], done[i])) for i in range(len(drawn) * G)])  # (B,)
+        done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
+        r, reward_metrics = scorer([drawn[i // G] for i in range(len(drawn) * G)], done, batch)  # (B,)
         zero_std = group_stats(r, batch.group_ids).zero_std  # (B,)
         if rounds == 1:
-            first, frac_zero_std = r, zero_std.float().mean().item()
+            first, frac_zero_std, first_metrics = r, zero_std.float().mean().item(), reward_metrics
         groups = [g for g in range(len(drawn)) if not (dynamic and zero_std[g * G])][: prompts - kept]
         rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
         convs += [drawn[g] for g in groups]
@@ -72,7 +103,14 @@ def collect(
             break
     batch = RolloutBatch.concat(parts, tok.pad_id)
     batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
-    return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std)
+    return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std,
+                   first_metrics)
+
+
+def completion_text(tokenizer, batch: RolloutBatch, row: int) -> str:
+    """Row ``row``'s completion as text, without the stop token that ended it."""
+    ids = batch.completion_tokens(row)
+    return tokenizer.decode(ids[:-1] if batch.finished[row] else ids)
 
 
 @dataclass
@@ -126,6 +164,7 @@ def rollout_metrics(ro: Rollout) -> dict:
         "reward": first.mean().item(),
         "reward_std": first.std().item() if len(first) > 1 else 0.0,
         "frac_reward_zero_std": ro.frac_zero_std,
+        **ro.reward_metrics,
         "sampling/rounds": ro.rounds,
         "sampling/groups": len(ro.convs),
         "tools/call_frequency": batch.tool_calls / ro.drawn,

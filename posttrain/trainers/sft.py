@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from posttrain.checkpoint import load_checkpoint, save_checkpoint
+from posttrain.checkpoint import load_policy, save_checkpoint
 from posttrain.config import SFTConfig, save_config
 from posttrain.engine import Engine
 from posttrain.metrics import JsonlWriter, StepProgress, eval_due
@@ -39,14 +39,14 @@ def collate(tokenizer: Tokenizer, convs: list[dict]) -> tuple[torch.Tensor, torc
     return inputs, targets
 
 
-def build_policy(config: SFTConfig, task) -> tuple[GPT, Tokenizer]:
-    """The checkpoint in ``init_from``, or a fresh built-in GPT with a tokenizer trained on the task."""
-    if config.init_from:
-        model, tokenizer, _ = load_checkpoint(config.init_from)
-        return model, tokenizer
+def build_policy(config: SFTConfig, task):
+    """The policy ``model.path`` names (built-in checkpoint or HF model), or a fresh built-in GPT with a
+    tokenizer trained on the task."""
+    if config.model.path:
+        return load_policy(config.model, config.lora)
     tokenizer = Tokenizer.train(task.corpus(random.Random(config.seed)))
     torch.manual_seed(config.seed)
-    model = GPT(dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
+    model = GPT(dataclasses.replace(config.gpt, vocab_size=tokenizer.vocab_size))
     return model, tokenizer
 
 

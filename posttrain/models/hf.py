@@ -1,0 +1,284 @@
+"""Hugging Face causal LMs behind the interface the built-in GPT has, so the engine and every trainer
+drive either one.
+
+* :class:`HFPolicy` wraps an ``AutoModelForCausalLM`` (optionally with a peft LoRA adapter):
+  ``policy(idx)`` → logits (B, T, V) fp32, ``policy(idx, targets)`` → per-token log-probs (B, T),
+  ``policy(idx, cache=..., pad_mask=...)`` → logits of the last position, appending to an
+  :class:`HFCache` (the model's own ``DynamicCache`` plus the attention mask and positions of
+  left-padded rows, so the engine's prefix sharing and row compaction work unchanged).
+* :class:`HFTokenizer` wraps the model's tokenizer: the chat template renders prompts, and the
+  assistant-only loss mask comes from character spans of the rendered assistant turns.
+* :func:`load_hf` reads a local directory, a hub id or a GGUF file; :meth:`HFPolicy.save_pretrained`
+  writes a directory ``AutoModelForCausalLM.from_pretrained`` (and vLLM) load as is.
+
+With LoRA on, the reference policy is the same module with the adapter disabled
+(:meth:`HFPolicy.reference`): no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from posttrain.models.gpt import token_logprobs
+
+TOOL_TOKENS = ("<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>")
+# Used only when a tokenizer has no chat template of its own (base models): plain role-tagged turns.
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _require_hf():
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("Hugging Face models need the extra: pip install 'posttrain[hf]'") from None
+    return transformers
+
+
+class HFCache:
+    """Decoding state of a batch of rows: the model's KV cache, the (B, S) attention mask (0 on left
+    pads) and each row's next position id. ``select`` keeps rows in a given order, as KVCache does."""
+
+    def __init__(self):
+        from transformers import DynamicCache
+
+        self.kv = DynamicCache()
+        self.attention_mask: torch.Tensor | None = None  # (B, S) long
+        self.next_pos: torch.Tensor | None = None  # (B,) long
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.kv.reorder_cache(rows)
+        self.attention_mask = self.attention_mask.index_select(0, rows)
+        self.next_pos = self.next_pos.index_select(0, rows)
+
+
+class HFPolicy(nn.Module):
+    """An HF causal LM with the built-in GPT's calling conventions (see the module docstring)."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf.config.get_text_config().hidden_size
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.hf, "disable_adapter")
+
+    def new_cache(self, batch: int, max_len: int) -> HFCache:
+        return HFCache()
+
+    def forward(self, idx, targets=None, cache: HFCache | None = None, pad_mask=None):
+        """``idx`` (B, T) → logits (B, T, V) fp32 or log-probs of ``targets`` (B, T); with ``cache``
+        the tokens are appended to it and only the last position's logits (B, 1, V) come back."""
+        if cache is None:
+            logits = self.hf(input_ids=idx, use_cache=False).logits.float()  # (B, T, V)
+            return logits if targets is None else token_logprobs(logits, targets)
+        B, T = idx.shape
+        if pad_mask is not None:  # prefill of left-padded rows: positions start at each row's first token
+            cache.attention_mask = pad_mask.long()
+            positions = (cache.attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+            cache.next_pos = cache.attention_mask.sum(-1)
+        else:
+            ones = torch.ones(B, T, dtype=torch.long, device=idx.device)
+            cache.attention_mask = torch.cat([cache.attention_mask, ones], dim=1)
+            positions = cache.next_pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            cache.next_pos = cache.next_pos + T
+        out = self.hf(input_ids=idx, attention_mask=cache.attention_mask, position_ids=positions,
+                      past_key_values=cache.kv, use_cache=True, logits_to_keep=1)
+        cache.kv = out.past_key_values
+        return out.logits.float()  # (B, 1, V)
+
+    def hidden_states(self, idx) -> torch.Tensor:
+        """The final normalised hidden states (B, T, C) the LM head reads (for value/reward heads)."""
+        out = self.hf(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1]
+
+    def reference(self) -> nn.Module:
+        """The frozen starting policy for KL terms: with LoRA, this very model with its adapter off
+        (shared storage, nothing copied); otherwise a frozen copy."""
+        if self.is_lora:
+            return _AdapterOff(self)
+        return copy.deepcopy(self).requires_grad_(False)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """HF format in ``path`` (config.json + model.safetensors). With LoRA: the merged full model
+        there, loadable with no peft at all, and the adapter alone in ``path/adapter``."""
+        path = Path(path)
+        if self.is_lora:
+            self.hf.save_pretrained(path / "adapter")
+            merged = copy.deepcopy(self.hf).merge_and_unload()
+            merged.save_pretrained(path)
+        else:
+            self.hf.save_pretrained(path)
+
+
+class _AdapterOff(nn.Module):
+    """A view of a LoRA policy with its adapter disabled: the base model, frozen, sharing storage."""
+
+    def __init__(self, policy: HFPolicy):
+        super().__init__()
+        self._policy = [policy]  # a list, so the policy's parameters are not registered twice
+
+    @property
+    def device(self) -> torch.device:
+        return self._policy[0].device
+
+    def forward(self, idx, targets=None):
+        policy = self._policy[0]
+        with torch.no_grad(), policy.hf.disable_adapter():
+            return policy(idx, targets)
+
+    def train(self, mode: bool = True):  # the view has no state of its own; scoring toggles eval()
+        return self
+
+
+class HFTokenizer:
+    """An HF tokenizer with the built-in tokenizer's interface: ``encode``/``decode``, ``pad_id``,
+    ``stop_ids``, ``render_conversation`` → (ids, loss_mask) and ``render_for_completion`` → ids.
+
+    Conversations are rendered with the tokenizer's chat template. Assistant ``content`` may be a list
+    of parts (text, tool_call, tool_output); tool calls become ``<|tool_start|>expr<|tool_end|>`` and
+    outputs ``<|output_start|>result<|output_end|>`` when the tokenizer has those tokens
+    (``tool_tokens`` on load), plain text otherwise. Loss mask: 1 on the characters of each assistant
+    turn's content and of the template text that closes it (the end-of-turn token), 0 elsewhere and on
+    tool outputs; a token counts when its first character does.
+    """
+
+    def __init__(self, hf_tokenizer, extra_stop_ids: tuple[int, ...] = ()):
+        self.hf = hf_tokenizer
+        if not getattr(hf_tokenizer, "chat_template", None):
+            hf_tokenizer.chat_template = FALLBACK_TEMPLATE
+        pad = hf_tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else hf_tokenizer.eos_token_id
+        self.stop_ids = sorted({hf_tokenizer.eos_token_id, *extra_stop_ids} - {None})
+        vocab = hf_tokenizer.get_vocab()
+        ids = [vocab.get(t) for t in TOOL_TOKENS]
+        self.has_tools = None not in ids
+        self.tool_start_id, self.tool_end_id, self.output_start_id, self.output_end_id = ids
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def _assistant_text(self, content) -> tuple[str, list[tuple[int, int]]]:
+        """Assistant content as one string, and the (start, end) char spans of tool outputs in it."""
+        if isinstance(content, str):
+            return content, []
+        text, unmasked = "", []
+        for part in content:
+            kind, body = part["type"], part["text"]
+            if kind == "text":
+                text += body
+            elif kind == "tool_call":
+                text += f"{TOOL_TOKENS[0]}{body}{TOOL_TOKENS[1]}" if self.has_tools else body
+            elif kind == "tool_output":
+                out = f"{TOOL_TOKENS[2]}{body}{TOOL_TOKENS[3]}" if self.has_tools else body
+                unmasked.append((len(text), len(text) + len(out)))
+                text += out
+            else:
+                raise ValueError(f"unknown assistant part type {kind!r}")
+        return text, unmasked
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def render_conversation(self, conv: dict) -> tuple[list[int], list[int]]:
+        messages, spans = [], []  # spans: (start, end) char ranges with loss
+        for msg in conv["messages"]:
+            if msg["role"] != "assistant":
+                messages.append({"role": msg["role"], "content": msg["content"]})
+                continue
+            text, outputs = self._assistant_text(msg["content"])
+            start = len(self._render(messages, generation_prompt=True))
+            messages.append({"role": "assistant", "content": text})
+            full = self._render(messages, generation_prompt=False)
+            end = len(full.rstrip())  # through the end-of-turn token, not the newline after it
+            at = full.find(text, start) if text else start
+            at = start if at < 0 else at
+            cuts = sorted((at + a, at + b) for a, b in outputs)
+            edges = [start, *[x for c in cuts for x in c], end]
+            spans += [(edges[i], edges[i + 1]) for i in range(0, len(edges), 2)]
+        full = self._render(messages, generation_prompt=False)
+        enc = self.hf(full, add_special_tokens=False, return_offsets_mapping=True)
+        mask = [int(any(a <= s < b for a, b in spans)) for s, _ in enc["offset_mapping"]]
+        return list(enc["input_ids"]), mask
+
+    def render_for_completion(self, conv: dict) -> list[int]:
+        messages = [{"role": m["role"], "content": m["content"]} for m in conv["messages"]]
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        return self.encode(self._render(messages, generation_prompt=True))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.hf.save_pretrained(path)
+
+
+def _split_gguf(path: str) -> tuple[str, dict]:
+    """A ``.gguf`` file path → (its directory, {"gguf_file": name}); anything else unchanged."""
+    if path.endswith(".gguf"):
+        p = Path(path)
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
+
+
+def load_hf(path: str, dtype: str = "float32", tool_tokens: bool = False, lora=None,
+            device: str | torch.device = "cpu") -> tuple[HFPolicy, HFTokenizer]:
+    """Load an HF causal LM and its tokenizer from a local dir, a hub id, or a ``.gguf`` file.
+
+    ``tool_tokens`` adds the calculator's four special tokens (the embedding grows; new rows are the
+    mean of the old ones). ``lora`` (a LoraConfig with rank > 0) wraps the model in a peft adapter.
+    """
+    transformers = _require_hf()
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}' (valid: {', '.join(DTYPES)})")
+    source, extra = _split_gguf(path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, **extra)
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **extra)
+    except OSError as err:
+        where = "a local path" if Path(source).exists() else "not a local path, and the hub could not serve it"
+        raise OSError(f"could not load the model '{path}' ({where}): {err}") from None
+    if tool_tokens and tokenizer.add_special_tokens({"additional_special_tokens": list(TOOL_TOKENS)}):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    extra_stop = tuple(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    model = model.to(device)
+    if lora is not None and lora.rank > 0:
+        model = apply_lora(model, lora)
+    return HFPolicy(model), HFTokenizer(tokenizer, extra_stop)
+
+
+def apply_lora(model: nn.Module, lora) -> nn.Module:
+    """Wrap ``model`` in a peft LoRA adapter: rank r, scale alpha / r, dropout, on ``target_modules``
+    (empty: every linear layer but the LM head)."""
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("LoRA needs the extra: pip install 'posttrain[hf]'") from None
+    config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             target_modules=list(lora.target_modules) or "all-linear", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)

@@ -1,0 +1,161 @@
+"""Hugging Face models behind the posttrain interfaces: a tiny random Llama with a locally trained
+tokenizer (no network) goes through load, chat rendering, the engine, LoRA, save/load, SFT and RL."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from posttrain.checkpoint import load_policy, save_checkpoint  # noqa: E402
+from posttrain.config import LoraConfig, ModelConfig, RLConfig, SFTConfig, load_config  # noqa: E402
+from posttrain.engine import Engine, SamplingParams  # noqa: E402
+from posttrain.metrics import read_jsonl  # noqa: E402
+from posttrain.models.hf import HFPolicy  # noqa: E402
+from posttrain.models.tiny_llama import make_tiny_llama  # noqa: E402
+from posttrain.tasks.arithmetic import ArithmeticTask  # noqa: E402
+from posttrain.tools import default_registry  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    texts = ArithmeticTask(test_size=8).corpus(random.Random(0), n=300)
+    return make_tiny_llama(tmp_path_factory.mktemp("llama"), texts, vocab_size=400)
+
+
+def load(path, rank=0, **model):
+    return load_policy(ModelConfig(str(path), **model), LoraConfig(rank=rank, alpha=2.0 * rank))
+
+
+def problem_conv(seed=1):
+    return ArithmeticTask(test_size=8).sft_example(random.Random(seed))
+
+
+def test_chat_template_renders_prompt_and_assistant_only_mask(llama_dir):
+    policy, tok = load(llama_dir)
+    assert isinstance(policy, HFPolicy) and tok.stop_ids == [tok.hf.convert_tokens_to_ids("<|im_end|>")]
+    conv = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"},
+                         {"role": "assistant", "content": "It is 5."}]}
+    ids, mask = tok.render_conversation(conv)
+    assert tok.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n"
+                               "<|im_start|>assistant\nIt is 5.<|im_end|>\n")
+    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "It is 5.<|im_end|>"
+    prompt = tok.render_for_completion(conv)
+    assert ids[: len(prompt)] == prompt and tok.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_tool_parts_render_with_tool_tokens_and_outputs_unmasked(llama_dir):
+    policy, tok = load(llama_dir, tool_tokens=True)
+    assert tok.has_tools and policy.hf.get_input_embeddings().weight.shape[0] == tok.vocab_size
+    parts = [{"type": "tool_call", "text": "6*7"}, {"type": "tool_output", "text": "42"},
+             {"type": "text", "text": " #### 42"}]
+    conv = {"messages": [{"role": "user", "content": "6 times 7?"}, {"role": "assistant", "content": parts}]}
+    ids, mask = tok.render_conversation(conv)
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert trained == "<|tool_start|>6*7<|tool_end|> #### 42<|im_end|>"
+
+
+def test_engine_cache_matches_full_recompute_with_left_padding(llama_dir):
+    torch.manual_seed(0)
+    policy, tok = load(llama_dir)
+    with torch.no_grad():  # sharper than the default init, so a cache or position slip shows
+        for p in policy.parameters():
+            p.mul_(4.0)
+    convs = [problem_conv(s) for s in (1, 2, 3)]
+    prompts = [tok.render_for_completion(c) for c in convs]
+    prompts[1] = prompts[1][:-7] + prompts[1][-4:]  # different lengths: real left padding
+    batch = Engine(policy, tok).generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
+    assert len({len(p) for p in prompts}) > 1
+    for row in range(len(batch.prompt_ids)):
+        seq = torch.tensor([batch.prompt_ids[row] + batch.completion_tokens(row)])
+        with torch.no_grad():
+            full = policy(seq[:, :-1], seq[:, 1:])[0, len(batch.prompt_ids[row]) - 1:]  # (n,)
+        n = int(batch.lengths[row])
+        torch.testing.assert_close(batch.logprobs[row, :n], full, atol=2e-5, rtol=0)
+    again = Engine(policy, tok).generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
+    assert torch.equal(again.completion_ids, batch.completion_ids)  # same seed, same samples
+
+
+def test_lora_reference_is_the_same_weights_with_the_adapter_off(llama_dir):
+    policy, tok = load(llama_dir, rank=4)
+    base, _ = load(llama_dir)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ref = policy.reference()
+    assert sum(p.numel() for p in ref.parameters()) == 0  # owns nothing: no second copy of the weights
+    ids = torch.tensor([tok.render_conversation(problem_conv())[0]])
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # the adapter now changes the output
+        torch.testing.assert_close(ref(ids[:, :-1], ids[:, 1:]), base(ids[:, :-1], ids[:, 1:]))
+        assert not torch.allclose(policy(ids[:, :-1], ids[:, 1:]), base(ids[:, :-1], ids[:, 1:]))
+    name = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    base_weight = dict(policy.hf.named_parameters())[name]
+    with policy.hf.disable_adapter():
+        same = dict(policy.hf.named_parameters())[name]
+    assert same.data_ptr() == base_weight.data_ptr()
+
+
+def test_save_load_round_trip_full_and_lora(llama_dir, tmp_path):
+    policy, tok = load(llama_dir)
+    ids = torch.tensor([tok.render_conversation(problem_conv())[0]])
+    save_checkpoint(tmp_path / "full", policy, tok, {"step": 3})
+    again, tok2 = load(tmp_path / "full")
+    for (n, a), (_, b) in zip(policy.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    assert tok2.encode("How many pens?") == tok.encode("How many pens?")
+
+    lora, _ = load(llama_dir, rank=4)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+        expected = lora(ids)
+    save_checkpoint(tmp_path / "lora", lora, tok)
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM  # the merged export loads with plain transformers
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sft_then_grpo_with_lora_on_an_hf_model(llama_dir, tmp_path):
+    sft = load_config(SFTConfig, None, [
+        f"model={llama_dir}", f"run_dir={tmp_path / 'sft'}", "steps=30", "batch_size=16", "threads=2",
+        "optim.lr=3e-3", "optim.warmup_steps=3", "eval.problems=4", "eval.samples=2", "eval.ks=[1]",
+        "eval.max_new_tokens=8"])
+    from posttrain.trainers.sft import train_sft
+
+    train_sft(sft, progress=False)
+    rows = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
+    assert sum(r["loss"] for r in rows[-5:]) < 0.6 * sum(r["loss"] for r in rows[:5])
+    assert (tmp_path / "sft" / "checkpoints" / "final" / "config.json").exists()  # HF format
+
+    from posttrain.trainers.rl import train_rl
+
+    rl = load_config(RLConfig, None, [
+        f"model={tmp_path / 'sft' / 'checkpoints' / 'final'}", "lora.rank=8", f"run_dir={tmp_path / 'rl'}",
+        "algorithm=grpo", "rewards={task: 1.0, length_penalty: 1.0}", "steps=3", "prompts_per_step=4",
+        "samples_per_prompt=4", "threads=2",
+        "sampling.max_new_tokens=24", "eval_before=false", "eval.problems=4", "eval.samples=2", "eval.ks=[1]",
+        "eval.max_new_tokens=8", "optim.lr=1e-2", "optim.warmup_steps=0"])
+    train_rl(rl, progress=False)
+    steps = read_jsonl(tmp_path / "rl" / "metrics.jsonl")
+    assert len(steps) == 3 and all(r["kl"] >= 0 and "rewards/length_penalty/mean" in r for r in steps)
+    assert steps[-1]["kl"] > 0  # the adapter moved the policy away from its adapter-off reference
+    final = tmp_path / "rl" / "checkpoints" / "final"
+    assert (final / "config.json").exists() and (final / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_engine_runs_tools_for_an_hf_tokenizer_with_tool_tokens(llama_dir):
+    policy, tok = load(llama_dir, tool_tokens=True)
+    engine = Engine(policy, tok, default_registry())
+    assert engine.tools is not None
+    plain_policy, plain_tok = load(llama_dir)
+    assert Engine(plain_policy, plain_tok, default_registry()).tools is None  # no tool tokens: no calls
