@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from posttrain.config import ConfigError, RLConfig, SFTConfig, load_config
+from posttrain.config import ConfigError, ModelConfig, RLConfig, SFTConfig, TaskConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Post-train language models: SFT, then RL with verifiable rewards.")
@@ -55,6 +55,55 @@ def rl(
     from posttrain.trainers.rl import train_rl
 
     train_rl(_load(RLConfig, config, overrides), progress=progress)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="a posttrain checkpoint dir, an HF model dir or hub id, a .gguf file")],
+    task: Annotated[str, typer.Option(help="arithmetic | gsm8k")] = "gsm8k",
+    split: Annotated[str, typer.Option(help="test | train (gsm8k)")] = "test",
+    samples: Annotated[int, typer.Option(min=1, help="completions per problem (K of pass@k, maj@K)")] = 8,
+    problems: Annotated[int, typer.Option(min=0, help="the first N problems of the split (0: all)")] = 256,
+    data: Annotated[str, typer.Option(help="gsm8k: a dir with train/test .jsonl|.parquet, a file, or a hub id")] = \
+        TaskConfig.data,
+    fmt: Annotated[str, typer.Option("--format", help="gsm8k prompt format: hash | xml | tool")] = "hash",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="completion budget in tokens")] = 512,
+    temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature (0: greedy)")] = 1.0,
+    top_k: Annotated[int, typer.Option(min=0, help="keep the k most likely tokens (0: all)")] = 50,
+    batch: Annotated[int, typer.Option(min=1, help="problems per engine call")] = 16,
+    out: Annotated[Path | None, typer.Option(help="per-problem JSONL (default: eval_TASK_SPLIT.jsonl here)")] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default)")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
+    dtype: Annotated[str, typer.Option(help="HF models: float32 | bfloat16 | float16")] = "float32",
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Sample K completions per problem; print format / plausible / exact counts, token stats, pass@k, maj@K.
+
+    Writes one JSON line per problem; the report's numbers also come last on stdout as one JSON line."""
+    import json
+
+    import torch
+    from rich.console import Console
+
+    from posttrain.engine import SamplingParams
+    from posttrain.eval_report import load_eval, report_table, run_eval
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        params = SamplingParams(temperature, top_k or None, None, max_new_tokens)
+        task_config = TaskConfig(name=task, data=data, format=fmt, test_size=problems)
+        engine, task_obj, items = load_eval(ModelConfig(model, dtype), task_config, split, device)
+    except (ValueError, OSError, ImportError) as err:  # ConfigError and FileNotFoundError included
+        typer.secho(f"error: {(str(err) or type(err).__name__).splitlines()[0]}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    path = out or Path(f"eval_{task}_{split}.jsonl")
+    report = run_eval(engine, task_obj, items, samples, params, batch, seed, path, progress)
+    console = Console()
+    console.print(report_table(report, f"{task} {split}: {report['problems']} problems x {samples} samples"))
+    console.print(f"model: {model}\nper problem: {path}", soft_wrap=True)
+    print(json.dumps(report))  # plain print: rich would wrap the line
 
 
 if __name__ == "__main__":

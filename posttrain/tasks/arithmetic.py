@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from posttrain.evaluation import evaluate_task
+from posttrain.tasks.gsm8k import is_correct, normalize_number
 from posttrain.tools import calculate
 
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia")
@@ -192,9 +193,27 @@ class ArithmeticTask:
         return conversation(p, solution_parts(p, r, self.teacher_error))
 
     def reward(self, conv: dict, completion: str) -> float:
-        """1.0 when the completion's final ``#### N`` equals the gold answer, else 0.0."""
+        """1.0 when the completion's final ``#### N`` equals the gold answer, else 0.0:
+        ``float(grade(conv, completion)["exact"])``."""
         got = extract_answer(completion)
         return float(got is not None and _same_number(got, conv["answer"]))
+
+    def grade(self, conv: dict, completion: str) -> dict:
+        """How a completion fares, for the eval report:
+
+        - ``answer``: the number after the last ``####``, normalised (``gsm8k.normalize_number``, so
+          "91.0" and "91" vote together in maj@k), None when there is none;
+        - ``format``: there is a ``#### N`` answer;
+        - ``plausible``: the gold is the completion's last number (``gsm8k`` flexible extraction);
+        - ``exact``: the ``#### N`` answer equals the gold: the reward.
+        """
+        got = extract_answer(completion)
+        return {
+            "answer": None if got is None else normalize_number(got) or got,
+            "format": got is not None,
+            "plausible": is_correct(completion, conv["answer"], "flexible"),
+            "exact": got is not None and _same_number(got, conv["answer"]),
+        }
 
     def columns(self, conv: dict) -> dict:
         """Dataset columns for reward functions: the gold ``answer`` and the ``extract`` mode ('####')."""

@@ -362,8 +362,25 @@ class GSM8KTask:
         return conversation(problem, self.format)
 
     def reward(self, conv: dict, completion: str) -> float:
-        """1.0 when the completion's answer (this task's extraction mode) equals the gold, else 0.0."""
+        """1.0 when the completion's answer (this task's extraction mode) equals the gold, else 0.0:
+        ``float(grade(conv, completion)["exact"])``."""
         return float(is_correct(completion, conv["answer"], self.extract, self.math_verify))
+
+    def grade(self, conv: dict, completion: str) -> dict:
+        """How a completion fares, for the eval report:
+
+        - ``answer``: ``extract_answer(completion, self.extract)``, None when it has none;
+        - ``format``: the answer can be read in the required format (``answer`` is not None);
+        - ``plausible``: the gold is the completion's last number (flexible extraction matches);
+        - ``exact``: the required-format answer equals the gold (math-verify too when on): the reward.
+        """
+        answer = extract_answer(completion, self.extract)
+        return {
+            "answer": answer,
+            "format": answer is not None,
+            "plausible": is_correct(completion, conv["answer"], "flexible"),
+            "exact": is_correct(completion, conv["answer"], self.extract, self.math_verify),
+        }
 
     def columns(self, conv: dict) -> dict:
         """Dataset columns for reward functions: the gold ``answer`` and the ``extract`` mode."""

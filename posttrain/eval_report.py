@@ -1,0 +1,184 @@
+"""``posttrain eval``: sample K completions per problem, grade each with the task, write one JSON line
+per problem, and report (the GSM8K practice's table, over all P·K samples):
+
+- **Correct format**: samples whose answer can be read in the task's required format (``grade["format"]``);
+- **Plausibly correct**: samples whose last number is the gold (flexible extraction; ``grade["plausible"]``);
+- **Exact correct**: samples whose required-format answer equals the gold, i.e. reward 1 (``grade["exact"]``);
+- **input / output tokens**: prompt tokens per problem and completion tokens per sample (the stop token
+  counted, as generated), average and maximum;
+- **pass@k** = mean over problems of 1 − C(K − c, k) / C(K, k), c = a problem's exact samples, for
+  k = 1, 2, 4, … below K and K itself (``report_ks``);
+- **maj@K** = share of problems whose majority vote over the K format-extracted answers is the gold.
+
+Everything but ``load_eval`` / ``run_eval`` is a pure function of the per-problem records, so a report
+can be recomputed from the JSONL alone: ``summarize(metrics.read_jsonl(path))``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from posttrain.checkpoint import load_policy
+from posttrain.config import LoraConfig, ModelConfig, TaskConfig, suggest
+from posttrain.engine import Engine, SamplingParams
+from posttrain.evaluation import maj_at_k, pass_at_k
+from posttrain.metrics import StepProgress
+from posttrain.tasks import make_task
+from posttrain.tools import default_registry
+from posttrain.trainers.rollout import completion_text
+
+SPLITS = ("test", "train")
+FLAGS = (("format", "Correct format"), ("plausible", "Plausibly correct"), ("exact", "Exact correct"))
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: tried on the hub when no such local path
+
+
+# --- the report: pure functions of the per-problem records ------------------------------------
+
+
+def report_ks(samples: int) -> list[int]:
+    """The k of pass@k: 1, 2, 4, … below ``samples``, then ``samples``: report_ks(6) = [1, 2, 4, 6]."""
+    ks, k = [], 1
+    while k < samples:
+        ks.append(k)
+        k *= 2
+    return [*ks, samples]
+
+
+def problem_scores(exact: Sequence[bool], answers: Sequence[str | None], gold: str) -> dict[str, float]:
+    """One problem's ``pass@k`` for k in report_ks(n) (unbiased, c = exact samples of n) and ``maj@n``
+    (1.0 when the majority of the n answers is ``gold``, compared as strings; None casts no vote)."""
+    n, c = len(exact), sum(bool(x) for x in exact)
+    scores = {f"pass@{k}": pass_at_k(n, c, k) for k in report_ks(n)}
+    scores[f"maj@{n}"] = maj_at_k(answers, gold, n)
+    return scores
+
+
+def problem_record(question: str, gold: str, prompt_tokens: int, completions: Sequence[str],
+                   completion_tokens: Sequence[int], grades: Sequence[Mapping]) -> dict:
+    """The JSON line of one problem: its question, gold, prompt token count, the K completions with
+    their token counts, extracted ``answers`` and ``format`` / ``plausible`` / ``exact`` flags (one per
+    sample, from the task's ``grade``), and the problem's ``pass@k`` and ``maj@K``."""
+    record = {
+        "question": question,
+        "gold": gold,
+        "prompt_tokens": prompt_tokens,
+        "completions": list(completions),
+        "completion_tokens": list(completion_tokens),
+        "answers": [g["answer"] for g in grades],
+        **{flag: [bool(g[flag]) for g in grades] for flag, _ in FLAGS},
+    }
+    record.update(problem_scores(record["exact"], record["answers"], gold))
+    return record
+
+
+def summarize(records: Sequence[Mapping]) -> dict[str, float]:
+    """The report over ``records`` (problem_record's dicts, each with the same number K of samples):
+
+    ``problems``, ``samples`` (P·K); ``format``, ``plausible``, ``exact``: sample counts, each with
+    ``<flag>_pct`` = 100 · count / samples; ``input_tokens_avg|max`` over problems,
+    ``output_tokens_avg|max`` over samples; ``pass@k`` (k in report_ks(K)) and ``maj@K``, means over
+    problems. Raises ValueError for no records or records with different K.
+    """
+    if not records:
+        raise ValueError("summarize needs at least one problem record")
+    k = len(records[0]["exact"])
+    if k < 1 or any(len(r["exact"]) != k for r in records):
+        counts = [len(r["exact"]) for r in records]
+        raise ValueError(f"every problem needs the same number (>= 1) of samples; got {counts}")
+    total = k * len(records)
+    report: dict[str, float] = {"problems": len(records), "samples": total}
+    for flag, _ in FLAGS:
+        report[flag] = sum(sum(bool(x) for x in r[flag]) for r in records)
+        report[f"{flag}_pct"] = 100.0 * report[flag] / total
+    prompt = [r["prompt_tokens"] for r in records]  # (P,)
+    output = [n for r in records for n in r["completion_tokens"]]  # (P·K,)
+    report.update(input_tokens_avg=sum(prompt) / len(prompt), input_tokens_max=max(prompt),
+                  output_tokens_avg=sum(output) / len(output), output_tokens_max=max(output))
+    scores = [problem_scores(r["exact"], r["answers"], r["gold"]) for r in records]
+    report.update({key: sum(s[key] for s in scores) / len(scores) for key in scores[0]})
+    return report
+
+
+def report_table(report: Mapping, title: str) -> Table:
+    """The report as a rich table: counts with %, token avg/max, then pass@k and maj@K."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("", justify="right")
+    for flag, label in FLAGS:
+        table.add_row(label, f"{report[flag]}/{report['samples']}", f"{report[f'{flag}_pct']:.1f}%")
+    for side, label in (("input", "Input tokens"), ("output", "Output tokens")):
+        table.add_row(label, f"avg {report[f'{side}_tokens_avg']:.1f}", f"max {report[f'{side}_tokens_max']}")
+    for key in report:
+        if key.startswith(("pass@", "maj@")):
+            table.add_row(key, f"{report[key]:.3f}", "")
+    return table
+
+
+# --- loading and the batched sampling loop ----------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → cuda when available, else cpu; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_eval(model: ModelConfig, task: TaskConfig, split: str, device: str = "cpu"):
+    """(engine, task, problems) for an evaluation: the task named in ``task``, the first
+    ``task.test_size`` problems of ``split`` (0: all), the policy at ``model.path`` (a posttrain
+    checkpoint dir, an HF model dir or hub id, a .gguf file) in eval mode behind an Engine with the
+    calculator. Bad inputs raise ValueError / OSError / ImportError with a message that names them."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}'{suggest(split, list(SPLITS))}")
+    built = make_task(task)
+    rows = getattr(built, split, None)
+    if rows is None:
+        raise ValueError(f"task '{task.name}' has no fixed '{split}' split to evaluate")
+    problems = rows[: task.test_size] if task.test_size else rows
+    if not problems:
+        raise ValueError(f"task '{task.name}' has no '{split}' problems to evaluate")
+    if model.path is None or not (Path(model.path).exists() or _HUB_ID.fullmatch(model.path)):
+        raise FileNotFoundError(f"model path '{model.path}' does not exist")
+    policy, tokenizer = load_policy(model, LoraConfig(), resolve_device(device))
+    return Engine(policy.eval(), tokenizer, default_registry()), built, problems
+
+
+def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: SamplingParams, batch: int,
+             seed: int, out: str | Path, progress: bool = True) -> dict[str, float]:
+    """Sample ``samples`` completions per problem, ``batch`` problems per engine call (a problem's
+    samples share its prefilled prompt), grade them with ``task.grade`` (completions decoded without
+    their stop token), write one problem_record per line to ``out`` (overwritten, flushed per line)
+    and return ``summarize`` of the records. The call starting at problem i is seeded ``seed + i``, so
+    the same seed and batch give the same samples."""
+    tok = engine.tokenizer
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+    exact = 0
+    bar = StepProgress(f"eval {task.name}", len(problems), ("exact",), enabled=progress)
+    with out.open("w", encoding="utf-8") as f, bar:
+        for start in range(0, len(problems), batch):
+            chunk = problems[start : start + batch]
+            convs = [task.prompt(p) for p in chunk]
+            prompts = [tok.render_for_completion(c) for c in convs]
+            rollout = engine.generate(prompts, samples, params, seed=seed + start)
+            for i, (problem, conv) in enumerate(zip(chunk, convs, strict=True)):
+                rows = range(i * samples, (i + 1) * samples)  # problem i's samples, in row order
+                texts = [completion_text(tok, rollout, j) for j in rows]
+                record = problem_record(problem.question, conv["answer"], len(prompts[i]), texts,
+                                        [int(rollout.lengths[j]) for j in rows],
+                                        [task.grade(conv, t) for t in texts])
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()
+                records.append(record)
+                exact += sum(record["exact"])
+                bar.update({"exact": exact / (len(records) * samples)})
+    return summarize(records)
