@@ -66,7 +66,7 @@ def eval_(
     problems: Annotated[int, typer.Option(min=0, help="the first N problems of the split (0: all)")] = 256,
     data: Annotated[str, typer.Option(help="gsm8k: a dir with train/test .jsonl|.parquet, a file, or a hub id")] = \
         TaskConfig.data,
-    fmt: Annotated[str, typer.Option("--format", help="gsm8k prompt format: hash | xml | tool")] = "hash",
+    fmt: Annotated[str | None, typer.Option("--format", help="hash | xml | tool (default: the task's own)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="completion budget in tokens")] = 512,
     temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature (0: greedy)")] = 1.0,
     top_k: Annotated[int, typer.Option(min=0, help="keep the k most likely tokens (0: all)")] = 50,

@@ -38,7 +38,8 @@ class TaskConfig:
     test_size: int = 256  # held-out problems in the test split (gsm8k: the first N rows; 0: all)
     test_seed: int = 1234  # arithmetic: seed of the generated test split
     data: str = "openai/gsm8k"  # gsm8k: a dir with train/test .jsonl|.parquet, one such file, or a hub dataset id
-    format: str = "hash"  # gsm8k prompt/answer format: hash ('#### N') | xml (<reasoning>/<answer>) | tool (calculator)
+    format: str | None = None  # prompt/answer format: hash ('#### N') | xml (<reasoning>/<answer>, gsm8k) | tool
+    # (calculator calls); None: the task's own (arithmetic: tool, gsm8k: hash)
     extract: str | None = None  # gsm8k answer extraction: strict | flexible | xml (None: the format's own)
     math_verify: bool = False  # gsm8k: also accept answers math-verify finds equivalent (needs posttrain[hf])
 

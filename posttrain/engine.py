@@ -104,25 +104,29 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     """Sample one token per row from ``logits`` (B, V) → (tokens (B,), logprobs (B,)).
 
     The returned log-prob is that of the token under softmax(logits / temperature) before top-k /
-    top-p truncation: the distribution a trainer recomputes. Greedy rows get their argmax.
+    top-p truncation: the distribution a trainer recomputes. Greedy rows get their argmax. Top-k and
+    top-p act on the k best (or the sorted) candidates only, so no (B, V) mask or second softmax over
+    the whole vocabulary is built; the distribution is the same as masking the rest to −inf.
     """
     if params.temperature <= 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / params.temperature  # (B, V)
-    logp = torch.log_softmax(scaled, -1)
-    filtered = scaled
+    scaled = logits.float() / params.temperature  # (B, V)
+    top_p = params.top_p is not None and params.top_p < 1.0
     if params.top_k is not None and params.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if params.top_p is not None and params.top_p < 1.0:
-        sorted_logits, order = torch.sort(filtered, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop_sorted = cum - torch.softmax(sorted_logits, -1) >= params.top_p  # mass before token
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        filtered = filtered.masked_fill(drop, float("-inf"))
-    tokens = torch.multinomial(torch.softmax(filtered, -1), 1, generator=generator).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+        cand, index = torch.topk(scaled, params.top_k, dim=-1)  # (B, k), best first
+    elif top_p:
+        cand, index = torch.sort(scaled, descending=True, dim=-1)  # (B, V)
+    else:
+        cand, index = scaled, None
+    if top_p:
+        probs = torch.softmax(cand, -1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # mass before the candidate already reaches top_p
+        cand = cand.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(torch.softmax(cand, -1), 1, generator=generator)  # (B, 1)
+    tokens = index.gather(-1, choice) if index is not None else choice  # (B, 1)
+    logp = scaled.gather(-1, tokens) - torch.logsumexp(scaled, -1, keepdim=True)  # (B, 1)
+    return tokens.squeeze(-1), logp.squeeze(-1)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -197,3 +197,16 @@ def test_corpus_is_questions_and_solution_texts(task):
     texts = task.corpus(random.Random(0), n=5)
     assert all(isinstance(t, str) for t in texts)
     assert sum(t.startswith("#### ") for t in texts) == 5
+
+
+def test_hash_format_asks_for_the_answer_line_and_writes_steps_as_text():
+    task = ArithmeticTask(test_size=4, teacher_error=0.0, format="hash")
+    conv = task.sft_example(random.Random(0))
+    assert conv["messages"][0]["content"].endswith("on its own line as '#### <number>'.")
+    solution = conv["messages"][1]["content"]
+    assert isinstance(solution, str) and "<|" not in solution
+    steps = solution.split(" #### ")[0].split(" ")
+    assert all(calculate(step.split("=")[0]) == step.split("=")[1] for step in steps)  # '24*7=168'
+    assert task.reward(conv, solution) == 1.0
+    with pytest.raises(ValueError, match="unknown arithmetic format 'xml'"):
+        ArithmeticTask(test_size=4, format="xml")

@@ -23,8 +23,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from posttrain.config import suggest
 from posttrain.evaluation import evaluate_task
-from posttrain.tasks.gsm8k import is_correct, normalize_number
+from posttrain.tasks.gsm8k import HASH_INSTRUCTION, is_correct, normalize_number
 from posttrain.tools import calculate
 
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia")
@@ -139,12 +140,25 @@ def solution_parts(problem: Problem, r: random.Random | None = None, error_rate:
     return parts
 
 
-def conversation(problem: Problem, parts: list[dict] | None = None) -> dict:
-    """A conversation for the problem; with ``parts`` it includes the assistant's solution."""
-    messages = [{"role": "user", "content": problem.question}]
+FORMATS = ("tool", "hash")  # hash: for models that never saw the built-in chat format (HF chat models)
+
+
+def conversation(problem: Problem, parts: list[dict] | None = None, fmt: str = "tool") -> dict:
+    """A conversation for the problem; with ``parts`` it includes the assistant's solution.
+
+    tool: the bare question, solutions with calculator calls; hash: the question plus an instruction
+    to end with '#### <number>', and the solution as plain text ``24*7=168 305-168=137 #### 137``.
+    """
+    question = problem.question if fmt == "tool" else f"{problem.question}\n{HASH_INSTRUCTION}"
+    messages = [{"role": "user", "content": question}]
     if parts is not None:
-        messages.append({"role": "assistant", "content": parts})
+        messages.append({"role": "assistant", "content": parts if fmt == "tool" else as_text(parts)})
     return {"messages": messages, "answer": problem.answer}
+
+
+def as_text(parts: list[dict]) -> str:
+    """Tool-call parts written out as text: a call and its output become ``expr=result``."""
+    return "".join("=" + p["text"] if p["type"] == "tool_output" else p["text"] for p in parts)
 
 
 def extract_answer(completion: str) -> str | None:
@@ -165,8 +179,10 @@ class ArithmeticTask:
 
     name = "arithmetic"
 
-    def __init__(self, test_size: int = 256, test_seed: int = 1234, teacher_error: float = 0.3):
-        self.teacher_error = teacher_error
+    def __init__(self, test_size: int = 256, test_seed: int = 1234, teacher_error: float = 0.3, format: str = "tool"):
+        if format not in FORMATS:
+            raise ValueError(f"unknown arithmetic format '{format}'{suggest(format, list(FORMATS))}")
+        self.teacher_error, self.format = teacher_error, format
         r = random.Random(test_seed)
         problems: dict[str, Problem] = {}
         while len(problems) < test_size:
@@ -177,8 +193,9 @@ class ArithmeticTask:
 
     @classmethod
     def from_config(cls, config) -> ArithmeticTask:
-        """The task described by a TaskConfig (test_size, test_seed, teacher_error)."""
-        return cls(test_size=config.test_size, test_seed=config.test_seed, teacher_error=config.teacher_error)
+        """The task described by a TaskConfig (test_size, test_seed, teacher_error, format)."""
+        return cls(test_size=config.test_size, test_seed=config.test_seed, teacher_error=config.teacher_error,
+                   format=config.format or "tool")
 
     def train_problem(self, r: random.Random) -> Problem:
         """A fresh training problem that is not in the test split."""
@@ -190,7 +207,7 @@ class ArithmeticTask:
     def sft_example(self, r: random.Random) -> dict:
         """A training conversation with a teacher solution (imperfect at rate ``teacher_error``)."""
         p = self.train_problem(r)
-        return conversation(p, solution_parts(p, r, self.teacher_error))
+        return conversation(p, solution_parts(p, r, self.teacher_error), self.format)
 
     def reward(self, conv: dict, completion: str) -> float:
         """1.0 when the completion's final ``#### N`` equals the gold answer, else 0.0:
@@ -225,7 +242,7 @@ class ArithmeticTask:
 
     def prompt(self, problem: Problem) -> dict:
         """The conversation the model answers (user turn only), carrying the gold answer."""
-        return conversation(problem)
+        return conversation(problem, fmt=self.format)
 
     def corpus(self, r: random.Random, n: int = 2000) -> list[str]:
         """Texts to train the built-in tokenizer on: questions and teacher solutions."""

@@ -345,7 +345,7 @@ class GSM8KTask:
     def from_config(cls, config) -> GSM8KTask:
         """The task described by a TaskConfig (data, test_size, format, extract, math_verify)."""
         train, test = load_splits(config.data, config.test_size)
-        return cls(train, test, config.format, config.extract, config.math_verify)
+        return cls(train, test, config.format or "hash", config.extract, config.math_verify)
 
     def train_problem(self, r: random.Random) -> Problem:
         """A training problem drawn uniformly at random."""

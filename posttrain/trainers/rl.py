@@ -5,7 +5,8 @@
 * rollout: ``prompts_per_step`` prompts × ``samples_per_prompt`` completions from the engine (prefix
   shared within a group, tool calls executed); with ``dynamic_sampling`` (DAPO) groups whose rewards
   are all equal are replaced by fresh prompts;
-* reward: the task's reward, plus DAPO's soft overlong penalty when ``overlong: penalty``;
+* reward: the weighted reward functions of ``rewards`` (default: the task's verifiable 0/1 reward),
+  each isolated from failures, plus DAPO's soft overlong penalty when ``overlong: penalty``;
 * score: under no grad, the log-probs of the sampled tokens under the policy that sampled them
   (needed when the batch gets more than one update, or for the KL) and under the frozen reference
   (only when ``kl_coef`` > 0), and the critic's values (``advantage: gae``);
@@ -116,7 +117,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                 after = end_step(step, metrics | {"timing_s/gen": t_gen - t0, "timing_s/step": t_gen - t0}) or after
                 continue
 
-            # 2. reward: the task's verifiable reward, plus the soft overlong penalty (DAPO)
+            # 2. reward: the reward functions (scored in the rollout), plus the soft overlong penalty (DAPO)
             rewards = ro.rewards.clone()  # (B,)
             if config.overlong == "penalty":
                 penalty = overlong_penalty(ro.batch.lengths, config.sampling.max_new_tokens,
