@@ -68,15 +68,18 @@ def test_engine_cache_matches_full_recompute_with_left_padding(llama_dir):
     convs = [problem_conv(s) for s in (1, 2, 3)]
     prompts = [tok.render_for_completion(c) for c in convs]
     prompts[1] = prompts[1][:-7] + prompts[1][-4:]  # different lengths: real left padding
-    batch = Engine(policy, tok).generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
-    assert len({len(p) for p in prompts}) > 1
+    engine = Engine(policy, tok)
+    first = engine.generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
+    engine.stop_ids = {int(first.completion_ids[0, 2])}  # a token rows do sample: some stop early
+    batch = engine.generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
+    assert len({len(p) for p in prompts}) > 1 and 0 < int(batch.finished.sum()) < len(batch.finished)
     for row in range(len(batch.prompt_ids)):
         seq = torch.tensor([batch.prompt_ids[row] + batch.completion_tokens(row)])
         with torch.no_grad():
             full = policy(seq[:, :-1], seq[:, 1:])[0, len(batch.prompt_ids[row]) - 1:]  # (n,)
         n = int(batch.lengths[row])
         torch.testing.assert_close(batch.logprobs[row, :n], full, atol=2e-5, rtol=0)
-    again = Engine(policy, tok).generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
+    again = engine.generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
     assert torch.equal(again.completion_ids, batch.completion_ids)  # same seed, same samples
 
 

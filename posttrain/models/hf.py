@@ -43,14 +43,73 @@ def _require_hf():
     return transformers
 
 
+def _buffered_layer_class():
+    """A transformers cache layer that appends into a preallocated buffer (built on first use, so
+    transformers is imported only with an HF model)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferedLayer(DynamicLayer):
+        """DynamicLayer whose keys/values live in a buffer of ``capacity`` positions: a step writes its
+        new keys in place and exposes a view, instead of concatenating (a full copy of the cache per
+        step and layer). The buffer doubles if a row ever outgrows it."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+            self.buf_k = self.buf_v = None  # (B, H, capacity, D)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if self.buf_k is None or end > self.buf_k.shape[-2]:
+                self._grow(key_states, value_states, max(end, 2 * self.length, self.capacity))
+            self.buf_k[..., self.length : end, :] = key_states
+            self.buf_v[..., self.length : end, :] = value_states
+            self.length = end
+            self.keys, self.values = self.buf_k[..., :end, :], self.buf_v[..., :end, :]
+            return self.keys, self.values
+
+        def _grow(self, k, v, size: int) -> None:
+            new_k = k.new_empty(*k.shape[:-2], size, k.shape[-1])
+            new_v = v.new_empty(*v.shape[:-2], size, v.shape[-1])
+            if self.buf_k is not None:
+                new_k[..., : self.length, :] = self.buf_k[..., : self.length, :]
+                new_v[..., : self.length, :] = self.buf_v[..., : self.length, :]
+            self.buf_k, self.buf_v = new_k, new_v
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def reorder_cache(self, beam_idx) -> None:
+            if self.buf_k is not None:
+                self.buf_k = self.buf_k.index_select(0, beam_idx.to(self.buf_k.device))
+                self.buf_v = self.buf_v.index_select(0, beam_idx.to(self.buf_v.device))
+                self.keys, self.values = self.buf_k[..., : self.length, :], self.buf_v[..., : self.length, :]
+
+    return BufferedLayer
+
+
+def new_kv_cache(config, capacity: int):
+    """The KV cache for decoding: buffered layers (no per-step copy) when every layer is full
+    attention, else the model's own DynamicCache (sliding-window or linear-attention layers)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
+
+    text = config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    if all(t == "full_attention" for t in types):
+        layer = _buffered_layer_class()
+        return Cache(layers=[layer(capacity) for _ in types])
+    return DynamicCache(config=config)
+
+
 class HFCache:
     """Decoding state of a batch of rows: the model's KV cache, the (B, S) attention mask (0 on left
     pads) and each row's next position id. ``select`` keeps rows in a given order, as KVCache does."""
 
-    def __init__(self):
-        from transformers import DynamicCache
-
-        self.kv = DynamicCache()
+    def __init__(self, config, capacity: int):
+        self.kv = new_kv_cache(config, capacity)
         self.attention_mask: torch.Tensor | None = None  # (B, S) long
         self.next_pos: torch.Tensor | None = None  # (B,) long
 
@@ -80,7 +139,7 @@ class HFPolicy(nn.Module):
         return hasattr(self.hf, "disable_adapter")
 
     def new_cache(self, batch: int, max_len: int) -> HFCache:
-        return HFCache()
+        return HFCache(self.hf.config, max_len)
 
     def forward(self, idx, targets=None, cache: HFCache | None = None, pad_mask=None):
         """``idx`` (B, T) → logits (B, T, V) fp32 or log-probs of ``targets`` (B, T); with ``cache``
