@@ -226,6 +226,12 @@ class RLConfig:
         for key in ("ppo_epochs", "minibatches", "max_sampling_rounds", "micro_batch", "overlong_buffer"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
+        from posttrain.rewards import REWARDS
+
+        for name in self.rewards:
+            if name != "task" and name not in REWARDS and ":" not in name:
+                raise ConfigError(f"config key 'rewards' has unknown reward '{name}'{suggest(name, ['task', *REWARDS])}"
+                                  "; a function of your own is 'package.module:function'")
         if self.dual_clip and self.dual_clip <= 1:
             raise ConfigError(f"config key 'dual_clip' must be > 1 (e.g. 3.0) or 0 (off), got {self.dual_clip}")
 

@@ -254,3 +254,12 @@ def test_resolved_preset_round_trips_through_yaml(tmp_path):
 def test_bad_rl_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(RLConfig, overrides=[override])
+
+
+def test_rewards_take_weights_by_name_and_reject_unknown_names():
+    config = load_config(RLConfig, overrides=["rewards={task: 1.0, integer_answer: 0.5, my.module:fn: 2}"])
+    assert config.rewards == {"task": 1.0, "integer_answer": 0.5, "my.module:fn": 2.0}
+    with pytest.raises(ConfigError, match="unknown reward 'corectness' \\(did you mean 'correctness'\\?\\)"):
+        load_config(RLConfig, overrides=["rewards={corectness: 1.0}"])
+    with pytest.raises(ConfigError, match="'rewards' must be a mapping"):
+        load_config(RLConfig, overrides=["rewards=3"])
