@@ -321,6 +321,10 @@ def load_hf(path: str, dtype: str = "float32", tool_tokens: bool = False, lora=N
     except OSError as err:
         where = "a local path" if Path(source).exists() else "not a local path, and the hub could not serve it"
         raise OSError(f"could not load the model '{path}' ({where}): {err}") from None
+    if extra:  # GGUF: transformers dequantises to ordinary float tensors; forget the quantizer so the
+        model.hf_quantizer = None  # model saves (and trains) as the plain model it now is
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     if tool_tokens and tokenizer.add_special_tokens({"additional_special_tokens": list(TOOL_TOKENS)}):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
