@@ -66,7 +66,7 @@ def main() -> None:
         print(f"{key + ' (greedy)':<28} {result['before'][key]:>8.3f} {result['after'][key]:>8.3f}")
     print(f"training reward, first 3 steps {statistics.mean(r['reward'] for r in steps[:3]):.3f}, "
           f"last 3 {statistics.mean(r['reward'] for r in steps[-3:]):.3f}")
-    fmt = [r.get("rewards/integer_answer/mean", 0.0) for r in steps]
+    fmt = [r.get("rewards/integer_answer/mean", 0.0) / 0.5 for r in steps]  # integer_answer pays 0.5
     print(f"'#### <integer>' answer line rate, first 3 steps {statistics.mean(fmt[:3]):.3f}, "
           f"last 3 {statistics.mean(fmt[-3:]):.3f}")
     gen = statistics.mean(r["timing_s/gen"] for r in steps)
