@@ -208,5 +208,6 @@ def test_hash_format_asks_for_the_answer_line_and_writes_steps_as_text():
     steps = solution.split(" #### ")[0].split(" ")
     assert all(calculate(step.split("=")[0]) == step.split("=")[1] for step in steps)  # '24*7=168'
     assert task.reward(conv, solution) == 1.0
+    assert any("####" in text for text in task.corpus(random.Random(0), n=5))  # whole solutions, as text
     with pytest.raises(ValueError, match="unknown arithmetic format 'xml'"):
         ArithmeticTask(test_size=4, format="xml")

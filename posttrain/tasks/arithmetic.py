@@ -250,5 +250,6 @@ class ArithmeticTask:
         for _ in range(n):
             conv = self.sft_example(r)
             texts.append(conv["messages"][0]["content"])
-            texts += [part["text"] for part in conv["messages"][1]["content"]]
+            solution = conv["messages"][1]["content"]  # parts (tool format) or a string (hash format)
+            texts += [solution] if isinstance(solution, str) else [part["text"] for part in solution]
         return texts
