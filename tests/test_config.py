@@ -263,3 +263,21 @@ def test_rewards_take_weights_by_name_and_reject_unknown_names():
         load_config(RLConfig, overrides=["rewards={corectness: 1.0}"])
     with pytest.raises(ConfigError, match="'rewards' must be a mapping"):
         load_config(RLConfig, overrides=["rewards=3"])
+
+
+def test_model_and_lora_values_are_checked():
+    with pytest.raises(ConfigError, match="'model.dtype' has unknown value 'bf16'"):
+        load_config(RLConfig, overrides=["model.dtype=bf16"])
+    with pytest.raises(ConfigError, match="'lora.rank' must be >= 0"):
+        load_config(RLConfig, overrides=["lora.rank=-1"])
+
+
+def test_lora_on_a_builtin_checkpoint_is_a_config_error(tmp_path, make_gpt, tok):
+    from posttrain.checkpoint import load_policy, save_checkpoint
+    from posttrain.config import LoraConfig, ModelConfig
+
+    save_checkpoint(tmp_path / "ckpt", make_gpt(), tok)
+    with pytest.raises(ConfigError, match="LoRA \\(lora.rank=8\\) needs a Hugging Face model"):
+        load_policy(ModelConfig(str(tmp_path / "ckpt")), LoraConfig(rank=8))
+    with pytest.raises(ConfigError, match="'model.path' must name the policy"):
+        load_policy(ModelConfig(None), LoraConfig())

@@ -196,10 +196,6 @@ class _AdapterOff(nn.Module):
         super().__init__()
         self._policy = [policy]  # a list, so the policy's parameters are not registered twice
 
-    @property
-    def device(self) -> torch.device:
-        return self._policy[0].device
-
     def forward(self, idx, targets=None):
         policy = self._policy[0]
         with torch.no_grad(), policy.hf.disable_adapter():
