@@ -21,6 +21,7 @@ import yaml
 
 from posttrain.engine import SamplingParams
 from posttrain.models.gpt import GPTConfig
+from posttrain.monitor import MonitorConfig
 
 T = TypeVar("T")
 
@@ -101,6 +102,15 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where metrics go besides the console and ``metrics.jsonl`` (always on)."""
+
+    report_to: tuple[str, ...] = ()  # extra sinks: tensorboard (needs tensorboard) | wandb (needs wandb, logged in)
+    project: str = "posttrain"  # W&B project
+    run_name: str | None = None  # W&B run / TensorBoard label (None: the run directory's name)
+
+
+@dataclass
 class SFTConfig:
     """Supervised fine-tuning on task solutions (teacher forcing on assistant tokens)."""
 
@@ -115,6 +125,11 @@ class SFTConfig:
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
+    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a checkpoint dir
+    save_every: int = 50  # write a resumable checkpoint every N steps (0: only the final one)
+    keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
+    log: LogConfig = field(default_factory=LogConfig)  # metric sinks
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # health checks and their actions
 
 
 @dataclass
@@ -204,6 +219,11 @@ class RLConfig:
     reward_fallback: float = 0.0  # reward of samples whose function raised, hung or returned NaN
     log_samples_every: int = 10  # write prompts/completions/rewards to samples.jsonl every N steps
     eval_before: bool = True  # evaluate the initial policy before the first step
+    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a checkpoint dir
+    save_every: int = 50  # write a resumable checkpoint every N steps (0: only the final one)
+    keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
+    log: LogConfig = field(default_factory=LogConfig)  # metric sinks
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # health checks and their actions
 
     def __post_init__(self):
         from posttrain.algorithms import advantages, losses
