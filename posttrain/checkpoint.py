@@ -1,47 +1,253 @@
-"""Checkpoints: a directory per save, written to a temporary name and renamed into place, and the
-loader that turns a path into a policy (built-in GPT or Hugging Face model) and its tokenizer.
+"""Checkpoints: atomic saves, the resume state of a run, keep-last-N, and the loader that turns a path
+into a policy (built-in GPT or Hugging Face model) and its tokenizer.
 
-A built-in checkpoint (``checkpoints/step_000120/``) holds ``model.safetensors`` (weights),
-``model.json`` (the GPT's config) and ``tokenizer.json``; an HF policy's holds what
-``save_pretrained`` writes (config.json, model.safetensors, tokenizer files; with LoRA the merged
-model plus ``adapter/``), so ``AutoModelForCausalLM.from_pretrained`` reads it directly. Both add
-``trainer_state.json`` (step and anything else the trainer wants back). The rename is atomic, so a
-run killed mid-save leaves the previous checkpoint intact and never a half-written one.
+A checkpoint is a directory. The policy's part is what its ``save_pretrained`` writes, so the
+directory loads as a model on its own: for the built-in GPT ``model.safetensors`` + ``model.json``
++ ``tokenizer.json``; for an HF policy config.json + model.safetensors + tokenizer files (with LoRA
+the merged model plus ``adapter/``). The resume part, next to it:
+
+* ``trainer_state.json``: step, stage, the RNG states of Python and NumPy, the trainer's own RNGs
+  (data order), the health monitor, the KL controller and anything else the trainer keeps (JSON);
+* ``rng.safetensors``: torch's CPU (and CUDA) generator states;
+* ``<name>.safetensors`` for extra modules (the PPO critic), ``optimizer.<name>.safetensors`` +
+  ``optimizer.<name>.json`` for each optimizer (tensors and the rest, split so nothing is pickled);
+* ``config.yaml``: the resolved config of the run that wrote it.
+
+Nothing is unpickled on load: safetensors and JSON only.
+
+Writes are atomic: everything goes to a temporary directory, every file and the directory are
+fsynced, then one ``rename`` puts it in place, so a run killed at any moment leaves either the whole
+checkpoint or none. A run's checkpoints live in ``checkpoints/step_XXXXXX``; ``checkpoints/latest``
+(and, once the run is complete, ``checkpoints/final``) are symlinks replaced atomically after a
+complete write, and only the ``keep_last`` newest step directories stay.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
-from posttrain.config import ConfigError, LoraConfig, ModelConfig
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, save_config
 from posttrain.models.gpt import GPT, GPTConfig
 from posttrain.tokenizer import Tokenizer
 
+STEP_DIR = re.compile(r"step_(\d{6,})$")
 
-def save_checkpoint(path: str | Path, model, tokenizer, state: dict | None = None) -> Path:
-    """Write model, tokenizer and ``state`` to ``path`` atomically; returns ``path``."""
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (disk full, no permission); the previous ones are intact."""
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then the directories (so their entries are on disk too)."""
+    dirs = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirs += [Path(dirpath) / d for d in dirnames]
+        for name in filenames:
+            fd = os.open(Path(dirpath) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in dirs:
+        _fsync_dir(d)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | Path, model, tokenizer, state: dict | None = None, *,
+                    modules: dict | None = None, optimizers: dict | None = None, tensors: dict | None = None,
+                    config=None) -> Path:
+    """Write model, tokenizer and ``state`` (JSON) to ``path`` atomically; returns ``path``.
+
+    ``modules``: extra ``nn.Module`` s saved as ``<name>.safetensors``; ``optimizers``: optimizers whose
+    state is saved for resuming; ``tensors``: {file stem: {name: tensor}} saved as ``<stem>.safetensors``
+    (the RNG states); ``config``: the run's config, saved as ``config.yaml``. On failure
+    (disk full, read-only directory) nothing at ``path`` changes and :class:`CheckpointError` says where.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "trainer_state.json").write_text(json.dumps(state or {}, indent=1))
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, module in (modules or {}).items():
+            save_model(module, str(tmp / f"{name}.safetensors"))
+        for name, group in (tensors or {}).items():
+            save_file({k: v.contiguous() for k, v in group.items()}, tmp / f"{name}.safetensors")
+        for name, optimizer in (optimizers or {}).items():
+            _save_optimizer(optimizer, tmp, name)
+        if config is not None:
+            save_config(config, tmp / "config.yaml")
+        (tmp / "trainer_state.json").write_text(json.dumps(state or {}, indent=1))
+        _fsync_tree(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write the checkpoint {path}: {err}. The previous checkpoints in "
+                              f"{path.parent} are intact.") from err
     return path
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str) -> None:
+    """An optimizer's state_dict as tensors (``optimizer.<name>.safetensors``, keys ``param.key``) and
+    everything else as JSON (``optimizer.<name>.json``)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in sd["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    save_file(tensors, directory / f"optimizer.{name}.safetensors")
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars}
+    (directory / f"optimizer.{name}.json").write_text(json.dumps(meta))
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, directory: str | Path, name: str) -> None:
+    """Load what :func:`_save_optimizer` wrote into ``optimizer`` (whose parameters are already in place)."""
+    directory = Path(directory)
+    meta = json.loads((directory / f"optimizer.{name}.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in load_file(directory / f"optimizer.{name}.safetensors").items():
+        index, field = key.split(".", 1)
+        state.setdefault(int(index), {})[field] = value
+    for key, value in meta["scalars"].items():
+        index, field = key.split(".", 1)
+        state.setdefault(int(index), {})[field] = value
+    groups = meta["param_groups"]
+    for group in groups:  # JSON turned tuples into lists
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def restore_module(module: torch.nn.Module, directory: str | Path, name: str) -> None:
+    load_model(module, str(Path(directory) / f"{name}.safetensors"))
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """The global RNG states: (JSON part: Python, NumPy; tensors: torch CPU and each CUDA device)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    json_part = {"python": [version, list(internal), gauss],
+                 "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors |= {f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return json_part, tensors
+
+
+def restore_rng(json_part: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = json_part["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = json_part["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    for key, value in tensors.items():
+        if key.startswith("cuda.") and torch.cuda.is_available():
+            torch.cuda.set_rng_state(value, int(key.split(".")[1]))
+
+
+def random_state(rng: random.Random) -> list:
+    """A ``random.Random``'s state as JSON-able data (:func:`set_random_state` reads it back)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_random_state(rng: random.Random, state: list) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
+class CheckpointDir:
+    """The checkpoints of one run (``run_dir/checkpoints``): ``step_XXXXXX`` directories, the ``latest``
+    and ``final`` pointers, and pruning to the ``keep_last`` newest step directories (pointer targets
+    are always kept)."""
+
+    def __init__(self, root: str | Path, keep_last: int):
+        self.root, self.keep_last = Path(root), keep_last
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step_{step:06d}"
+
+    def steps(self) -> list[int]:
+        """Steps with a complete checkpoint directory, ascending."""
+        if not self.root.is_dir():
+            return []
+        found = (STEP_DIR.match(p.name) for p in self.root.iterdir())
+        return sorted(int(m.group(1)) for m in found if m and (self.root / m.group(0) / "trainer_state.json").exists())
+
+    def pointer(self, name: str) -> Path | None:
+        """The checkpoint ``latest`` or ``final`` points at, if the pointer and its target exist."""
+        link = self.root / name
+        if not link.is_symlink() and not link.is_dir():
+            return None
+        target = link.resolve()
+        return target if (target / "trainer_state.json").exists() else None
+
+    def save(self, step: int, *, final: bool = False, **kwargs) -> Path:
+        """:func:`save_checkpoint` into ``step_XXXXXX``, then point ``latest`` (and ``final``) at it, then prune."""
+        path = save_checkpoint(self.path(step), **kwargs)
+        try:
+            self._point("latest", path.name)
+            if final:
+                self._point("final", path.name)
+        except OSError as err:
+            raise CheckpointError(f"wrote {path} but could not update the pointers in {self.root}: {err}") from err
+        self._prune()
+        return path
+
+    def _point(self, name: str, target: str) -> None:
+        tmp = self.root / f".{name}.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, self.root / name)
+        _fsync_dir(self.root)
+
+    def _prune(self) -> None:
+        keep = {p.name for p in (self.pointer("latest"), self.pointer("final")) if p is not None}
+        steps = self.steps()
+        keep |= {self.path(s).name for s in steps[-self.keep_last:]}
+        for s in steps:
+            if self.path(s).name not in keep:
+                shutil.rmtree(self.path(s), ignore_errors=True)
+        for leftover in self.root.glob(".step_*.tmp"):  # a save killed mid-way
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def restore_policy(model, directory: str | Path) -> None:
+    """Load the weights a checkpoint holds into ``model`` (built the way the run built it), exactly."""
+    if is_builtin_checkpoint(directory):
+        model.load_state_dict(load_file(Path(directory) / "model.safetensors"))
+    else:
+        model.load_weights(directory)
 
 
 def is_builtin_checkpoint(path: str | Path) -> bool:

@@ -14,11 +14,37 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 def _load(cls, config: Path, overrides: list[str] | None):
+    """The config from a YAML file and overrides; ``-`` (or a first argument that is itself a key=value)
+    means no file: defaults plus overrides."""
+    overrides = list(overrides or [])
+    if str(config) == "-":
+        config = None
+    elif "=" in str(config) and not config.exists():
+        config, overrides = None, [str(config), *overrides]
     try:
-        return load_config(cls, config, overrides or [])
+        return load_config(cls, config, overrides)
     except ConfigError as err:
         typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+def _train(fn, config, progress: bool) -> None:
+    """Run a trainer; a config it cannot honour exits 2, a run the health monitor stopped exits 3, a
+    checkpoint that could not be written exits 4 (each with the message, not a traceback)."""
+    from posttrain.checkpoint import CheckpointError
+    from posttrain.trainers.run import RunStopped
+
+    try:
+        fn(config, progress=progress)
+    except ConfigError as err:
+        typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except RunStopped as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(3) from None
+    except CheckpointError as err:
+        typer.secho(f"checkpoint error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(4) from None
 
 
 @app.command()
@@ -35,26 +61,26 @@ def demo(
 
 @app.command()
 def sft(
-    config: Annotated[Path, typer.Argument(help="YAML config (see configs/)")],
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/); '-': none, overrides only")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=1e-3")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Supervised fine-tuning on a task's solutions."""
     from posttrain.trainers.sft import train_sft
 
-    train_sft(_load(SFTConfig, config, overrides), progress=progress)
+    _train(train_sft, _load(SFTConfig, config, overrides), progress)
 
 
 @app.command()
 def rl(
-    config: Annotated[Path, typer.Argument(help="YAML config (see configs/)")],
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/); '-': none, overrides only")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. algorithm=dapo")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """On-policy RL from a checkpoint: algorithm=nanochat|grpo|dr_grpo|dapo|rloo|reinforce_pp|ppo."""
     from posttrain.trainers.rl import train_rl
 
-    train_rl(_load(RLConfig, config, overrides), progress=progress)
+    _train(train_rl, _load(RLConfig, config, overrides), progress)
 
 
 @app.command("eval")
@@ -104,6 +130,41 @@ def eval_(
     console.print(report_table(report, f"{task} {split}: {report['problems']} problems x {samples} samples"))
     console.print(f"model: {model}\nper problem: {path}", soft_wrap=True)
     print(json.dumps(report))  # plain print: rich would wrap the line
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (finished or still going)")],
+    out: Annotated[Path | None, typer.Option(help="where to write (default: RUN_DIR/report)")] = None,
+) -> None:
+    """Plots (PNG) and a page (HTML and Markdown) of a run: rewards, eval pass@k, KL, entropy, grad norm,
+    lengths, learning rate, health events, before/after samples."""
+    from posttrain.report import write_report
+
+    try:
+        page = write_report(run_dir, out)
+    except (FileNotFoundError, ValueError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"report: {page}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    step: Annotated[int | None, typer.Option(help="checkpoint step (default: the final one, else latest)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="hf: a Hugging Face model directory")] = "hf",
+    out: Annotated[Path | None, typer.Option(help="where to write (default: RUN_DIR/export/step_N-FORMAT)")] = None,
+) -> None:
+    """Export a checkpoint as a model other tools load (the built-in GPT as an HF Qwen3 model)."""
+    from posttrain.export import export_checkpoint
+
+    try:
+        path = export_checkpoint(run_dir, step, fmt, out)
+    except (FileNotFoundError, ValueError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"exported: {path}")
 
 
 if __name__ == "__main__":

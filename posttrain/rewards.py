@@ -335,9 +335,16 @@ class RewardSet:
 
     def __call__(self, prompts: list[str], completions: list[str], **columns) -> tuple[Tensor, dict[str, float]]:
         """(totals (B,), metrics) for B completions; see the class doc."""
+        totals, metrics, _ = self.score(prompts, completions, **columns)
+        return totals, metrics
+
+    def score(self, prompts: list[str], completions: list[str], **columns
+              ) -> tuple[Tensor, dict[str, float], dict[str, list[float | None]]]:
+        """(totals (B,), metrics, each function's value per completion, fallbacks included)."""
         n = len(completions)
         totals = [0.0] * n
         metrics: dict[str, float] = {}
+        breakdown: dict[str, list[float | None]] = {}
         for name, fn in self.functions.items():
             # copies: a function that edits its inputs (or still runs, abandoned) cannot touch the next one's
             args = (list(prompts), list(completions))
@@ -350,6 +357,7 @@ class RewardSet:
                 values, failed, problem = [self.fallback] * n, n, f"{type(exc).__name__}: {exc}"
             if problem is not None:
                 self.first_errors.setdefault(name, problem)
+            breakdown[name] = values
             given = [v for v in values if v is not None]
             for i, v in enumerate(values):
                 if v is not None:
@@ -358,4 +366,4 @@ class RewardSet:
                 metrics[f"rewards/{name}/mean"] = sum(given) / len(given)
                 metrics[f"rewards/{name}/std"] = torch.tensor(given).std().item() if len(given) > 1 else 0.0
             metrics[f"rewards/{name}/failures"] = float(failed)
-        return torch.tensor(totals, dtype=torch.get_default_dtype()), metrics
+        return torch.tensor(totals, dtype=torch.get_default_dtype()), metrics, breakdown

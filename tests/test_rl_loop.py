@@ -142,8 +142,10 @@ def test_scorer_combines_the_task_reward_with_trl_style_functions():
     convs = [task.prompt(4), task.prompt(4), task.prompt(3), task.prompt(3)]
     batch = rollout_batch([[5], [4]], [[1, 99], [2, 99], [1, 99], [2, 99]], 2)
     s = scorer(task, {"task": 2.0, shorter: 1.0, broken: 1.0})
-    rewards, metrics = s(convs, ["[1]", "[2]", "[1]", "[2]"], batch)
+    rewards, metrics, breakdown = s(convs, ["[1]", "[2]", "[1]", "[2]"], batch)
     assert rewards.tolist() == [2.0 - 1.0, -1.0, 0.0, 0.0]  # None: not applicable; broken: fallback 0
+    assert breakdown[0] == {"task": 1.0, "shorter": -1.0, "broken": 0.0}
+    assert breakdown[2] == {"task": 0.0, "shorter": None, "broken": 0.0}
     assert metrics["rewards/task/mean"] == 0.25 and metrics["rewards/shorter/mean"] == -1.0
     assert metrics["rewards/broken/failures"] == 4 and "boom" in s.rewards.first_errors["broken"]
 

@@ -189,6 +189,20 @@ class HFPolicy(nn.Module):
             self.hf.save_pretrained(path)
 
 
+    def load_weights(self, path: str | Path) -> None:
+        """Put back the trained weights a :meth:`save_pretrained` wrote to ``path`` (exact resume): the
+        adapter with LoRA, otherwise the whole model."""
+        path = Path(path)
+        if self.is_lora:
+            import peft
+            from safetensors.torch import load_file
+
+            peft.set_peft_model_state_dict(self.hf, load_file(path / "adapter" / "adapter_model.safetensors"))
+            return
+        saved = type(self.hf).from_pretrained(path, dtype=next(self.hf.parameters()).dtype)
+        self.hf.load_state_dict(saved.state_dict())
+
+
 class _AdapterOff(nn.Module):
     """A view of a LoRA policy with its adapter disabled: the base model, frozen, sharing storage."""
 

@@ -27,84 +27,77 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from posttrain.algorithms import advantages as adv_fns
 from posttrain.algorithms import losses
-from posttrain.checkpoint import load_policy, save_checkpoint
-from posttrain.config import RLConfig, save_config
+from posttrain.checkpoint import load_policy
+from posttrain.config import RLConfig
 from posttrain.engine import Engine
-from posttrain.metrics import JsonlWriter, StepProgress, eval_due
+from posttrain.metrics import StepProgress, eval_due
 from posttrain.models.gpt import token_logprobs
 from posttrain.models.heads import ValueModel
+from posttrain.monitor import Monitor
 from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
 from posttrain.rewards import overlong_penalty
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
 from posttrain.trainers.rollout import Scorer, TrainBatch, collect, last_token, layout, rollout_metrics
+from posttrain.trainers.run import Parts, Run, nothing_to_do
 
 
 def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None) -> dict[str, dict[str, float]]:
-    """Run RL as configured; returns {"before": eval metrics, "after": eval metrics}.
-
-    ``before``: the initial policy's metrics when the caller has them (with ``eval_before`` off).
-    """
+    """Run RL as configured (resuming per ``config.resume``); returns {"before": eval metrics, "after": eval
+    metrics}. ``before``: the initial policy's metrics when the caller has them (with ``eval_before`` off)."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    run = Run(config, "rl")
+    if nothing_to_do(run, print):
+        return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     torch.manual_seed(config.seed)
     task = make_task(config.task)
     scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback)
     model, tokenizer = load_policy(config.model, config.lora)
-    kl_coef = config.kl_coef
-    reference = model.reference() if kl_coef > 0 else None  # LoRA: the same weights, adapter off
+    reference = model.reference() if config.kl_coef > 0 else None  # LoRA: the same weights, adapter off
     critic = ValueModel.from_policy(model) if config.advantage == "gae" else None
     engine = Engine(model, tokenizer, default_registry())
-    reported: set[str] = set()  # reward functions whose first failure was printed
-    optimizer = make_optimizer(model, config.optim)
     critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
-    critic_optimizer = make_optimizer(critic, critic_optim) if critic is not None else None
-    prompt_rng = random.Random(config.seed)
-    log, samples_log = JsonlWriter(run_dir / "metrics.jsonl"), JsonlWriter(run_dir / "samples.jsonl")
+    parts = Parts(model, tokenizer, optimizers={"policy": make_optimizer(model, config.optim)},
+                  rngs={"prompts": random.Random(config.seed)},
+                  extra={"kl_coef": config.kl_coef, "before": before or {}, "last_eval": before or {}})
+    if critic is not None:
+        parts.modules["critic"] = critic
+        parts.optimizers["critic"] = make_optimizer(critic, critic_optim)
+    optimizer, critic_optimizer = parts.optimizers["policy"], parts.optimizers.get("critic")
+    reported: set[str] = set()  # reward functions whose first failure was printed
     P, G = config.prompts_per_step, config.samples_per_prompt
     multi_update = config.ppo_epochs * config.minibatches > 1
 
-    model.eval()
-    if config.eval_before:
-        before = task.evaluate(engine, config.eval)
-        log.write({"step": 0, **before})
-    before = after = before or {}
-
-    def end_step(step: int, metrics: dict) -> dict | None:
-        """Evaluate when due, log the step; returns the evaluation's metrics, if one ran."""
-        result = None
-        if eval_due(step + 1, config.steps, config.eval.every):
-            model.eval()
-            result = task.evaluate(engine, config.eval)
-            metrics.update(result)
-            bar.print_metrics(f"step {step + 1}", result)
-        log.write(metrics)
-        bar.update(metrics)
-        return result
-
-    with StepProgress("rl", config.steps, ("reward", "eval/pass@1"), progress) as bar:
-        if before:
-            bar.print_metrics("before RL", before)
-        for step in range(config.steps):
+    with StepProgress("rl", config.steps, ("reward", "eval/pass@1"), progress, initial=run.start_step) as bar:
+        run.check_config(bar.print)
+        step = run.restore(parts) if run.resume_from else 0
+        run.open(bar.print)
+        model.eval()
+        if step == 0 and config.eval_before:
+            parts.extra["before"] = parts.extra["last_eval"] = task.evaluate(engine, config.eval)
+            run.write({"step": 0, **parts.extra["before"]})
+        if step == 0 and parts.extra["before"]:
+            bar.print_metrics("before RL", parts.extra["before"])
+        if step == 0 and run.needs_start_checkpoint:
+            run.save(0, parts)
+        while step < config.steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, config.steps, config.optim)
+            kl_coef = parts.extra["kl_coef"]
+            lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
             set_lr(optimizer, lr)
             if critic_optimizer is not None:
-                set_lr(critic_optimizer, lr_at(step, config.steps, critic_optim))
+                set_lr(critic_optimizer, lr_at(step, config.steps, critic_optim) * run.monitor.lr_scale)
 
             # 1. rollout: P prompts × G samples (more rounds with dynamic sampling)
             model.eval()
-            ro = collect(engine, task, scorer, prompt_rng, P, G, config.sampling,
+            ro = collect(engine, task, scorer, parts.rngs["prompts"], P, G, config.sampling,
                          seed=(config.seed * 1_000_003 + step) * 64,
                          dynamic=config.dynamic_sampling, max_rounds=config.max_sampling_rounds)
             metrics = {"step": step + 1, **rollout_metrics(ro), "learning_rate": lr}
@@ -113,8 +106,10 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                           f"rewards/{name}/failures), first error: {scorer.rewards.first_errors[name]}")
                 reported.add(name)
             t_gen = time.perf_counter()
+            events = run.monitor.check_rollout(step + 1, metrics)  # lengths, signal (KL below, once scored)
             if len(ro.rewards) == 0:  # dynamic sampling found no group with signal: nothing to learn
-                after = end_step(step, metrics | {"timing_s/gen": t_gen - t0, "timing_s/step": t_gen - t0}) or after
+                metrics |= {"timing_s/gen": t_gen - t0, "timing_s/step": t_gen - t0}
+                step = finish_step(run, parts, task, engine, config, bar, step, metrics, events)
                 continue
 
             # 2. reward: the reward functions (scored in the rollout), plus the soft overlong penalty (DAPO)
@@ -129,7 +124,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                 data.mask *= ro.batch.finished[:, None].to(data.mask.dtype)
             t_reward = time.perf_counter()
 
-            # 3. score: old policy, reference and critic, no grad
+            # 3. score: old policy, reference and critic, no grad; the health checks on KL
             old_logp = score(model, data, config.micro_batch) if multi_update or reference is not None else None
             ref_logp = score(reference, data, config.micro_batch) if reference is not None else None
             values = score(critic, data, config.micro_batch) if critic is not None else None
@@ -137,6 +132,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
             if reference is not None:
                 kl_tok = losses.kl(old_logp, ref_logp, config.kl_kind) * data.mask
                 metrics["kl"] = losses.token_mean(kl_tok, data.mask).item()
+                events += run.monitor.check_rollout(step + 1, {"kl": metrics["kl"]})
             t_score = time.perf_counter()
 
             # 4. advantage: per token (B, L); sequence-level estimators broadcast over the completion
@@ -146,28 +142,33 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                                                       data.mask, values)  # (B, L), (B, L) | None
             metrics.update(advantage_metrics(advantages, data.mask, values, returns))
 
-            # 5. update: ppo_epochs × minibatches optimizer steps
-            model.train()
-            update_actor = critic is None or step >= config.critic.warmup_steps
-            needs_all = (config.kl_in == "loss" and kl_coef > 0) or config.entropy_coef > 0
-            live = needs_all | (advantages.abs().sum(-1) > 0)  # (B,) rows whose loss is not 0
-            gen = torch.Generator().manual_seed(config.seed * 7919 + step)
-            sums: dict[str, float] = {}
-            n_updates = 0
-            for rows in minibatch_rows(len(rewards), config.ppo_epochs, config.minibatches, gen):
-                part: dict[str, float] = {}
-                if critic is not None:
-                    part |= critic_step(critic, critic_optimizer, data, rows, values, returns, config)
-                if update_actor and bool(live[rows].any()):
-                    part |= policy_step(model, optimizer, data, rows, live, old_logp, ref_logp, advantages,
-                                        config, kl_coef)
-                for k, v in part.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_updates += 1
-            metrics.update({k: v / n_updates for k, v in sums.items()})
-            if config.kl_controller != "fixed" and reference is not None:
-                kl_coef = losses.update_kl_coef(config.kl_controller, kl_coef, kl_tok.sum(-1).mean().item(),
-                                                len(rewards), config.kl_target, config.kl_horizon)
+            # 5. update: ppo_epochs × minibatches optimizer steps, each gated by the health checks
+            if Monitor.worst(events) in (None, "warn"):  # skip_step / rollback / stop: no update on this batch
+                model.train()
+                update_actor = critic is None or step >= config.critic.warmup_steps
+                needs_all = (config.kl_in == "loss" and kl_coef > 0) or config.entropy_coef > 0
+                live = needs_all | (advantages.abs().sum(-1) > 0)  # (B,) rows whose loss is not 0
+                gen = torch.Generator().manual_seed(config.seed * 7919 + step)
+                gate = health_gate(run.monitor, step + 1, events)
+                sums: dict[str, float] = {}
+                n_updates = 0
+                for rows in minibatch_rows(len(rewards), config.ppo_epochs, config.minibatches, gen):
+                    part: dict[str, float] = {}
+                    if critic is not None:
+                        part |= critic_step(critic, critic_optimizer, data, rows, values, returns, config, gate)
+                    if update_actor and bool(live[rows].any()):
+                        part |= policy_step(model, optimizer, data, rows, live, old_logp, ref_logp, advantages,
+                                            config, kl_coef, gate)
+                    for k, v in part.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_updates += 1
+                    if Monitor.worst(events) in ("rollback", "stop"):
+                        break
+                metrics.update({k: v / n_updates for k, v in sums.items()})
+                if config.kl_controller != "fixed" and reference is not None:
+                    parts.extra["kl_coef"] = losses.update_kl_coef(
+                        config.kl_controller, kl_coef, kl_tok.sum(-1).mean().item(), len(rewards),
+                        config.kl_target, config.kl_horizon)
             t_end = time.perf_counter()
 
             gen_tokens = int(ro.batch.mask.sum())
@@ -181,14 +182,54 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                 "throughput/gen_tokens_per_s": gen_tokens / max(t_gen - t0, 1e-9),
             })
             if config.log_samples_every and step % config.log_samples_every == 0:
-                for i in range(0, len(rewards), G):  # the first sample of every group
-                    samples_log.write({"step": step + 1, "prompt": ro.convs[i // G]["messages"][0]["content"],
-                                       "completion": ro.texts[i], "reward": rewards[i].item()})
-            after = end_step(step, metrics) or after
-    log.close()
-    samples_log.close()
-    save_checkpoint(run_dir / "checkpoints" / "final", model, tokenizer, {"step": config.steps, "stage": "rl"})
-    return {"before": before, "after": after}
+                log_samples(run, step + 1, ro, rewards, advantages, data.mask, G)
+            step = finish_step(run, parts, task, engine, config, bar, step, metrics, events)
+    run.close()
+    return {"before": parts.extra["before"], "after": parts.extra["last_eval"]}
+
+
+def finish_step(run: Run, parts: Parts, task, engine: Engine, config: RLConfig, bar, step: int, metrics: dict,
+                events: list) -> int:
+    """Act on the step's health events, evaluate when due, log, checkpoint; returns the next step index
+    (after a rollback: the restored checkpoint's)."""
+    action = run.record(events, bar.print)
+    metrics["health/events"] = len(events)
+    if action in ("rollback", "stop"):
+        run.write(metrics)  # the step that went wrong stays in the log
+        run.stop_if(action, step + 1, bar.print)
+        return run.rollback(step + 1, parts, bar.print)
+    step += 1
+    if eval_due(step, config.steps, config.eval.every):
+        parts.model.eval()
+        parts.extra["last_eval"] = task.evaluate(engine, config.eval)
+        metrics.update(parts.extra["last_eval"])
+        bar.print_metrics(f"step {step}", parts.extra["last_eval"])
+    run.write(metrics)
+    bar.update(metrics)
+    if run.save_due(step) or step == config.steps:
+        run.save(step, parts, final=step == config.steps)
+    return step
+
+
+def health_gate(monitor: Monitor, step: int, events: list):
+    """``gate(loss, grad_norm, entropy) -> bool``: called before each optimizer step; records the monitor's
+    update checks in ``events`` and says whether the update may be applied."""
+    def gate(loss: float, grad_norm: float, entropy: float | None = None) -> bool:
+        found = monitor.check_update(step, loss, grad_norm, entropy)
+        events.extend(found)
+        return monitor.update_allowed(found)
+
+    return gate
+
+
+def log_samples(run: Run, step: int, ro, rewards: Tensor, advantages: Tensor, mask: Tensor, group_size: int) -> None:
+    """The first completion of every group to samples.jsonl: prompt, completion, reward, its advantage
+    (mean over its tokens) and each reward function's value, so reward hacking shows."""
+    per_row = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
+    for i in range(0, len(rewards), group_size):
+        run.sample({"step": step, "prompt": ro.convs[i // group_size]["messages"][0]["content"],
+                    "completion": ro.texts[i], "reward": rewards[i].item(), "advantage": per_row[i].item(),
+                    "rewards": ro.breakdown[i]})
 
 
 def kl_shaped_rewards(rewards: Tensor, kl_tok: Tensor, mask: Tensor, beta: float) -> tuple[Tensor, Tensor]:
@@ -256,18 +297,20 @@ def _share(mask: Tensor, agg: str) -> Tensor:
 
 
 def policy_step(model, optimizer, data: TrainBatch, rows: Tensor, live: Tensor, old_logp: Tensor | None,
-                ref_logp: Tensor | None, advantages: Tensor, config: RLConfig, kl_coef: float) -> dict:
+                ref_logp: Tensor | None, advantages: Tensor, config: RLConfig, kl_coef: float, gate=None) -> dict:
     """One optimizer step of the policy on minibatch ``rows`` (only its ``live`` rows run).
 
     Loss = policy_loss (+ β·KL to the reference when ``kl_in`` is loss) − entropy_coef·entropy, each
     aggregated with ``loss_agg`` over the whole minibatch: micro-batch losses are weighted by their
     share of its tokens (token-mean) or rows (other modes), so the gradient equals the full batch's.
+    ``gate(loss, grad_norm, entropy) -> bool`` (the health checks) decides whether the step is applied.
     """
     total = _share(data.mask[rows], config.loss_agg)
     max_len = config.sampling.max_new_tokens
     kl_in_loss = config.kl_in == "loss" and ref_logp is not None
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
+    total_loss = 0.0
     for micro in rows[live[rows]].split(config.micro_batch):
         inputs, targets, m, w = data.take(micro)  # (r, w)
         logits = model(inputs)  # (r, w, V)
@@ -287,21 +330,23 @@ def policy_step(model, optimizer, data: TrainBatch, rows: Tensor, live: Tensor, 
         stats["entropy"] = losses.token_mean(entropy.detach(), m)
         weight = _share(m, config.loss_agg) / total
         (loss * weight).backward()
+        total_loss += float(loss.detach()) * float(weight)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + float(v) * float(weight)
     grad_norm = clip_grad(model, config.optim.grad_clip)
-    optimizer.step()
     # sums are over live rows weighted by their share of the minibatch: the loss is already the full
     # minibatch's (other rows add 0); diagnostics are rescaled to means over the live rows
     live_share = float(_share(data.mask[rows[live[rows]]], config.loss_agg) / total)
     stats = {k: v if k == "policy_loss" else v / max(live_share, 1e-12) for k, v in sums.items()}
+    if gate is None or gate(total_loss, grad_norm, stats.get("entropy")):
+        optimizer.step()
     return stats | {"grad_norm": grad_norm}
 
 
 def critic_step(critic: ValueModel, optimizer, data: TrainBatch, rows: Tensor, old_values: Tensor,
-                returns: Tensor, config: RLConfig) -> dict:
+                returns: Tensor, config: RLConfig, gate=None) -> dict:
     """One optimizer step of the critic on minibatch ``rows``: clipped value loss (PPO2) against the GAE
-    returns, aggregated like the policy loss."""
+    returns, aggregated like the policy loss; ``gate`` as in :func:`policy_step`."""
     total = _share(data.mask[rows], config.loss_agg)
     optimizer.zero_grad(set_to_none=True)
     sums = {"value_loss": 0.0, "vf_clipfrac": 0.0}
@@ -315,5 +360,6 @@ def critic_step(critic: ValueModel, optimizer, data: TrainBatch, rows: Tensor, o
         sums["value_loss"] += float(loss.detach()) * float(weight)
         sums["vf_clipfrac"] += float(stats["vf_clipfrac"]) * float(weight)
     sums["critic/grad_norm"] = clip_grad(critic, config.optim.grad_clip)
-    optimizer.step()
+    if gate is None or gate(sums["value_loss"], sums["critic/grad_norm"]):
+        optimizer.step()
     return sums

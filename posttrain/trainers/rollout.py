@@ -28,6 +28,7 @@ class Rollout:
     first_rewards: Tensor  # task rewards of the whole first round, before any filtering: the policy's score
     frac_zero_std: float  # share of first-round rows whose group has equal rewards
     reward_metrics: dict  # rewards/<fn>/mean|std|failures of the first round
+    breakdown: list[dict]  # (B,) each reward function's value for the row (None: not applicable)
 
 
 class Scorer:
@@ -47,15 +48,17 @@ class Scorer:
         spec = {task_reward if name == "task" else name: w for name, w in (weights or {"task": 1.0}).items()}
         self.task, self.rewards = task, RewardSet(spec, timeout_s, fallback)
 
-    def __call__(self, convs: list[dict], texts: list[str], batch: RolloutBatch) -> tuple[Tensor, dict]:
-        """(rewards (B,), metrics) of row i = completion ``texts[i]`` of conversation ``convs[i]``."""
+    def __call__(self, convs: list[dict], texts: list[str], batch: RolloutBatch) -> tuple[Tensor, dict, list[dict]]:
+        """(rewards (B,), metrics, per-row {function: value}) of row i = completion ``texts[i]`` of
+        conversation ``convs[i]``."""
         columns: dict[str, list] = {"conv": convs, "group_ids": batch.group_ids.tolist(),
                                     "lengths": batch.lengths.tolist()}
         for conv in convs:
             for key, value in self.task.columns(conv).items():
                 columns.setdefault(key, []).append(value)
         prompts = [c["messages"][-1]["content"] for c in convs]
-        return self.rewards(prompts, texts, **columns)
+        totals, metrics, values = self.rewards.score(prompts, texts, **columns)
+        return totals, metrics, [{name: v[i] for name, v in values.items()} for i in range(len(texts))]
 
 
 def collect(
@@ -83,12 +86,13 @@ def collect(
     parts: list[RolloutBatch] = []
     texts: list[str] = []
     rewards: list[Tensor] = []
+    breakdown: list[dict] = []
     frac_zero_std, kept, rounds, first, first_metrics = 0.0, 0, 0, torch.zeros(0), {}
     for rounds in range(1, (max_rounds if dynamic else 1) + 1):
         drawn = [task.prompt(task.train_problem(prompt_rng)) for _ in range(prompts)]
         batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seed=seed + rounds - 1)
         done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
-        r, reward_metrics = scorer([drawn[i // G] for i in range(len(drawn) * G)], done, batch)  # (B,)
+        r, reward_metrics, parts_r = scorer([drawn[i // G] for i in range(len(drawn) * G)], done, batch)  # (B,)
         zero_std = group_stats(r, batch.group_ids).zero_std  # (B,)
         if rounds == 1:
             first, frac_zero_std, first_metrics = r, zero_std.float().mean().item(), reward_metrics
@@ -98,13 +102,14 @@ def collect(
         parts.append(batch.select(rows))
         texts += [done[i] for i in rows.tolist()]
         rewards.append(r[rows])
+        breakdown += [parts_r[i] for i in rows.tolist()]
         kept += len(groups)
         if kept >= prompts:
             break
     batch = RolloutBatch.concat(parts, tok.pad_id)
     batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
     return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std,
-                   first_metrics)
+                   first_metrics, breakdown)
 
 
 def completion_text(tokenizer, batch: RolloutBatch, row: int) -> str:

@@ -1,0 +1,231 @@
+"""The run directory a trainer works in: its logs, its checkpoints, resuming, and the health monitor's
+events and actions. Every trainer (SFT, RL, ...) drives one :class:`Run`.
+
+Exact resume: a checkpoint holds everything that decides what the next step does (weights, optimizer
+moments, every RNG, the data order, the monitor's history, the KL controller) and the byte length of
+each log at the time it was written. Resuming cuts the logs back to those lengths and replays the
+steps after the checkpoint, so with the same seed and thread count the resumed run writes the same
+rows and ends with the same weights as a run that was never interrupted (timings aside).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from posttrain.checkpoint import (
+    CheckpointDir,
+    random_state,
+    restore_module,
+    restore_optimizer,
+    restore_policy,
+    restore_rng,
+    rng_state,
+    set_random_state,
+)
+from posttrain.config import ConfigError, save_config, to_dict
+from posttrain.metrics import JsonlWriter, open_sinks
+from posttrain.monitor import Event, Monitor
+
+LOGS = ("metrics", "samples", "events")
+# Config keys a resumed run may not change: they decide what the checkpoint's tensors are.
+FIXED_KEYS = ("model", "lora", "gpt", "task.name", "advantage", "critic")
+IGNORED_KEYS = ("resume", "threads")
+
+
+class RunStopped(RuntimeError):
+    """The health monitor stopped the run (action ``stop``, or more rollbacks than allowed)."""
+
+
+@dataclass
+class Parts:
+    """What a checkpoint must hold for an exact resume, besides the run's own bookkeeping."""
+
+    model: torch.nn.Module  # the policy (saved with save_pretrained, so the checkpoint loads as a model)
+    tokenizer: object
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # other trained modules (the critic)
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    rngs: dict[str, random.Random] = field(default_factory=dict)  # the trainer's own RNGs (data order)
+    extra: dict = field(default_factory=dict)  # JSON-able trainer values (KL coefficient, last evaluation)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out |= flatten(value, f"{name}.") if isinstance(value, dict) else {name: value}
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """Dotted keys whose values differ between two config dicts → (old, new)."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not k.startswith(IGNORED_KEYS)}
+
+
+class Run:
+    """One trainer's run directory. ``config`` has run_dir, resume, save_every, keep_last, log, monitor."""
+
+    def __init__(self, config, stage: str):
+        self.config, self.stage = config, stage
+        self.dir = Path(config.run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointDir(self.dir / "checkpoints", config.keep_last)
+        self.monitor = Monitor(config.monitor)
+        self.resume_from = self._resume_point()
+        self.state = json.loads((self.resume_from / "trainer_state.json").read_text()) if self.resume_from else {}
+        self.logs: dict[str, JsonlWriter] = {}
+        self.sinks: list = []
+
+    @property
+    def start_step(self) -> int:
+        return self.state.get("step", 0)
+
+    def _resume_point(self) -> Path | None:
+        resume = self.config.resume
+        if resume == "never":
+            if self.checkpoints.steps():
+                raise ConfigError(f"resume=never, but {self.checkpoints.root} holds checkpoints of an earlier run: "
+                                  "continue it with resume=auto, or choose another run_dir")
+            return None
+        if resume == "auto":
+            return self.checkpoints.pointer("latest")
+        path = Path(resume)
+        if not (path / "trainer_state.json").exists():
+            raise ConfigError(f"config key 'resume': {path} is not a checkpoint (no trainer_state.json); "
+                              "use auto, never or a checkpoints/step_XXXXXX directory")
+        return path
+
+    def check_config(self, notice: Callable[[str], None]) -> None:
+        """Compare with the config the checkpoint was written under: a changed model/task/algorithm
+        structure is an error, any other change a notice (the run is then no longer the one it was)."""
+        saved = self.resume_from / "config.yaml" if self.resume_from else None
+        if saved is None or not saved.exists():
+            return
+        import yaml
+
+        changes = config_changes(yaml.safe_load(saved.read_text()), to_dict(self.config))
+        fixed = {k: v for k, v in changes.items() if k.startswith(FIXED_KEYS)}
+        if fixed:
+            raise ConfigError(f"cannot resume {self.resume_from} with a different " + ", ".join(
+                f"{k} ({a!r} -> {b!r})" for k, (a, b) in fixed.items()) + ": use another run_dir, or resume=never")
+        if changes:
+            notice("[yellow]resuming with a changed config: " + ", ".join(
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+
+    def open(self, notice: Callable[[str], None]) -> None:
+        """Save config.yaml, open the logs (cut back to the checkpoint's lengths) and the optional sinks."""
+        save_config(self.config, self.dir / "config.yaml")
+        inside = self.resume_from is not None and self.resume_from.resolve().parent == self.checkpoints.root.resolve()
+        lengths = self.state.get("logs", {}) if inside else {}
+        for name in LOGS:
+            self.logs[name] = JsonlWriter(self.dir / f"{name}.jsonl", truncate_at=lengths.get(name, 0))
+        log = self.config.log
+        self.sinks = open_sinks(log.report_to, self.dir, log.run_name or self.dir.name, log.project,
+                                to_dict(self.config), self.start_step, notice)
+
+    def write(self, metrics: dict) -> None:
+        """One metrics row: metrics.jsonl and every optional sink."""
+        self.logs["metrics"].write(metrics)
+        for sink in list(self.sinks):
+            sink.write(metrics["step"], metrics)
+
+    def sample(self, row: dict) -> None:
+        self.logs["samples"].write(row)
+
+    def close(self) -> None:
+        for writer in self.logs.values():
+            writer.close()
+        for sink in self.sinks:
+            sink.close()
+
+    def restore(self, parts: Parts, path: Path | None = None) -> int:
+        """Load checkpoint ``path`` (default: the one resumed from) into ``parts``; returns its step."""
+        path = path or self.resume_from
+        state = json.loads((path / "trainer_state.json").read_text())
+        restore_policy(parts.model, path)
+        for name, module in parts.modules.items():
+            restore_module(module, path, name)
+        for name, optimizer in parts.optimizers.items():
+            restore_optimizer(optimizer, path, name)
+        for name, rng in parts.rngs.items():
+            set_random_state(rng, state["rngs"][name])
+        self.monitor.load_state_dict(state["monitor"])
+        parts.extra.update(state["extra"])
+        restore_rng(state["rng"], load_file(path / "rng.safetensors"))  # last: loading may draw random numbers
+        return state["step"]
+
+    def save(self, step: int, parts: Parts, final: bool = False) -> Path:
+        """A resumable checkpoint of ``step``; ``final`` also points ``checkpoints/final`` at it."""
+        rng_json, rng_tensors = rng_state()
+        state = {"step": step, "stage": self.stage, "rng": rng_json,
+                 "rngs": {name: random_state(rng) for name, rng in parts.rngs.items()},
+                 "monitor": self.monitor.state_dict(), "extra": parts.extra,
+                 "logs": {name: writer.position for name, writer in self.logs.items()}}
+        return self.checkpoints.save(step, final=final, model=parts.model, tokenizer=parts.tokenizer, state=state,
+                                     modules=parts.modules, optimizers=parts.optimizers, config=self.config,
+                                     tensors={"rng": rng_tensors})
+
+    def save_due(self, step: int) -> bool:
+        every = self.config.save_every
+        return every > 0 and step % every == 0 and step < self.config.steps
+
+    @property
+    def needs_start_checkpoint(self) -> bool:
+        """Rollback needs a good checkpoint to go back to: save one before the first step."""
+        return any(getattr(self.config.monitor, f"{check}_action") == "rollback"
+                   for check in ("kl", "grad", "nonfinite", "entropy", "length", "zero_std"))
+
+    def record(self, events: list[Event], notice: Callable[[str], None]) -> str | None:
+        """Log health events (events.jsonl and the console); returns the strongest action, if any."""
+        for event in events:
+            self.logs["events"].write(event.to_dict())
+            colour = "yellow" if event.action == "warn" else "red"
+            notice(f"[{colour}]health, step {event.step}: {event.check}: {event.message} -> {event.action}")
+        return Monitor.worst(events)
+
+    def rollback(self, step: int, parts: Parts, notice: Callable[[str], None]) -> int:
+        """Go back to the latest checkpoint with the learning rate lowered; returns the step restored.
+        Raises :class:`RunStopped` past ``max_rollbacks``."""
+        monitor = self.monitor
+        if not monitor.on_rollback():
+            self._stop(step, f"more than {self.config.monitor.max_rollbacks} rollbacks", notice)
+        lr_scale, rollbacks = monitor.lr_scale, monitor.rollbacks
+        path = self.checkpoints.pointer("latest")
+        restored = self.restore(parts, path)
+        monitor.lr_scale, monitor.rollbacks = lr_scale, rollbacks  # the lowered lr survives the restore
+        self.logs["events"].write({"step": step, "check": "rollback", "action": "rollback", "values": {
+            "restored_step": restored, "lr_scale": lr_scale},
+            "message": f"restored {path.name} (step {restored}); learning rate x{lr_scale:.3g}"})
+        notice(f"[red]rollback: step {step} -> {path.name}, learning rate x{lr_scale:.3g}")
+        return restored
+
+    def stop_if(self, action: str | None, step: int, notice: Callable[[str], None]) -> None:
+        if action == "stop":
+            self._stop(step, "a health check's action is stop", notice)
+
+    def _stop(self, step: int, why: str, notice: Callable[[str], None]) -> None:
+        message = (f"run stopped at step {step}: {why} (see {self.dir / 'events.jsonl'}); the last good "
+                   f"checkpoint is {self.checkpoints.pointer('latest') or 'none'}")
+        self.logs["events"].write({"step": step, "check": "stop", "action": "stop", "values": {}, "message": message})
+        notice(f"[red]{message}")
+        self.close()
+        raise RunStopped(message)
+
+
+def nothing_to_do(run: Run, notice: Callable[[str], None]) -> bool:
+    """A resumed run whose checkpoint is already at the last step says so (it never trains zero steps
+    silently) and the trainer returns the metrics the checkpoint kept."""
+    if run.resume_from is None or run.start_step < run.config.steps:
+        return False
+    notice(f"{run.dir}: already complete at step {run.start_step} ({run.resume_from}); nothing left to train. "
+           f"Raise steps to train on, or use another run_dir.")
+    return True
+

@@ -1,0 +1,129 @@
+"""Exact resume, specified by killing real runs: a run SIGKILLed at random moments (mid-step, mid-log,
+mid-checkpoint) and resumed until it finishes writes the same metrics rows and ends with the same
+weights as the same run never interrupted. Timings are the only numbers allowed to differ."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from posttrain.metrics import read_jsonl
+
+ROOT = Path(__file__).parents[1]
+TINY_SFT = ["threads=1", "steps=12", "batch_size=8", "save_every=1", "keep_last=2", "gpt.n_layer=1",
+            "gpt.n_embd=32", "gpt.n_head=2", "gpt.n_kv_head=1", "gpt.max_seq_len=128", "optim.warmup_steps=2",
+            "optim.lr=1e-2", "task.test_size=8", "eval.every=6", "eval.problems=4", "eval.samples=2",
+            "eval.ks=[1,2]", "eval.max_new_tokens=24"]
+TINY_RL = ["threads=1", "algorithm=ppo", "kl_controller=adaptive", "steps=6", "prompts_per_step=2",
+           "samples_per_prompt=3", "save_every=1", "keep_last=2", "critic.warmup_steps=1", "eval.every=3",
+           "eval.problems=4", "eval.samples=2", "eval.ks=[1,2]", "eval.max_new_tokens=16",
+           "sampling.max_new_tokens=16", "task.test_size=8", "optim.warmup_steps=1", "log_samples_every=2"]
+VOLATILE = ("timing_s/", "throughput/")
+
+
+def cli(stage: str, run_dir: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "posttrain", stage, "-", "--no-progress", f"run_dir={run_dir}", *overrides]
+
+
+def run_to_end(args: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def run_with_kills(args: list[str], run_dir: Path, kills: int, rng: random.Random) -> int:
+    """Start the run; SIGKILL it ``kills`` times at random moments once it has logged a random number of
+    rows (plus a random few ms, so kills land mid-step, mid-log and mid-checkpoint); resume it each time
+    (resume=auto is the default) and let the last attempt finish. Returns how many kills landed."""
+    landed = 0
+    for attempt in range(kills + 1):
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        if attempt < kills:
+            target = rng.randint(1, 8)
+            while proc.poll() is None and _rows(run_dir / "metrics.jsonl") < target:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.15))
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                landed += 1
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    assert proc.returncode == 0
+    return landed
+
+
+def _rows(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def stable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def assert_same_run(a: Path, b: Path, weights: tuple[str, ...] = ("model.safetensors",)) -> None:
+    rows_a, rows_b = stable(read_jsonl(a / "metrics.jsonl")), stable(read_jsonl(b / "metrics.jsonl"))
+    assert len(rows_a) == len(rows_b)
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert ra == rb  # bit-identical numbers: JSON keeps every float exactly
+    for name in weights:
+        wa, wb = load_file(a / "checkpoints/final" / name), load_file(b / "checkpoints/final" / name)
+        assert wa.keys() == wb.keys()
+        assert all(wa[k].equal(wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def sft_reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("sft_ref")
+    run_to_end(cli("sft", run_dir, TINY_SFT))
+    return run_dir
+
+
+def test_sft_killed_at_random_moments_resumes_exactly(sft_reference, tmp_path):
+    landed = run_with_kills(cli("sft", tmp_path, TINY_SFT), tmp_path, kills=3, rng=random.Random(7))
+    assert landed >= 2
+    assert_same_run(sft_reference, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "final", "latest", "step_000011", "step_000012"]  # keep_last=2; pointers; no temp dirs left
+
+
+def test_rl_ppo_killed_at_random_moments_resumes_exactly(sft_reference, tmp_path):
+    model = f"model={sft_reference / 'checkpoints' / 'final'}"
+    reference = tmp_path / "ref"
+    run_to_end(cli("rl", reference, [*TINY_RL, model]))
+    resumed = tmp_path / "resumed"
+    landed = run_with_kills(cli("rl", resumed, [*TINY_RL, model]), resumed, kills=3, rng=random.Random(3))
+    assert landed >= 2
+    assert_same_run(reference, resumed, ("model.safetensors", "critic.safetensors"))
+    assert read_jsonl(reference / "samples.jsonl") == read_jsonl(resumed / "samples.jsonl")
+
+
+def test_a_finished_run_says_so_and_trains_nothing(sft_reference):
+    before = (sft_reference / "metrics.jsonl").read_bytes()
+    done = run_to_end(cli("sft", sft_reference, TINY_SFT))
+    assert "already complete at step 12" in done.stdout and "nothing left to train" in done.stdout
+    assert (sft_reference / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_refuses_what_it_cannot_honour(sft_reference, tmp_path):
+    never = subprocess.run(cli("sft", sft_reference, [*TINY_SFT, "resume=never"]), capture_output=True, text=True,
+                           cwd=ROOT)
+    assert never.returncode == 2 and "resume=never" in never.stderr and "holds checkpoints" in never.stderr
+    other = subprocess.run(cli("sft", sft_reference, [*TINY_SFT, "steps=20", "gpt.n_embd=64"]),
+                           capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode == 2 and "gpt.n_embd (32 -> 64)" in other.stderr
+    missing = subprocess.run(cli("sft", tmp_path, [*TINY_SFT, f"resume={tmp_path / 'nope'}"]),
+                             capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "is not a checkpoint" in missing.stderr
