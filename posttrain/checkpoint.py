@@ -223,6 +223,18 @@ class CheckpointDir:
         self._prune()
         return path
 
+    def before(self, step: int) -> Path | None:
+        """The newest checkpoint of a step before ``step``."""
+        earlier = [s for s in self.steps() if s < step]
+        return self.path(earlier[-1]) if earlier else None
+
+    def discard_after(self, step: int) -> None:
+        """Delete the checkpoints after ``step`` (a branch given up by a rollback); ``latest`` points at ``step``."""
+        self._point("latest", self.path(step).name)
+        for s in self.steps():
+            if s > step:
+                shutil.rmtree(self.path(s))
+
     def _point(self, name: str, target: str) -> None:
         tmp = self.root / f".{name}.tmp"
         if tmp.is_symlink() or tmp.exists():

@@ -191,15 +191,22 @@ class Run:
             notice(f"[{colour}]health, step {event.step}: {event.check}: {event.message} -> {event.action}")
         return Monitor.worst(events)
 
+    def last_good(self, step: int) -> Path | None:
+        """The checkpoint to go back to when step ``step`` fails a check: the newest one from before step
+        ``step`` − 1 (the rollout of step s shows the update of step s − 1, which the checkpoint of step
+        s − 1 already holds), else the oldest one there is."""
+        return self.checkpoints.before(step - 1) or self.checkpoints.before(step)
+
     def rollback(self, step: int, parts: Parts, notice: Callable[[str], None]) -> int:
-        """Go back to the latest checkpoint with the learning rate lowered; returns the step restored.
-        Raises :class:`RunStopped` past ``max_rollbacks``."""
+        """Go back to the last good checkpoint with the learning rate lowered (later checkpoints are
+        deleted); returns the step restored. Raises :class:`RunStopped` past ``max_rollbacks``."""
         monitor = self.monitor
         if not monitor.on_rollback():
             self._stop(step, f"more than {self.config.monitor.max_rollbacks} rollbacks", notice)
         lr_scale, rollbacks = monitor.lr_scale, monitor.rollbacks
-        path = self.checkpoints.pointer("latest")
+        path = self.last_good(step)
         restored = self.restore(parts, path)
+        self.checkpoints.discard_after(restored)
         monitor.lr_scale, monitor.rollbacks = lr_scale, rollbacks  # the lowered lr survives the restore
         self.logs["events"].write({"step": step, "check": "rollback", "action": "rollback", "values": {
             "restored_step": restored, "lr_scale": lr_scale},
@@ -213,7 +220,7 @@ class Run:
 
     def _stop(self, step: int, why: str, notice: Callable[[str], None]) -> None:
         message = (f"run stopped at step {step}: {why} (see {self.dir / 'events.jsonl'}); the last good "
-                   f"checkpoint is {self.checkpoints.pointer('latest') or 'none'}")
+                   f"checkpoint is {self.last_good(step) or 'none'}")
         self.logs["events"].write({"step": step, "check": "stop", "action": "stop", "values": {}, "message": message})
         notice(f"[red]{message}")
         self.close()
