@@ -243,7 +243,8 @@ def run_pair(model_dir: Path, run_dir: Path, trl: TRLProcess, args) -> tuple[dic
     import posttrain.trainers.rl as rl
     from posttrain.config import RLConfig, load_config
     from posttrain.engine import Engine
-    from posttrain.metrics import JsonlWriter, read_jsonl
+    from posttrain.metrics import read_jsonl
+    from posttrain.trainers.run import Run
 
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends
     config = load_config(RLConfig, None, [
@@ -256,17 +257,17 @@ def run_pair(model_dir: Path, run_dir: Path, trl: TRLProcess, args) -> tuple[dic
         f"optim.lr={args.lr}", "optim.warmup_steps=0", "optim.schedule=constant", "optim.betas=[0.9, 0.95]",
         "optim.weight_decay=0.0", "optim.grad_clip=1.0",
         "rewards={'bench.grpo_vs_trl:digit_share': 1.0}", "log_samples_every=0", "eval_before=false",
-        "eval.every=0", "eval.problems=1", "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=1",
+        "eval.every=0", "eval.problems=1", "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=1", "save_every=0",
     ])
     assert config.advantage == "grpo" and config.loss_agg == "seq-mean-token-mean" and config.kl_coef == 0
 
-    class TakeTurns(JsonlWriter):
-        """The step's metrics line is written after its timing ends: TRL's turn comes there, untimed."""
+    write = Run.write
 
-        def write(self, record: dict) -> None:
-            super().write(record)
-            if "timing_s/step" in record:
-                trl.step()
+    def take_turns(run: Run, record: dict) -> None:
+        """The step's metrics row is written after its timing ends: TRL's turn comes there, untimed."""
+        write(run, record)
+        if "timing_s/step" in record:
+            trl.step()
 
     sampling: list[float] = []
     prompts: list[list[int]] = []
@@ -278,11 +279,11 @@ def run_pair(model_dir: Path, run_dir: Path, trl: TRLProcess, args) -> tuple[dic
 
     # time the sampling part of the rollout (as on the TRL side), and keep the prompts it was given
     Engine.generate = timed_calls(record_prompts, sampling)
-    rl.JsonlWriter = TakeTurns
+    Run.write = take_turns
     try:
         rl.train_rl(config, progress=False)  # after the steps: a 1-sample evaluation and the final save (untimed)
     finally:
-        Engine.generate, rl.JsonlWriter = generate, JsonlWriter
+        Engine.generate, Run.write = generate, write
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert len(rows) == args.warmup + args.steps
     ours = {

@@ -15,6 +15,7 @@ The last line is ``RESULT s_per_step=<mean timing_s/step>``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import time
@@ -53,7 +54,8 @@ def main() -> None:
         f"run_dir={args.run_dir}", "eval.every=0", f"eval.problems={args.eval_problems}", "eval.samples=1",
         "eval.ks=[1]", "eval.temperature=0", f"eval.max_new_tokens={args.max_new_tokens}", "log_samples_every=4",
     ]
-    config = load_config(RLConfig, None, overrides)
+    config = load_config(RLConfig, None, [*overrides, "save_every=0"])
+    shutil.rmtree(args.run_dir, ignore_errors=True)  # a fresh run, not a resumed one
     print(f"machine: {cpu_name()}, torch {torch.__version__}, {args.threads} threads")
     print("config: " + " ".join(overrides[1:]))
     t0 = time.perf_counter()
