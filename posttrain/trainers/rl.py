@@ -75,7 +75,8 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     P, G = config.prompts_per_step, config.samples_per_prompt
     multi_update = config.ppo_epochs * config.minibatches > 1
 
-    with StepProgress("rl", config.steps, ("reward", "eval/pass@1"), progress, initial=run.start_step) as bar:
+    with StepProgress("rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress,
+                      initial=run.start_step) as bar:
         run.check_config(bar.print)
         step = run.restore(parts) if run.resume_from else 0
         run.open(bar.print)

@@ -68,7 +68,8 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     optimizer = make_optimizer(model, config.optim)
     parts = Parts(model, tokenizer, optimizers={"policy": optimizer},
                   rngs={"data": random.Random(config.seed + 1)}, extra={"last_eval": {}})
-    with StepProgress("sft", config.steps, ("loss", "eval/pass@1"), progress, initial=run.start_step) as bar:
+    with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress,
+                      initial=run.start_step) as bar:
         run.check_config(bar.print)
         step = run.restore(parts) if run.resume_from else 0
         run.open(bar.print)
@@ -90,6 +91,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             events = run.monitor.check_update(step + 1, loss.item(), grad_norm)
             if run.monitor.update_allowed(events):
                 optimizer.step()
+            elapsed = time.perf_counter() - t0
             metrics = {
                 "step": step + 1,
                 "loss": loss.item(),
@@ -97,7 +99,8 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
                 "learning_rate": lr,
                 "tokens": int(n_tokens),
                 "health/skipped_update": float(not run.monitor.update_allowed(events)),
-                "timing_s/step": time.perf_counter() - t0,
+                "timing_s/step": elapsed,
+                "throughput/tokens_per_s": int(n_tokens) / max(elapsed, 1e-9),
             }
             action = run.record(events, bar.print)
             if action in ("rollback", "stop"):
