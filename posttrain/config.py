@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,10 +21,12 @@ from typing import Any, TypeVar
 import yaml
 
 from posttrain.engine import SamplingParams
+from posttrain.metrics import SINKS
 from posttrain.models.gpt import GPTConfig
 from posttrain.monitor import MonitorConfig
 
 T = TypeVar("T")
+GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce")  # advantages measured against the prompt's group
 
 
 class ConfigError(ValueError):
@@ -43,6 +46,15 @@ class TaskConfig:
     # (calculator calls); None: the task's own (arithmetic: tool, gsm8k: hash)
     extract: str | None = None  # gsm8k answer extraction: strict | flexible | xml (None: the format's own)
     math_verify: bool = False  # gsm8k: also accept answers math-verify finds equivalent (needs posttrain[hf])
+
+    def __post_init__(self):
+        from posttrain.tasks import TASKS  # here: the tasks import this module
+
+        _check_choice("task.name", self.name, list(TASKS))
+        check_range("task.teacher_error", self.teacher_error, 0, 1)
+        generated = self.name == "arithmetic"  # its test split is generated: 0 rows is not 'all' there
+        check_range("task.test_size", self.test_size, int(generated),
+                    note=" for the arithmetic task (0 means 'all' only for gsm8k)" if generated else "")
 
 
 @dataclass
@@ -67,8 +79,9 @@ class LoraConfig:
     target_modules: tuple[str, ...] = ()  # module names to adapt, e.g. [q_proj, v_proj] (empty: all linear layers)
 
     def __post_init__(self):
-        if self.rank < 0:
-            raise ConfigError(f"config key 'lora.rank' must be >= 0, got {self.rank}")
+        check_range("lora.rank", self.rank, 0)
+        check_range("lora.alpha", self.alpha, 0, low_open=True)
+        check_range("lora.dropout", self.dropout, 0, 1, high_open=True)
 
 
 @dataclass
@@ -85,6 +98,13 @@ class OptimConfig:
 
     def __post_init__(self):
         _check_choice("optim.schedule", self.schedule, ["cosine", "linear", "constant"])
+        check_range("optim.lr", self.lr, 0, low_open=True)
+        check_range("optim.weight_decay", self.weight_decay, 0)
+        for beta in self.betas:
+            check_range("optim.betas", beta, 0, 1, high_open=True)
+        check_range("optim.warmup_steps", self.warmup_steps, 0)
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_range("optim.grad_clip", self.grad_clip, 0, note=" (0: off)")
 
 
 @dataclass
@@ -100,6 +120,20 @@ class EvalConfig:
     max_new_tokens: int = 64  # completion budget
     seed: int = 4321  # sampling seed (fixed: every evaluation sees the same randomness)
 
+    def __post_init__(self):
+        check_range("eval.every", self.every, 0, note=" (0: only at the end)")
+        check_range("eval.problems", self.problems, 1, note=" (the final evaluation needs a problem)")
+        if not self.ks:
+            raise ConfigError("config key 'eval.ks' needs at least one k (e.g. [1, 8])")
+        for k in self.ks:
+            check_range("eval.ks", k, 1)
+        check_range("eval.samples", self.samples, max(self.ks), note=" (the largest k of eval.ks: pass@k draws k "
+                    "of the samples)")
+        check_range("eval.temperature", self.temperature, 0, note=" (0: greedy)")
+        if self.top_k is not None:
+            check_range("eval.top_k", self.top_k, 1, note=" or null (no top-k)")
+        check_range("eval.max_new_tokens", self.max_new_tokens, 1)
+
 
 @dataclass
 class LogConfig:
@@ -108,6 +142,10 @@ class LogConfig:
     report_to: tuple[str, ...] = ()  # extra sinks: tensorboard (needs tensorboard) | wandb (needs wandb, logged in)
     project: str = "posttrain"  # W&B project
     run_name: str | None = None  # W&B run / TensorBoard label (None: the run directory's name)
+
+    def __post_init__(self):
+        for name in self.report_to:
+            _check_choice("log.report_to", name, list(SINKS))
 
 
 @dataclass
@@ -125,11 +163,15 @@ class SFTConfig:
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
-    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a checkpoint dir
+    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a ckpt dir
     save_every: int = 50  # write a resumable checkpoint every N steps (0: only the final one)
     keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
     log: LogConfig = field(default_factory=LogConfig)  # metric sinks
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # health checks and their actions
+
+    def __post_init__(self):
+        _check_run(self)
+        check_range("batch_size", self.batch_size, 1)
 
 
 @dataclass
@@ -139,6 +181,11 @@ class CriticConfig:
     lr: float = 2e-3  # critic peak learning rate (same warm-up and schedule as the policy)
     warmup_steps: int = 5  # first RL steps train only the critic (the policy waits for sane values)
     value_clip: float = 0.2  # clip V to V_old ± this in the value loss (0: no clipping)
+
+    def __post_init__(self):
+        check_range("critic.lr", self.lr, 0, low_open=True)
+        check_range("critic.warmup_steps", self.warmup_steps, 0)
+        check_range("critic.value_clip", self.value_clip, 0, note=" (0: no clipping)")
 
 
 # Named presets of RLConfig: the published recipes, as defaults for the fields left at None.
@@ -219,7 +266,7 @@ class RLConfig:
     reward_fallback: float = 0.0  # reward of samples whose function raised, hung or returned NaN
     log_samples_every: int = 10  # write prompts/completions/rewards to samples.jsonl every N steps
     eval_before: bool = True  # evaluate the initial policy before the first step
-    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a checkpoint dir
+    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a ckpt dir
     save_every: int = 50  # write a resumable checkpoint every N steps (0: only the final one)
     keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
     log: LogConfig = field(default_factory=LogConfig)  # metric sinks
@@ -254,11 +301,66 @@ class RLConfig:
                                   "; a function of your own is 'package.module:function'")
         if self.dual_clip and self.dual_clip <= 1:
             raise ConfigError(f"config key 'dual_clip' must be > 1 (e.g. 3.0) or 0 (off), got {self.dual_clip}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Range checks of the numeric fields (after the preset filled its fields)."""
+        _check_run(self)
+        check_range("prompts_per_step", self.prompts_per_step, 1)
+        grouped = self.advantage in GROUP_BASELINES
+        check_range("samples_per_prompt", self.samples_per_prompt, 1 + grouped,
+                    note=f" for advantage '{self.advantage}' (a group of one has no baseline)" if grouped else "")
+        for key in ("gamma", "lam"):
+            check_range(key, getattr(self, key), 0, 1)
+        for key in ("clip_low", "clip_high"):
+            check_range(key, getattr(self, key), 0, infinite=True, note=" (.inf: no clipping)")
+        for key in ("kl_coef", "entropy_coef", "overlong_factor"):
+            check_range(key, getattr(self, key), 0)
+        check_range("kl_target", self.kl_target, 0, low_open=True)
+        check_range("kl_horizon", self.kl_horizon, 1)
+        check_range("reward_timeout", self.reward_timeout, 0, low_open=True)
+        check_range("reward_fallback", self.reward_fallback)
+        for name, weight in self.rewards.items():
+            check_range(f"rewards.{name}", weight)
+        check_range("log_samples_every", self.log_samples_every, 0, note=" (0: never)")
 
 
 def _check_choice(key: str, value: str, valid: list[str]) -> None:
     if value not in valid:
         raise ConfigError(f"config key '{key}' has unknown value '{value}'{suggest(value, valid)}")
+
+
+def check_range(key: str, value: float, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False, infinite: bool = False, note: str = "") -> None:
+    """ConfigError unless low ≤ value ≤ high (< at an open end), e.g. "config key 'optim.lr' must be > 0,
+    got -0.1". NaN never passes, ±inf only with ``infinite``; ``note`` follows the rule in the message."""
+    if not infinite and math.isinf(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+    if (low < value if low_open else low <= value) and (value < high if high_open else value <= high):
+        return
+    if low == -math.inf and high == math.inf:
+        rule = "a number"  # only NaN gets here
+    elif high == math.inf:
+        rule = f"{'>' if low_open else '>='} {low:g}"
+    elif low == -math.inf:
+        rule = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ConfigError(f"config key '{key}' must be {rule}{note}, got {value!r}")
+
+
+def _check_run(config: SFTConfig | RLConfig) -> None:
+    """The fields SFT and RL share: step count, checkpointing, resume, threads."""
+    check_range("steps", config.steps, 1)
+    check_range("save_every", config.save_every, 0, note=" (0: only the final checkpoint)")
+    check_range("keep_last", config.keep_last, 1)
+    check_range("threads", config.threads, 0, note=" (0: torch's default)")
+    if not config.resume.strip():
+        raise ConfigError(f"config key 'resume' must be 'auto', 'never' or a checkpoint dir, got {config.resume!r}")
+    task = config.task
+    if task.name == "gsm8k" and task.test_size == 0 and Path(task.data).expanduser().is_file():
+        raise ConfigError(f"config key 'task.test_size' is 0 with the single data file {task.data}: every row would "
+                          "be a test row and none left to train on (set it to the number of test rows)")
 
 
 def suggest(name: str, valid: list[str]) -> str:
@@ -302,7 +404,15 @@ def _build(cls: type[T], data: Any, where: str) -> T:
         if key not in fields:
             raise ConfigError(f"unknown config key '{path}'{suggest(key, list(fields))}")
         kwargs[key] = _coerce(hints[key], value, path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a section checked by its own module (sampling, gpt, monitor)
+        message = str(err)
+        if not message.startswith("config key"):
+            message = f"config section '{where or cls.__name__}': {message}"
+        raise ConfigError(message) from None
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:

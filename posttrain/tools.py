@@ -39,6 +39,7 @@ _ERRORS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], str], ...] =
     ((RecursionError, MemoryError), "too deeply nested"),  # the parser's or our walker's stack
 )
 _NUMBER_TEXT = re.compile(r"\d+(\.\d*)?|\.\d+")  # no 1e5, 0x1f, 1_000, 1j
+_LINE_END = re.compile(rb"\r\n|\r|\n")  # how the parser counts lines
 
 
 class _Refused(Exception):
@@ -47,7 +48,7 @@ class _Refused(Exception):
 
 @dataclass(frozen=True)
 class _Limits:
-    source: str
+    lines: list[bytes]  # the source's lines in UTF-8: ast positions are byte offsets into them
     max_abs: float
     max_exponent: int
     deadline: float
@@ -62,12 +63,15 @@ def _describe(node: ast.AST) -> str:
     return f"{type(node).__name__.lower()} is not allowed"
 
 
-def _literal(node: ast.Constant, source: str) -> Number:
-    """Return a plain int/float literal, refusing bools, strings, complex and exotic spellings."""
+def _literal(node: ast.Constant, lines: list[bytes]) -> Number:
+    """Return a plain int/float literal, refusing bools, strings, complex and exotic spellings.
+
+    The literal's text is sliced from its (single) line: ``ast.get_source_segment`` re-splits the
+    whole source on every call, which makes an expression of n numbers cost O(n²)."""
     value = node.value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Refused(f"constant {value!r} is not allowed")
-    text = ast.get_source_segment(source, node) or ""
+    text = lines[node.lineno - 1][node.col_offset : node.end_col_offset].decode("utf-8", "replace")
     if not _NUMBER_TEXT.fullmatch(text):
         raise _Refused(f"number '{text}' is not allowed")
     return value
@@ -89,7 +93,7 @@ def _evaluate(node: ast.AST, limits: _Limits) -> Number:
     if time.perf_counter() > limits.deadline:
         raise _Refused("timeout")
     if isinstance(node, ast.Constant):
-        value: object = _literal(node, limits.source)
+        value: object = _literal(node, limits.lines)
     elif isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
         value = _UNARY_OPS[type(node.op)](_evaluate(node.operand, limits))
     elif isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
@@ -131,7 +135,8 @@ def calculate(
         if "#" in text or "\\" in text:  # comments and line continuations are invisible in the AST
             return "error: comments are not allowed"
         tree = ast.parse(text, mode="eval")
-        return _format(_evaluate(tree.body, _Limits(text, max_abs, max_exponent, deadline)))
+        lines = _LINE_END.split(text.encode("utf-8"))
+        return _format(_evaluate(tree.body, _Limits(lines, max_abs, max_exponent, deadline)))
     except _Refused as exc:
         return f"error: {exc}"
     except Exception as exc:  # a tool must never raise into the rollout

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,8 @@ from posttrain.config import (
     OptimConfig,
     RLConfig,
     SFTConfig,
+    TaskConfig,
+    check_range,
     load_config,
     save_config,
     suggest,
@@ -41,7 +45,7 @@ def test_dotted_overrides_set_nested_fields():
     [
         ("optim.lr=2", ("optim", "lr"), 2.0),  # an int is accepted for a float field
         ("optim.betas=[0.8, 0.9]", ("optim", "betas"), (0.8, 0.9)),
-        ("eval.ks=[1, 4, 16]", ("eval", "ks"), (1, 4, 16)),
+        ("eval.ks=[1, 4, 8]", ("eval", "ks"), (1, 4, 8)),
         ("eval.ks=2", ("eval", "ks"), (2,)),
         ("eval.top_k=null", ("eval", "top_k"), None),
         ("model.path=runs/x/ckpt", ("model", "path"), "runs/x/ckpt"),
@@ -281,3 +285,152 @@ def test_lora_on_a_builtin_checkpoint_is_a_config_error(tmp_path, make_gpt, tok)
         load_policy(ModelConfig(str(tmp_path / "ckpt")), LoraConfig(rank=8))
     with pytest.raises(ConfigError, match="'model.path' must name the policy"):
         load_policy(ModelConfig(None), LoraConfig())
+
+
+# --- values out of range: the key, the rule and the value ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "overrides", "message"),
+    [
+        (SFTConfig, "steps=0", "config key 'steps' must be >= 1, got 0"),
+        (SFTConfig, "steps=10.5", "config key 'steps' must be int, got 10.5"),
+        (SFTConfig, "batch_size=0", "config key 'batch_size' must be >= 1, got 0"),
+        (SFTConfig, "save_every=-1", "config key 'save_every' must be >= 0 (0: only the final checkpoint), got -1"),
+        (SFTConfig, "keep_last=0", "config key 'keep_last' must be >= 1, got 0"),
+        (SFTConfig, "threads=-1", "config key 'threads' must be >= 0 (0: torch's default), got -1"),
+        (SFTConfig, "resume=''", "config key 'resume' must be 'auto', 'never' or a checkpoint dir, got ''"),
+        (RLConfig, "steps=-3", "config key 'steps' must be >= 1, got -3"),
+        (RLConfig, "prompts_per_step=0", "config key 'prompts_per_step' must be >= 1, got 0"),
+        (RLConfig, "samples_per_prompt=1",
+         "config key 'samples_per_prompt' must be >= 2 for advantage 'grpo' (a group of one has no baseline), got 1"),
+        (RLConfig, ["algorithm=rloo", "samples_per_prompt=1"],
+         "config key 'samples_per_prompt' must be >= 2 for advantage 'rloo' (a group of one has no baseline), got 1"),
+        (RLConfig, ["algorithm=ppo", "samples_per_prompt=0"], "config key 'samples_per_prompt' must be >= 1, got 0"),
+        (RLConfig, "optim.lr=-0.1", "config key 'optim.lr' must be > 0, got -0.1"),
+        (RLConfig, "optim.lr=0", "config key 'optim.lr' must be > 0, got 0.0"),
+        (RLConfig, "optim.lr=.nan", "config key 'optim.lr' must be > 0, got nan"),
+        (RLConfig, "optim.lr=.inf", "config key 'optim.lr' must be a finite number, got inf"),
+        (RLConfig, "optim.weight_decay=-1e-2", "config key 'optim.weight_decay' must be >= 0, got -0.01"),
+        (RLConfig, "optim.betas=[0.9,1]", "config key 'optim.betas' must be in [0, 1), got 1.0"),
+        (RLConfig, "optim.betas=[-0.1,0.9]", "config key 'optim.betas' must be in [0, 1), got -0.1"),
+        (RLConfig, "optim.warmup_steps=-1", "config key 'optim.warmup_steps' must be >= 0, got -1"),
+        (RLConfig, "optim.min_lr_ratio=1.5", "config key 'optim.min_lr_ratio' must be in [0, 1], got 1.5"),
+        (RLConfig, "optim.grad_clip=-1", "config key 'optim.grad_clip' must be >= 0 (0: off), got -1.0"),
+        (RLConfig, "eval.every=-1", "config key 'eval.every' must be >= 0 (0: only at the end), got -1"),
+        (RLConfig, "eval.problems=0",
+         "config key 'eval.problems' must be >= 1 (the final evaluation needs a problem), got 0"),
+        (RLConfig, "eval.ks=[1,16]", "config key 'eval.samples' must be >= 16 (the largest k of eval.ks: pass@k "
+                                     "draws k of the samples), got 8"),
+        (RLConfig, "eval.ks=[0,1]", "config key 'eval.ks' must be >= 1, got 0"),
+        (RLConfig, "eval.ks=[]", "config key 'eval.ks' needs at least one k (e.g. [1, 8])"),
+        (RLConfig, "eval.temperature=-0.5", "config key 'eval.temperature' must be >= 0 (0: greedy), got -0.5"),
+        (RLConfig, "eval.top_k=0", "config key 'eval.top_k' must be >= 1 or null (no top-k), got 0"),
+        (RLConfig, "eval.max_new_tokens=0", "config key 'eval.max_new_tokens' must be >= 1, got 0"),
+        (RLConfig, "sampling.temperature=-1", "config section 'sampling': temperature must be >= 0, got -1.0"),
+        (RLConfig, "sampling.top_k=0", "config section 'sampling': top_k must be >= 1 or None, got 0"),
+        (RLConfig, "sampling.top_p=0", "config section 'sampling': top_p must be in (0, 1] or None, got 0.0"),
+        (RLConfig, "sampling.top_p=1.5", "config section 'sampling': top_p must be in (0, 1] or None, got 1.5"),
+        (RLConfig, "sampling.max_new_tokens=0", "config section 'sampling': max_new_tokens must be >= 1, got 0"),
+        (RLConfig, "kl_coef=-0.1", "config key 'kl_coef' must be >= 0, got -0.1"),
+        (RLConfig, "clip_low=-0.2", "config key 'clip_low' must be >= 0 (.inf: no clipping), got -0.2"),
+        (RLConfig, "clip_high=-1", "config key 'clip_high' must be >= 0 (.inf: no clipping), got -1.0"),
+        (RLConfig, "gamma=1.1", "config key 'gamma' must be in [0, 1], got 1.1"),
+        (RLConfig, "lam=-0.5", "config key 'lam' must be in [0, 1], got -0.5"),
+        (RLConfig, "entropy_coef=-0.001", "config key 'entropy_coef' must be >= 0, got -0.001"),
+        (RLConfig, "reward_timeout=0", "config key 'reward_timeout' must be > 0, got 0.0"),
+        (RLConfig, "reward_fallback=.nan", "config key 'reward_fallback' must be a number, got nan"),
+        (RLConfig, "rewards={task: .nan}", "config key 'rewards.task' must be a number, got nan"),
+        (RLConfig, "kl_target=0", "config key 'kl_target' must be > 0, got 0.0"),
+        (RLConfig, "critic.lr=0", "config key 'critic.lr' must be > 0, got 0.0"),
+        (RLConfig, "log_samples_every=-1", "config key 'log_samples_every' must be >= 0 (0: never), got -1"),
+        (RLConfig, "task.teacher_error=1.5", "config key 'task.teacher_error' must be in [0, 1], got 1.5"),
+        (RLConfig, "task.test_size=-1", "config key 'task.test_size' must be >= 1 for the arithmetic task (0 means "
+                                        "'all' only for gsm8k), got -1"),
+        (RLConfig, ["task=gsm8k", "task.test_size=-1"], "config key 'task.test_size' must be >= 0, got -1"),
+        (RLConfig, "task=gsm8", "config key 'task.name' has unknown value 'gsm8' (did you mean 'gsm8k'?)"),
+        (RLConfig, "log.report_to=[tensorbord]",
+         "config key 'log.report_to' has unknown value 'tensorbord' (did you mean 'tensorboard'?)"),
+        (RLConfig, "log.report_to=mlflow", "config key 'log.report_to' has unknown value 'mlflow' (valid: "
+                                           "tensorboard, wandb)"),
+        (RLConfig, "lora.dropout=1", "config key 'lora.dropout' must be in [0, 1), got 1.0"),
+        (SFTConfig, "gpt.n_layer=0", "config section 'gpt': n_layer must be >= 1, got 0"),
+        (SFTConfig, "gpt.n_kv_head=3", "config section 'gpt': n_kv_head must divide n_head (grouped-query "
+                                       "attention), got n_kv_head=3, n_head=4"),
+        (SFTConfig, "gpt.n_embd=36", "config section 'gpt': n_embd / n_head (the head dim) must be an even whole "
+                                     "number (rotary embeddings turn pairs of channels), got n_embd=36, n_head=4"),
+        (SFTConfig, "gpt.rope_base=0", "config section 'gpt': rope_base must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_bad_values_name_the_key_the_rule_and_the_value(cls, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(cls, overrides=[overrides] if isinstance(overrides, str) else overrides)
+    assert str(err.value) == message
+
+
+def test_edge_values_that_are_valid():
+    config = load_config(RLConfig, overrides=[
+        "algorithm=ppo", "samples_per_prompt=1", "clip_low=.inf", "optim.betas=[0,0.999]", "optim.min_lr_ratio=1",
+        "gamma=0", "lam=1", "save_every=0", "eval.every=0", "eval.samples=4", "eval.ks=[4]", "eval.temperature=0",
+        "eval.top_k=null", "sampling.top_p=1", "log.report_to=[tensorboard, wandb]", "resume=runs/old/step_5",
+        "task=gsm8k", "task.test_size=0",  # gsm8k: 0 is every test row
+    ])
+    assert (config.samples_per_prompt, config.clip_low, config.resume) == (1, float("inf"), "runs/old/step_5")
+    assert load_config(RLConfig, overrides=["algorithm=reinforce_pp", "samples_per_prompt=1"]).samples_per_prompt == 1
+
+
+def test_yaml_numbers_are_checked_like_overrides(tmp_path):
+    path = tmp_path / "rl.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n")  # PyYAML reads 1e-3 as a string
+    assert load_config(RLConfig, path).optim.lr == 0.001
+    path.write_text("optim:\n  lr: -1e-3\n")
+    with pytest.raises(ConfigError, match=r"^config key 'optim.lr' must be > 0, got -0.001$"):
+        load_config(RLConfig, path)
+    path.write_text("steps: 10.5\n")
+    with pytest.raises(ConfigError, match=r"^config key 'steps' must be int, got 10.5$"):
+        load_config(RLConfig, path)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("*configs/*.yaml")), ids=str)
+def test_every_shipped_config_loads(path):
+    cls = RLConfig if "_rl" in path.name else SFTConfig
+    assert isinstance(load_config(cls, path), cls)
+
+
+def test_a_single_gsm8k_file_with_test_size_0_leaves_nothing_to_train_on(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"question": "q", "answer": "#### 1"}\n')
+    with pytest.raises(ConfigError, match=r"^config key 'task.test_size' is 0 with the single data file .*rows.jsonl: "
+                                          r"every row would be a test row"):
+        load_config(SFTConfig, overrides=["task=gsm8k", f"task.data={data}", "task.test_size=0"])
+    assert load_config(SFTConfig, overrides=["task=gsm8k", f"task.data={data}", "task.test_size=1"]).task.test_size == 1
+    assert TaskConfig(name="gsm8k", data=str(data), test_size=0).test_size == 0  # evaluation alone: every row is test
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((-1, 0), "config key 'k' must be >= 0, got -1"),
+        ((0, 0, math.inf, True), "config key 'k' must be > 0, got 0"),
+        ((2, -math.inf, 1), "config key 'k' must be <= 1, got 2"),
+        ((1, -math.inf, 1, False, True), "config key 'k' must be < 1, got 1"),
+        ((1.5, 0, 1), "config key 'k' must be in [0, 1], got 1.5"),
+        ((0.0, 0, 1, True, False), "config key 'k' must be in (0, 1], got 0.0"),
+        ((1.0, 0, 1, False, True), "config key 'k' must be in [0, 1), got 1.0"),
+        ((math.nan,), "config key 'k' must be a number, got nan"),
+        ((-math.inf,), "config key 'k' must be a finite number, got -inf"),
+    ],
+)
+def test_check_range_messages(args, message):
+    value, *bounds = args
+    opens = dict(zip(("low_open", "high_open"), bounds[2:], strict=False))
+    with pytest.raises(ConfigError) as err:
+        check_range("k", value, *bounds[:2], **opens)
+    assert str(err.value) == message
+
+
+def test_check_range_passes_values_in_range_and_inf_where_allowed():
+    check_range("k", 0, 0, 1)
+    check_range("k", 1, 0, 1)
+    check_range("k", math.inf, 0, infinite=True)
+    check_range("k", 5)

@@ -296,15 +296,37 @@ def test_load_directory_and_single_file(tmp_path):
         ('{"question": "q", "answer": "#### 1"', "malformed JSON"),
         ('{"answer": "#### 1"}', "no 'question'"),
         ('{"question": "q"}', "no 'answer'"),
-        ('{"question": "q", "answer": 7}', "no 'answer'"),
+        ('{"question": "q", "answer": null}', "row has no 'answer'"),
+        ('{"question": "q", "answer": 7}', "'answer' must be a string, got int 7"),
+        ('{"question": ["q"], "answer": "#### 1"}', "'question' must be a string, got list ['q']"),
+        ('{"question": "  ", "answer": "#### 1"}', "'question' is empty"),
         ('{"question": "q", "answer": "just 7"}', "does not end with '#### <number>'"),
-        ('["q", "#### 1"]', "expected an object"),
+        ('["q", "#### 1"]', "expected an object with 'question' and 'answer', got list"),
+        ("null", "expected an object with 'question' and 'answer', got NoneType"),
+        ("3", "expected an object with 'question' and 'answer', got int"),
+        ("question: q", "malformed JSON (Expecting value)"),
     ],
 )
 def test_malformed_rows_name_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "test.jsonl", [json.dumps(ROW), "", line])
     with pytest.raises(ValueError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
         read_file(path)
+
+
+def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(json.dumps(ROW).encode() + b"\n" + b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8 text (invalid continuation byte at byte 17)")):
+        read_file(path)
+
+
+def test_a_split_with_no_rows_is_an_error_before_training(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [json.dumps(ROW)])
+    test = write_jsonl(tmp_path / "test.jsonl", ["", "   "])  # blank lines only
+    with pytest.raises(ValueError, match=f"^gsm8k data file {re.escape(str(test))} has no rows$"):
+        load_splits(str(tmp_path))
+    with pytest.raises(ValueError, match=f"{re.escape(str(test))} has no rows"):
+        make_task(TaskConfig(name="gsm8k", data=str(tmp_path)))
 
 
 def test_empty_file_and_missing_paths(tmp_path):
@@ -338,6 +360,11 @@ def test_missing_path_is_loaded_as_a_hub_dataset(monkeypatch):
         load_dataset=lambda name, config: {"train": [ROW], "test": [{"question": "q"}]}))
     with pytest.raises(ValueError, match=r"openai/gsm8k\[test\] row 0: row has no 'answer'"):
         load_splits("openai/gsm8k")
+    for empty in ("train", "test"):
+        monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+            load_dataset=lambda name, config, empty=empty: {"train": [ROW], "test": [ROW], empty: []}))
+        with pytest.raises(ValueError, match=f"^gsm8k dataset 'openai/gsm8k' split '{empty}' has no rows$"):
+            load_splits("openai/gsm8k")
 
 
 def test_parquet_round_trip(tmp_path):
@@ -351,6 +378,16 @@ def test_parquet_round_trip(tmp_path):
     pq.write_table(pa.Table.from_pylist([ROW, {"question": "q2"}]), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match=r"bad.parquet row 1: row has no 'answer'"):
         read_file(tmp_path / "bad.parquet")
+    pq.write_table(pa.Table.from_pylist([{"question": "q", "answer": 5}]), tmp_path / "int.parquet")
+    with pytest.raises(ValueError, match=r"int.parquet row 0: 'answer' must be a string, got int 5"):
+        read_file(tmp_path / "int.parquet")
+    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
+                   tmp_path / "empty.parquet")
+    with pytest.raises(ValueError, match=r"empty.parquet has no rows"):
+        read_file(tmp_path / "empty.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"junk.parquet.*not a parquet file"):
+        read_file(tmp_path / "junk.parquet")
 
 
 # --- the task ---------------------------------------------------------------------------------
@@ -401,7 +438,7 @@ def test_task_interface(small):
 
 
 def test_no_training_rows_is_a_clear_error():
-    with pytest.raises(ValueError, match="no training rows"):
+    with pytest.raises(ValueError, match=r"^gsm8k: no training rows \(1 test rows; .*test_size 0 makes every row"):
         GSM8KTask([], [Problem("q", "", "1")]).train_problem(random.Random(0))
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from posttrain.tools import ToolRegistry, calculate, default_registry
 
@@ -144,3 +147,104 @@ def test_registry_explicit_default_and_name_validation() -> None:
     assert registry.run("echo: hi") == "HI"
     with pytest.raises(ValueError):
         registry.register("not a name", calculate)
+
+
+# --- fuzzing: hostile input never raises and never takes long ------------------------------------
+
+CALL_BOUND_S = 0.5  # wall time of one call with the default limits: a call takes well under 1 ms, so this holds
+# even on a loaded 2-core machine (the parse is bounded by max_length=200, the walk by timeout_s=0.05)
+HOSTILE_ATOMS = [
+    "9**9**9", "float('nan')", "float('inf')", "1e999", "-1e999", "0", "0.0", "-0.0", "nan", "inf", "math.inf",
+    "__import__('os').system('true')", "().__class__.__bases__[0].__subclasses__()", "lambda: 1", "(x for x in ())",
+    "[x for x in range(10**9)]", "{i: i for i in range(9)}", "x", "True", "None", "...", "'a'*10**9", "b'x'", "1j",
+    "0x1f", "0b11", "0o7", "1_000", "1e5", "１２", "٣", "𝟗", "²", "½", "(yield)", "await x", "x := 1", "f'{1}'",
+    "\ud800", "\x00", "\\\n1", "1 # c", "1;2", "\t", "\n", "\r", "\f",
+]
+HOSTILE_OPS = ["+", "-", "*", "/", "//", "%", "**", "^", "&", "|", "<<", ">>", "@", "<", "==", " and ", " if 1 else ",
+               ",", ".", " ", ""]
+HOSTILE_CALLS = ["abs({})", "({}).real", "[{} for _ in ()]", "(lambda: {})()", "{}[0]", "{}()", "({},)"]
+_atoms = st.one_of(
+    st.integers(-10**40, 10**40).map(str),
+    st.text(alphabet="0123456789", min_size=1, max_size=300),  # long digit strings
+    st.floats().map(repr),  # nan, inf, 1e+300, 5e-324
+    st.sampled_from(HOSTILE_ATOMS),
+    st.text(alphabet=st.characters(categories=["Nd", "No", "Nl"]), min_size=1, max_size=4),  # unicode digits
+)
+
+
+def _hostile(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.tuples(inner, st.sampled_from(HOSTILE_OPS), inner).map("".join),
+        st.tuples(st.sampled_from(["-", "+", "~", "not ", "*", "**"]), inner).map("".join),
+        st.tuples(st.integers(1, 400), inner).map(lambda t: "(" * t[0] + t[1] + ")" * t[0]),  # deep nesting
+        st.tuples(st.integers(1, 400), inner).map(lambda t: "-" * t[0] + t[1]),
+        st.tuples(st.integers(2, 60), inner).map(lambda t: "**".join([t[1]] * t[0])),  # power towers
+        st.integers(2, 80).map(lambda n: "*".join(map(str, range(n, 0, -1)))),  # factorial-like chains
+        st.sampled_from(HOSTILE_CALLS).flatmap(lambda template: inner.map(template.format)),
+    )
+
+
+HOSTILE = st.one_of(
+    st.recursive(_atoms, _hostile, max_leaves=12),
+    st.text(max_size=300),  # arbitrary text
+    st.tuples(st.integers(200, 300_000), st.sampled_from(["1+", "(", "-", "9", " ", "9**"])).map(
+        lambda t: t[1] * t[0] + "1"),  # very long inputs
+)
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def timed_calculate(expression: str, **limits) -> str:
+    """calculate(), checked: a string, an error or a finite number within max_abs, within CALL_BOUND_S."""
+    start = time.perf_counter()
+    result = calculate(expression, **limits)
+    elapsed = time.perf_counter() - start
+    assert isinstance(result, str)
+    if not result.startswith("error: "):
+        value = float(result)
+        assert math.isfinite(value) and abs(value) <= limits.get("max_abs", 1e12), (expression, result)
+    assert elapsed < CALL_BOUND_S, (expression[:100], elapsed)
+    return result
+
+
+@FUZZ
+@given(HOSTILE)
+def test_fuzz_hostile_input_gives_a_result_or_an_error_string_in_bounded_time(expression: str) -> None:
+    timed_calculate(expression)
+    # with a 100x longer input allowed, the walker meets deep trees and long chains: still no exception
+    assert isinstance(calculate(expression, max_length=20_000), str)
+
+
+@FUZZ
+@given(st.recursive(st.integers(0, 999).map(str), lambda inner: st.tuples(
+    inner, st.sampled_from(["+", "-", "*", "//", "%"]), inner).map(lambda t: f"({t[0]}{t[1]}{t[2]})"), max_leaves=8))
+def test_fuzz_integer_arithmetic_agrees_with_python(expression: str) -> None:
+    result = timed_calculate(expression)
+    try:
+        expected = str(eval(expression))  # integers and + - * // % only: safe to eval
+    except ZeroDivisionError:
+        expected = "error: division by zero"
+    # the calculator refuses a sub-expression beyond max_abs even where Python's final value is small
+    too_large = any(abs(value) > 1e12 for value in _partial_values(expression))
+    assert result == expected or (too_large and result == "error: number too large")
+
+
+def _partial_values(expression: str) -> list[int]:
+    """Every parenthesised sub-expression's value (the inputs here are fully parenthesised)."""
+    values, stack = [], []
+    for i, char in enumerate(expression):
+        if char == "(":
+            stack.append(i)
+        elif char == ")":
+            try:
+                values.append(eval(expression[stack.pop() : i + 1]))
+            except ZeroDivisionError:
+                pass
+    return values
+
+
+def test_long_sums_cost_linear_time() -> None:
+    """Each number's text is checked from its own line, not by re-splitting the source (was quadratic:
+    900 terms ran into the 0.05 s timeout)."""
+    assert calculate("1+" * 900 + "1", max_length=2000) == "901"
+    assert calculate("(1\n+\r\n2.5\r*\n3)") == "8.5"  # any line ending: positions stay right
+    assert calculate("(1\n+\n1e5)") == "error: number '1e5' is not allowed"

@@ -36,6 +36,19 @@ class GPTConfig:
     max_seq_len: int = 256  # longest sequence (prompt + completion) the rotary table covers
     rope_base: float = 10000.0  # rotary base frequency
 
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head must divide n_head (grouped-query attention), got n_kv_head={self.n_kv_head}, "
+                             f"n_head={self.n_head}")
+        if self.n_embd % (2 * self.n_head):
+            raise ValueError(f"n_embd / n_head (the head dim) must be an even whole number (rotary embeddings turn "
+                             f"pairs of channels), got n_embd={self.n_embd}, n_head={self.n_head}")
+        if not 0 < self.rope_base < math.inf:
+            raise ValueError(f"rope_base must be a finite number > 0, got {self.rope_base}")
+
 
 class KVCache:
     """Keys and values of every layer for a batch of rows being decoded.
@@ -85,11 +98,6 @@ def _rms_norm(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.n_head % config.n_kv_head or config.n_embd % (2 * config.n_head):
-            raise ValueError(
-                f"need n_kv_head | n_head and an even head dim n_embd/n_head; got n_embd={config.n_embd}, "
-                f"n_head={config.n_head}, n_kv_head={config.n_kv_head}"
-            )
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
         self.q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)

@@ -216,12 +216,18 @@ def conversation(problem: Problem, fmt: str, solution: bool = False) -> dict:
 
 
 def to_problem(row: object, where: str) -> Problem:
-    """A dataset row as a Problem; ValueError naming ``where`` if it lacks a question or a final answer."""
+    """A dataset row as a Problem; ValueError naming ``where`` if it is not an object, if ``question`` or
+    ``answer`` is missing (or null), not a string or blank, or if the answer has no final ``#### N``."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with 'question' and 'answer', got {type(row).__name__}")
     for key in ("question", "answer"):
-        if not isinstance(row.get(key), str) or not row[key].strip():
-            raise ValueError(f"{where}: row has no '{key}' (a non-empty string)")
+        value = row.get(key)
+        if value is None:
+            raise ValueError(f"{where}: row has no '{key}'")
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: '{key}' must be a string, got {type(value).__name__} {value!r:.40}")
+        if not value.strip():
+            raise ValueError(f"{where}: '{key}' is empty")
     solution, sep, final = row["answer"].rpartition("####")
     answer = normalize_number(final) if sep else None
     if answer is None:
@@ -232,8 +238,12 @@ def to_problem(row: object, where: str) -> Problem:
 def read_jsonl(path: Path) -> list[Problem]:
     """Rows of a JSON-lines file (blank lines skipped); errors name the file and the 1-based line."""
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
@@ -287,13 +297,13 @@ def _read_hub(dataset_id: str) -> tuple[list[Problem], list[Problem]]:
             "dataset: pip install 'posttrain[hf]'"
         ) from None
     loaded = datasets.load_dataset(dataset_id, "main")
-    train, test = (
-        [to_problem(row, f"{dataset_id}[{split}] row {i}") for i, row in enumerate(loaded[split])]
-        for split in ("train", "test")
-    )
-    if not test:
-        raise ValueError(f"gsm8k dataset '{dataset_id}' has an empty test split")
-    return train, test
+    splits = []
+    for split in ("train", "test"):
+        rows = [to_problem(row, f"{dataset_id}[{split}] row {i}") for i, row in enumerate(loaded[split])]
+        if not rows:
+            raise ValueError(f"gsm8k dataset '{dataset_id}' split '{split}' has no rows")
+        splits.append(rows)
+    return splits[0], splits[1]
 
 
 def load_splits(data: str, test_size: int = 0) -> tuple[list[Problem], list[Problem]]:
@@ -350,7 +360,8 @@ class GSM8KTask:
     def train_problem(self, r: random.Random) -> Problem:
         """A training problem drawn uniformly at random."""
         if not self.train:
-            raise ValueError("gsm8k: no training rows (a single data file with test_size 0 is all test)")
+            raise ValueError(f"gsm8k: no training rows ({len(self.test)} test rows; a single data file trains on the "
+                             "rows after the first task.test_size, and test_size 0 makes every row a test row)")
         return r.choice(self.train)
 
     def sft_example(self, r: random.Random) -> dict:
