@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -28,14 +29,15 @@ def _load(cls, config: Path, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
-def _train(fn, config, progress: bool) -> None:
-    """Run a trainer; a config it cannot honour exits 2, a run the health monitor stopped exits 3, a
-    checkpoint that could not be written exits 4 (each with the message, not a traceback)."""
+@contextmanager
+def _run_errors():
+    """Around a training run: a config it cannot honour exits 2, a run the health monitor stopped exits 3,
+    a checkpoint that could not be written exits 4 (each with the message, not a traceback)."""
     from posttrain.checkpoint import CheckpointError
     from posttrain.trainers.run import RunStopped
 
     try:
-        fn(config, progress=progress)
+        yield
     except ConfigError as err:
         typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
@@ -50,13 +52,15 @@ def _train(fn, config, progress: bool) -> None:
 @app.command()
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="a tiny budget (seconds), for smoke tests")] = False,
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="where everything is written")] = Path("runs/demo"),
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="where everything is written (default: "
+                                                 "runs/demo, runs/demo-quick with --quick)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """SFT the built-in GPT from scratch, then RL (Dr. GRPO); print held-out pass@1/pass@8 before and after RL."""
     from posttrain.demo import run_demo
 
-    run_demo(run_dir, quick=quick, progress=progress)
+    with _run_errors():
+        run_demo(run_dir or Path("runs/demo-quick" if quick else "runs/demo"), quick=quick, progress=progress)
 
 
 @app.command()
@@ -68,7 +72,8 @@ def sft(
     """Supervised fine-tuning on a task's solutions."""
     from posttrain.trainers.sft import train_sft
 
-    _train(train_sft, _load(SFTConfig, config, overrides), progress)
+    with _run_errors():
+        train_sft(_load(SFTConfig, config, overrides), progress=progress)
 
 
 @app.command()
@@ -80,7 +85,8 @@ def rl(
     """On-policy RL from a checkpoint: algorithm=nanochat|grpo|dr_grpo|dapo|rloo|reinforce_pp|ppo."""
     from posttrain.trainers.rl import train_rl
 
-    _train(train_rl, _load(RLConfig, config, overrides), progress)
+    with _run_errors():
+        train_rl(_load(RLConfig, config, overrides), progress=progress)
 
 
 @app.command("eval")
