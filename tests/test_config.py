@@ -434,3 +434,9 @@ def test_check_range_passes_values_in_range_and_inf_where_allowed():
     check_range("k", 1, 0, 1)
     check_range("k", math.inf, 0, infinite=True)
     check_range("k", 5)
+
+
+def test_a_section_that_checks_itself_in_config_key_style_is_passed_through():
+    """MonitorConfig raises ValueError("config key 'monitor....' ..."): a ConfigError, not prefixed again."""
+    with pytest.raises(ConfigError, match=r"^config key 'monitor\.window' "):
+        load_config(RLConfig, overrides=["monitor.window=0"])
