@@ -80,7 +80,8 @@ class LoraConfig:
 
     def __post_init__(self):
         check_range("lora.rank", self.rank, 0)
-        check_range("lora.alpha", self.alpha, 0, low_open=True)
+        if self.rank > 0:  # without an adapter alpha means nothing
+            check_range("lora.alpha", self.alpha, 0, low_open=True)
         check_range("lora.dropout", self.dropout, 0, 1, high_open=True)
 
 

@@ -161,7 +161,7 @@ def test_missing_model_path_is_a_one_line_error(tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(("--task", "gsm9k"), "error: unknown task 'gsm9k' (did you mean 'gsm8k'?)"),
+    [(("--task", "gsm9k"), "error: config key 'task.name' has unknown value 'gsm9k' (did you mean 'gsm8k'?)"),
      (("--task", "arithmetic", "--split", "tset"), "error: unknown split 'tset' (did you mean 'test'?)"),
      (("--task", "arithmetic", "--split", "train"), "error: task 'arithmetic' has no fixed 'train' split")],
 )
