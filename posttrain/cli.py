@@ -161,12 +161,14 @@ def export(
     step: Annotated[int | None, typer.Option(help="checkpoint step (default: the final one, else latest)")] = None,
     fmt: Annotated[str, typer.Option("--format", help="hf: a Hugging Face model directory")] = "hf",
     out: Annotated[Path | None, typer.Option(help="where to write (default: RUN_DIR/export/step_N-FORMAT)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing export")] = False,
+    adapter: Annotated[bool, typer.Option("--adapter", help="HF LoRA checkpoints: also copy adapter/")] = False,
 ) -> None:
     """Export a checkpoint as a model other tools load (the built-in GPT as an HF Qwen3 model)."""
     from posttrain.export import export_checkpoint
 
     try:
-        path = export_checkpoint(run_dir, step, fmt, out)
+        path = export_checkpoint(run_dir, step, fmt, out, adapter=adapter, overwrite=overwrite)
     except (FileNotFoundError, ValueError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

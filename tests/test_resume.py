@@ -127,3 +127,22 @@ def test_resume_refuses_what_it_cannot_honour(sft_reference, tmp_path):
     missing = subprocess.run(cli("sft", tmp_path, [*TINY_SFT, f"resume={tmp_path / 'nope'}"]),
                              capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "is not a checkpoint" in missing.stderr
+
+
+def test_report_and_export_commands_on_a_finished_run(sft_reference, tmp_path):
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    runner = CliRunner()
+    report = runner.invoke(app, ["report", str(sft_reference), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0 and (tmp_path / "report" / "index.html").exists()
+    assert (tmp_path / "report" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    export = runner.invoke(app, ["export", str(sft_reference), "--step", "12", "--out", str(tmp_path / "hf")])
+    assert export.exit_code == 0 and (tmp_path / "hf" / "config.json").exists()
+    again = runner.invoke(app, ["export", str(sft_reference), "--out", str(tmp_path / "hf")])
+    assert again.exit_code == 2 and "already exists" in again.output
+    forced = runner.invoke(app, ["export", str(sft_reference), "--out", str(tmp_path / "hf"), "--overwrite"])
+    assert forced.exit_code == 0
+    missing = runner.invoke(app, ["export", str(sft_reference), "--step", "3"])
+    assert missing.exit_code == 2 and "steps with a checkpoint: 11, 12" in missing.output
