@@ -97,20 +97,25 @@ def save_checkpoint(path: str | Path, model, tokenizer, state: dict | None = Non
             save_config(config, tmp / "config.yaml")
         (tmp / "trainer_state.json").write_text(json.dumps(state or {}, indent=1))
         _fsync_tree(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write the checkpoint {path}: {err}. The previous checkpoints in "
                               f"{path.parent} are intact.") from err
     return path
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``path``, replacing what is there (moved aside, then deleted)."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
 
 
 def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str) -> None:

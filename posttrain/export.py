@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -68,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from posttrain.checkpoint import is_builtin_checkpoint
+from posttrain.checkpoint import is_builtin_checkpoint, move_into_place
 from posttrain.models.gpt import GPTConfig
 from posttrain.tokenizer import _PRETOKEN, SPECIAL_TOKENS, Tokenizer
 
@@ -150,14 +149,7 @@ def _atomic_dir(out: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
