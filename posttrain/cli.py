@@ -10,14 +10,16 @@ import typer
 
 from posttrain.config import ConfigError, ModelConfig, RLConfig, SFTConfig, TaskConfig, load_config
 
+RESUME_HELP = ("auto: go on from RUN_DIR/checkpoints/latest if there is one (the default) | never: start fresh | "
+               "a checkpoint directory (same as resume=...)")
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Post-train language models: SFT, then RL with verifiable rewards.")
 
 
-def _load(cls, config: Path, overrides: list[str] | None):
-    """The config from a YAML file and overrides; ``-`` (or a first argument that is itself a key=value)
-    means no file: defaults plus overrides."""
-    overrides = list(overrides or [])
+def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = None):
+    """The config from a YAML file and overrides (``--resume X`` is the override ``resume=X``); ``-`` (or a
+    first argument that is itself a key=value) means no file: defaults plus overrides."""
+    overrides = [*(overrides or []), *([f"resume={resume}"] if resume else [])]
     if str(config) == "-":
         config = None
     elif "=" in str(config) and not config.exists():
@@ -44,8 +46,9 @@ def _run_errors():
     except RunStopped as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(3) from None
-    except CheckpointError as err:
-        typer.secho(f"checkpoint error: {err}", fg=typer.colors.RED, err=True)
+    except OSError as err:  # CheckpointError, or a run directory that cannot be written at all
+        typer.secho(f"{'checkpoint' if isinstance(err, CheckpointError) else 'file'} error: {err}",
+                    fg=typer.colors.RED, err=True)
         raise typer.Exit(4) from None
 
 
@@ -68,12 +71,13 @@ def sft(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/); '-': none, overrides only")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=1e-3")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    resume: Annotated[str | None, typer.Option(help=RESUME_HELP)] = None,
 ) -> None:
     """Supervised fine-tuning on a task's solutions."""
     from posttrain.trainers.sft import train_sft
 
     with _run_errors():
-        train_sft(_load(SFTConfig, config, overrides), progress=progress)
+        train_sft(_load(SFTConfig, config, overrides, resume), progress=progress)
 
 
 @app.command()
@@ -81,12 +85,13 @@ def rl(
     config: Annotated[Path, typer.Argument(help="YAML config (see configs/); '-': none, overrides only")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. algorithm=dapo")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    resume: Annotated[str | None, typer.Option(help=RESUME_HELP)] = None,
 ) -> None:
     """On-policy RL from a checkpoint: algorithm=nanochat|grpo|dr_grpo|dapo|rloo|reinforce_pp|ppo."""
     from posttrain.trainers.rl import train_rl
 
     with _run_errors():
-        train_rl(_load(RLConfig, config, overrides), progress=progress)
+        train_rl(_load(RLConfig, config, overrides, resume), progress=progress)
 
 
 @app.command("eval")

@@ -118,7 +118,7 @@ def test_a_finished_run_says_so_and_trains_nothing(sft_reference):
 
 
 def test_resume_refuses_what_it_cannot_honour(sft_reference, tmp_path):
-    never = subprocess.run(cli("sft", sft_reference, [*TINY_SFT, "resume=never"]), capture_output=True, text=True,
+    never = subprocess.run([*cli("sft", sft_reference, TINY_SFT), "--resume", "never"], capture_output=True, text=True,
                            cwd=ROOT)
     assert never.returncode == 2 and "resume=never" in never.stderr and "holds checkpoints" in never.stderr
     other = subprocess.run(cli("sft", sft_reference, [*TINY_SFT, "steps=20", "gpt.n_embd=64"]),
