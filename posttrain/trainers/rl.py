@@ -81,13 +81,14 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         step = run.restore(parts) if run.resume_from else 0
         run.open(bar.print)
         model.eval()
-        if step == 0 and config.eval_before:
-            parts.extra["before"] = parts.extra["last_eval"] = task.evaluate(engine, config.eval)
-            run.write({"step": 0, **parts.extra["before"]})
-        if step == 0 and parts.extra["before"]:
-            bar.print_metrics("before RL", parts.extra["before"])
-        if step == 0 and run.needs_start_checkpoint:
-            run.save(0, parts)
+        if run.resume_from is None:  # a fresh run (a resumed one has these in its checkpoint and logs)
+            if config.eval_before:
+                parts.extra["before"] = parts.extra["last_eval"] = task.evaluate(engine, config.eval)
+                run.write({"step": 0, **parts.extra["before"]})
+            if parts.extra["before"]:
+                bar.print_metrics("before RL", parts.extra["before"])
+            if run.needs_start_checkpoint:
+                run.save(0, parts)
         while step < config.steps:
             t0 = time.perf_counter()
             kl_coef = parts.extra["kl_coef"]

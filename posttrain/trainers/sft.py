@@ -73,7 +73,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
         run.check_config(bar.print)
         step = run.restore(parts) if run.resume_from else 0
         run.open(bar.print)
-        if step == 0 and run.needs_start_checkpoint:
+        if run.resume_from is None and run.needs_start_checkpoint:
             run.save(0, parts)
         while step < config.steps:
             t0 = time.perf_counter()
