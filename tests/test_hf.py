@@ -162,3 +162,30 @@ def test_engine_runs_tools_for_an_hf_tokenizer_with_tool_tokens(llama_dir):
     assert engine.tools is not None
     plain_policy, plain_tok = load(llama_dir)
     assert Engine(plain_policy, plain_tok, default_registry()).tools is None  # no tool tokens: no calls
+
+
+@pytest.mark.parametrize("rank", [0, 8])
+def test_an_hf_run_resumed_mid_way_ends_with_the_same_weights(llama_dir, tmp_path, rank):
+    """Full fine-tuning and LoRA: 2 steps, then the same run raised to 4 steps (it resumes from the
+    step-2 checkpoint: weights or adapter, Adam state, RNGs), equals 4 steps in one go."""
+    from safetensors.torch import load_file
+
+    from posttrain.trainers.rl import train_rl
+
+    def config(run_dir, steps):
+        return load_config(RLConfig, None, [
+            f"model={llama_dir}", f"lora.rank={rank}", "lora.alpha=16", f"run_dir={run_dir}", "algorithm=grpo",
+            f"steps={steps}", "prompts_per_step=2", "samples_per_prompt=3", "sampling.max_new_tokens=12",
+            "eval_before=false", "eval.every=0", "eval.problems=2", "eval.samples=1", "eval.ks=[1]",
+            "eval.max_new_tokens=4", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant",
+            "task.format=hash"])
+
+    train_rl(config(tmp_path / "once", 4), progress=False)
+    train_rl(config(tmp_path / "twice", 2), progress=False)
+    train_rl(config(tmp_path / "twice", 4), progress=False)  # steps raised: a notice, then steps 3 and 4
+    name = "adapter/adapter_model.safetensors" if rank else "model.safetensors"
+    once, twice = (load_file(tmp_path / run / "checkpoints/final" / name) for run in ("once", "twice"))
+    assert once.keys() == twice.keys() and all(once[k].equal(twice[k]) for k in once)
+    rows = [[{k: v for k, v in r.items() if not k.startswith(("timing_s", "throughput"))}
+             for r in read_jsonl(tmp_path / run / "metrics.jsonl")] for run in ("once", "twice")]
+    assert [r for r in rows[0] if r["step"] > 2] == [r for r in rows[1] if r["step"] > 2]
