@@ -112,7 +112,11 @@ def move_into_place(tmp: Path, path: Path) -> None:
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(old, path)  # put the previous one back
+            raise
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
@@ -217,12 +221,13 @@ class CheckpointDir:
         return target if (target / "trainer_state.json").exists() else None
 
     def save(self, step: int, *, final: bool = False, **kwargs) -> Path:
-        """:func:`save_checkpoint` into ``step_XXXXXX``, then point ``latest`` (and ``final``) at it, then prune."""
+        """:func:`save_checkpoint` into ``step_XXXXXX``, then point ``final`` (when asked) and ``latest`` at it
+        (in that order: a resume from ``latest`` never finds a finished run without ``final``), then prune."""
         path = save_checkpoint(self.path(step), **kwargs)
         try:
-            self._point("latest", path.name)
             if final:
                 self._point("final", path.name)
+            self._point("latest", path.name)
         except OSError as err:
             raise CheckpointError(f"wrote {path} but could not update the pointers in {self.root}: {err}") from err
         self._prune()
@@ -234,11 +239,22 @@ class CheckpointDir:
         return self.path(earlier[-1]) if earlier else None
 
     def discard_after(self, step: int) -> None:
-        """Delete the checkpoints after ``step`` (a branch given up by a rollback); ``latest`` points at ``step``."""
+        """Delete the checkpoints after ``step`` (a branch given up: a rollback, or a resume from an earlier
+        checkpoint); ``latest`` points at ``step``, and a ``final`` pointing past it goes."""
         self._point("latest", self.path(step).name)
+        final = self.pointer("final")
+        if final is not None and final.name > self.path(step).name:  # zero-padded: names sort as steps
+            (self.root / "final").unlink()
         for s in self.steps():
             if s > step:
-                shutil.rmtree(self.path(s))
+                self._delete(self.path(s))
+
+    def _delete(self, path: Path) -> None:
+        """Rename first, then delete: a kill mid-way leaves a ``.del`` leftover, never a half-deleted
+        directory that still looks like a checkpoint."""
+        gone = path.with_name(f".{path.name}.del")
+        os.replace(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
     def _point(self, name: str, target: str) -> None:
         tmp = self.root / f".{name}.tmp"
@@ -254,9 +270,10 @@ class CheckpointDir:
         keep |= {self.path(s).name for s in steps[-self.keep_last:]}
         for s in steps:
             if self.path(s).name not in keep:
-                shutil.rmtree(self.path(s), ignore_errors=True)
-        for leftover in self.root.glob(".step_*.tmp"):  # a save killed mid-way
-            shutil.rmtree(leftover, ignore_errors=True)
+                self._delete(self.path(s))
+        for pattern in (".step_*.tmp", ".step_*.old", ".step_*.del"):  # a save or a delete killed mid-way
+            for leftover in self.root.glob(pattern):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def restore_policy(model, directory: str | Path) -> None:

@@ -125,3 +125,33 @@ def test_a_save_killed_midway_leaves_no_checkpoint(make_gpt, tok, tmp_path):
     assert ckpts.steps() == [1] and ckpts.pointer("latest").name == "step_000001"
     save_step(ckpts, 2, make_gpt(), tok)
     assert not half.exists() and ckpts.steps() == [1, 2]
+
+
+def test_discard_after_drops_a_given_up_branch_and_its_final_pointer(make_gpt, tok, tmp_path):
+    ckpts = CheckpointDir(tmp_path / "checkpoints", keep_last=5)
+    model = make_gpt()
+    for step in (1, 2, 3):
+        save_step(ckpts, step, model, tok, final=step == 3)
+    (tmp_path / "checkpoints" / ".step_000009.del").mkdir()  # a delete killed mid-way
+    ckpts.discard_after(1)  # e.g. resume=checkpoints/step_000001
+    assert ckpts.steps() == [1] and ckpts.pointer("latest").name == "step_000001"
+    assert not (tmp_path / "checkpoints" / "final").is_symlink()  # it pointed into the dropped branch
+    save_step(ckpts, 2, model, tok)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000001", "step_000002"]
+
+
+def test_a_failed_replace_puts_the_previous_checkpoint_back(make_gpt, tok, tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "step_000001", make_gpt(seed=1), tok, {"step": 1})
+    before = (path / "model.safetensors").read_bytes()
+    real_replace = os.replace
+
+    def flaky(src, dst):
+        if str(src).endswith(".tmp"):
+            raise OSError(errno.EIO, "I/O error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", flaky)
+    with pytest.raises(CheckpointError, match="I/O error"):
+        save_checkpoint(path, make_gpt(seed=2), tok, {"step": 1})
+    assert (path / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]

@@ -83,7 +83,8 @@ def test_a_huge_learning_rate_blows_up_the_kl_and_rolls_back_with_a_lower_lr(pol
     assert lrs == pytest.approx([1.0, 0.1])  # step 1 re-run after the first rollback with the lower lr
 
 
-def test_an_injected_nan_is_never_applied(tmp_path, monkeypatch):
+@pytest.mark.parametrize("monitor", ["monitor.enabled=true", "monitor.enabled=false"])
+def test_an_injected_nan_is_never_applied(tmp_path, monkeypatch, monitor):
     calls = {"n": 0}
     forward = GPT.forward
 
@@ -97,9 +98,10 @@ def test_an_injected_nan_is_never_applied(tmp_path, monkeypatch):
 
     monkeypatch.setattr(GPT, "forward", nan_on_third_training_batch)
     train_sft(load_config(SFTConfig, None, [f"run_dir={tmp_path}", *TINY_SFT, "steps=5", "save_every=1",
-                                            "keep_last=5"]), progress=False)
+                                            "keep_last=5", monitor]), progress=False)
     found = events(tmp_path)
-    assert [(e["step"], e["check"], e["action"]) for e in found] == [(3, "nonfinite", "skip_step")]
+    expected = [(3, "nonfinite", "skip_step")] if monitor.endswith("true") else []  # off: silent, still not applied
+    assert [(e["step"], e["check"], e["action"]) for e in found] == expected
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["health/skipped_update"] for r in rows] == [0, 0, 1, 0, 0]
     step2, step3 = (load_file(tmp_path / f"checkpoints/step_00000{s}/model.safetensors") for s in (2, 3))
@@ -137,3 +139,10 @@ def test_a_reward_with_no_signal_warns_and_the_run_goes_on(policy, tmp_path):
                                                                        (3, "zero_std", "warn")]
     assert "frac_reward_zero_std 1 >= zero_std_max 0.95" in found[0]["message"]
     assert (tmp_path / "checkpoints" / "final").exists()
+
+
+def test_a_rollback_with_nothing_before_the_failure_stops_with_a_clear_message(policy, tmp_path):
+    config = rl_config(policy, tmp_path, "steps=3", "rewards={'test_health:nothing': 1.0}",
+                       "monitor.zero_std_action=rollback", "monitor.zero_std_max=0.95")
+    with pytest.raises(RunStopped, match="no checkpoint from before step 0 to roll back to"):
+        train_rl(config, progress=False)  # step 1 already fails: its start is the step-0 checkpoint itself

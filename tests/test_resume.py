@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from posttrain.metrics import read_jsonl
@@ -110,23 +111,34 @@ def test_rl_ppo_killed_at_random_moments_resumes_exactly(sft_reference, tmp_path
     assert read_jsonl(reference / "samples.jsonl") == read_jsonl(resumed / "samples.jsonl")
 
 
+def invoke(stage: str, run_dir: Path, overrides: list[str], *options: str):
+    """The CLI in this process (no kill needed): exit code and output."""
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    threads = torch.get_num_threads()  # threads=1 in the config must not slow the rest of the session
+    try:
+        return CliRunner().invoke(app, [stage, "-", "--no-progress", f"run_dir={run_dir}", *overrides, *options])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_finished_run_says_so_and_trains_nothing(sft_reference):
     before = (sft_reference / "metrics.jsonl").read_bytes()
-    done = run_to_end(cli("sft", sft_reference, TINY_SFT))
-    assert "already complete at step 12" in done.stdout and "nothing left to train" in done.stdout
+    done = invoke("sft", sft_reference, TINY_SFT)
+    assert done.exit_code == 0
+    assert "already complete at step 12" in done.output and "nothing left to train" in done.output
     assert (sft_reference / "metrics.jsonl").read_bytes() == before
 
 
 def test_resume_refuses_what_it_cannot_honour(sft_reference, tmp_path):
-    never = subprocess.run([*cli("sft", sft_reference, TINY_SFT), "--resume", "never"], capture_output=True, text=True,
-                           cwd=ROOT)
-    assert never.returncode == 2 and "resume=never" in never.stderr and "holds checkpoints" in never.stderr
-    other = subprocess.run(cli("sft", sft_reference, [*TINY_SFT, "steps=20", "gpt.n_embd=64"]),
-                           capture_output=True, text=True, cwd=ROOT)
-    assert other.returncode == 2 and "gpt.n_embd (32 -> 64)" in other.stderr
-    missing = subprocess.run(cli("sft", tmp_path, [*TINY_SFT, f"resume={tmp_path / 'nope'}"]),
-                             capture_output=True, text=True, cwd=ROOT)
-    assert missing.returncode == 2 and "is not a checkpoint" in missing.stderr
+    never = invoke("sft", sft_reference, TINY_SFT, "--resume", "never")
+    assert never.exit_code == 2 and "resume=never" in never.output and "holds checkpoints" in never.output
+    other = invoke("sft", sft_reference, [*TINY_SFT, "steps=20", "gpt.n_embd=64"])
+    assert other.exit_code == 2 and "gpt.n_embd (32 -> 64)" in " ".join(other.output.split())
+    missing = invoke("sft", tmp_path, [*TINY_SFT, f"resume={tmp_path / 'nope'}"])
+    assert missing.exit_code == 2 and "is not a checkpoint" in missing.output
 
 
 def test_report_and_export_commands_on_a_finished_run(sft_reference, tmp_path):

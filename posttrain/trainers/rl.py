@@ -25,6 +25,7 @@ backward, but still count in the loss normaliser, so skipping changes cost and n
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 
@@ -45,7 +46,7 @@ from posttrain.rewards import overlong_penalty
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
 from posttrain.trainers.rollout import Scorer, TrainBatch, collect, last_token, layout, rollout_metrics
-from posttrain.trainers.run import Parts, Run, nothing_to_do
+from posttrain.trainers.run import Parts, Run, health_gate, nothing_to_do
 
 
 def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None) -> dict[str, dict[str, float]]:
@@ -78,8 +79,8 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     with StepProgress("rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress,
                       initial=run.start_step) as bar:
         run.check_config(bar.print)
-        step = run.restore(parts) if run.resume_from else 0
         run.open(bar.print)
+        step = run.restore(parts) if run.resume_from else 0
         model.eval()
         if run.resume_from is None:  # a fresh run (a resumed one has these in its checkpoint and logs)
             if config.eval_before:
@@ -144,33 +145,38 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                                                       data.mask, values)  # (B, L), (B, L) | None
             metrics.update(advantage_metrics(advantages, data.mask, values, returns))
 
-            # 5. update: ppo_epochs × minibatches optimizer steps, each gated by the health checks
-            if Monitor.worst(events) in (None, "warn"):  # skip_step / rollback / stop: no update on this batch
+            # 5. update: ppo_epochs × minibatches optimizer steps, each gated by the health checks; an action
+            # stronger than warn (before or during the update) stops this batch's updates
+            healthy = Monitor.worst(events) in (None, "warn")
+            if healthy:
                 model.train()
                 update_actor = critic is None or step >= config.critic.warmup_steps
                 needs_all = (config.kl_in == "loss" and kl_coef > 0) or config.entropy_coef > 0
                 live = needs_all | (advantages.abs().sum(-1) > 0)  # (B,) rows whose loss is not 0
                 gen = torch.Generator().manual_seed(config.seed * 7919 + step)
                 gate = health_gate(run.monitor, step + 1, events)
+                critic_gate = health_gate(run.monitor, step + 1, events, spikes=False)
                 sums: dict[str, float] = {}
-                n_updates = 0
+                counts: dict[str, int] = {}
                 for rows in minibatch_rows(len(rewards), config.ppo_epochs, config.minibatches, gen):
                     part: dict[str, float] = {}
                     if critic is not None:
-                        part |= critic_step(critic, critic_optimizer, data, rows, values, returns, config, gate)
+                        part |= critic_step(critic, critic_optimizer, data, rows, values, returns, config,
+                                            critic_gate)
                     if update_actor and bool(live[rows].any()):
                         part |= policy_step(model, optimizer, data, rows, live, old_logp, ref_logp, advantages,
                                             config, kl_coef, gate)
                     for k, v in part.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_updates += 1
-                    if Monitor.worst(events) in ("rollback", "stop"):
+                        sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
+                    healthy = Monitor.worst(events) in (None, "warn") and all(e.check != "nonfinite" for e in events)
+                    if not healthy:
                         break
-                metrics.update({k: v / n_updates for k, v in sums.items()})
-                if config.kl_controller != "fixed" and reference is not None:
+                metrics.update({k: v / counts[k] for k, v in sums.items()})
+                observed_kl = kl_tok.sum(-1).mean().item()
+                if config.kl_controller != "fixed" and reference is not None and healthy and math.isfinite(observed_kl):
                     parts.extra["kl_coef"] = losses.update_kl_coef(
-                        config.kl_controller, kl_coef, kl_tok.sum(-1).mean().item(), len(rewards),
-                        config.kl_target, config.kl_horizon)
+                        config.kl_controller, kl_coef, observed_kl, len(rewards), config.kl_target, config.kl_horizon)
+            metrics["health/skipped_update"] = float(not healthy)
             t_end = time.perf_counter()
 
             gen_tokens = int(ro.batch.mask.sum())
@@ -211,17 +217,6 @@ def finish_step(run: Run, parts: Parts, task, engine: Engine, config: RLConfig, 
     if run.save_due(step) or step == config.steps:
         run.save(step, parts, final=step == config.steps)
     return step
-
-
-def health_gate(monitor: Monitor, step: int, events: list):
-    """``gate(loss, grad_norm, entropy) -> bool``: called before each optimizer step; records the monitor's
-    update checks in ``events`` and says whether the update may be applied."""
-    def gate(loss: float, grad_norm: float, entropy: float | None = None) -> bool:
-        found = monitor.check_update(step, loss, grad_norm, entropy)
-        events.extend(found)
-        return monitor.update_allowed(found)
-
-    return gate
 
 
 def log_samples(run: Run, step: int, ro, rewards: Tensor, advantages: Tensor, mask: Tensor, group_size: int) -> None:
@@ -288,9 +283,10 @@ def score(model: torch.nn.Module, data: TrainBatch, micro_batch: int) -> Tensor:
 
 
 def minibatch_rows(n: int, epochs: int, minibatches: int, gen: torch.Generator):
-    """Row indices of each optimizer step: ``epochs`` shuffles of range(n), each cut into ``minibatches``."""
+    """Row indices of each optimizer step: ``epochs`` shuffles of range(n), each cut into ``minibatches``
+    (fewer when there are fewer rows than minibatches: no empty step)."""
     for _ in range(epochs):
-        yield from torch.randperm(n, generator=gen).tensor_split(minibatches)
+        yield from (rows for rows in torch.randperm(n, generator=gen).tensor_split(minibatches) if len(rows))
 
 
 def _share(mask: Tensor, agg: str) -> Tensor:

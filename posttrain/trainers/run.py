@@ -11,6 +11,7 @@ rows and ends with the same weights as a run that was never interrupted (timings
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,6 +126,8 @@ class Run:
         save_config(self.config, self.dir / "config.yaml")
         inside = self.resume_from is not None and self.resume_from.resolve().parent == self.checkpoints.root.resolve()
         lengths = self.state.get("logs", {}) if inside else {}
+        if inside:  # checkpoints after the one resumed from belong to a branch given up (or a save cut short)
+            self.checkpoints.discard_after(self.start_step)
         for name in LOGS:
             self.logs[name] = JsonlWriter(self.dir / f"{name}.jsonl", truncate_at=lengths.get(name, 0))
         log = self.config.log
@@ -179,9 +182,11 @@ class Run:
 
     @property
     def needs_start_checkpoint(self) -> bool:
-        """Rollback needs a good checkpoint to go back to: save one before the first step."""
-        return any(getattr(self.config.monitor, f"{check}_action") == "rollback"
-                   for check in ("kl", "grad", "nonfinite", "entropy", "length", "zero_std"))
+        """Rollback needs a good checkpoint to go back to: save one before the first step (unless this run
+        directory already has one from before it)."""
+        rollback = any(getattr(self.config.monitor, f"{check}_action") == "rollback"
+                       for check in ("kl", "grad", "nonfinite", "entropy", "length", "zero_std"))
+        return rollback and self.checkpoints.before(self.start_step + 1) is None
 
     def record(self, events: list[Event], notice: Callable[[str], None]) -> str | None:
         """Log health events (events.jsonl and the console); returns the strongest action, if any."""
@@ -194,8 +199,8 @@ class Run:
     def last_good(self, step: int) -> Path | None:
         """The checkpoint to go back to when step ``step`` fails a check: the newest one from before step
         ``step`` − 1 (the rollout of step s shows the update of step s − 1, which the checkpoint of step
-        s − 1 already holds), else the oldest one there is."""
-        return self.checkpoints.before(step - 1) or self.checkpoints.before(step)
+        s − 1 already holds; replaying from it would fail the same way)."""
+        return self.checkpoints.before(step - 1)
 
     def rollback(self, step: int, parts: Parts, notice: Callable[[str], None]) -> int:
         """Go back to the last good checkpoint with the learning rate lowered (later checkpoints are
@@ -205,6 +210,9 @@ class Run:
             self._stop(step, f"more than {self.config.monitor.max_rollbacks} rollbacks", notice)
         lr_scale, rollbacks = monitor.lr_scale, monitor.rollbacks
         path = self.last_good(step)
+        if path is None:
+            self._stop(step, f"no checkpoint from before step {step - 1} to roll back to (keep_last "
+                             f"{self.config.keep_last}, save_every {self.config.save_every})", notice)
         restored = self.restore(parts, path)
         self.checkpoints.discard_after(restored)
         monitor.lr_scale, monitor.rollbacks = lr_scale, rollbacks  # the lowered lr survives the restore
@@ -225,6 +233,27 @@ class Run:
         notice(f"[red]{message}")
         self.close()
         raise RunStopped(message)
+
+
+def health_gate(monitor: Monitor, step: int, events: list[Event], spikes: bool = True):
+    """``gate(loss, grad_norm, entropy=None) -> bool``, called before an optimizer step: records the
+    monitor's update checks in ``events`` and says whether the update may be applied. A non-finite loss
+    or gradient is never applied, even with the monitor off. ``spikes=False`` (the PPO critic, whose
+    gradients are not the policy's) checks finiteness only."""
+    def gate(loss: float, grad_norm: float, entropy: float | None = None) -> bool:
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if spikes:
+            found = monitor.check_update(step, loss, grad_norm, entropy)
+        elif finite or not monitor.config.enabled:
+            found = []
+        else:
+            found = [Event(step, "nonfinite", monitor.config.nonfinite_action,
+                           f"critic loss {loss:.3g}, grad norm {grad_norm:.3g}: not finite",
+                           {"loss": loss, "grad_norm": grad_norm})]
+        events.extend(found)
+        return finite and monitor.update_allowed(found)
+
+    return gate
 
 
 def nothing_to_do(run: Run, notice: Callable[[str], None]) -> bool:

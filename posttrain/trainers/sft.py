@@ -25,7 +25,7 @@ from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
 from posttrain.tasks import make_task
 from posttrain.tokenizer import Tokenizer
 from posttrain.tools import default_registry
-from posttrain.trainers.run import Parts, Run, nothing_to_do
+from posttrain.trainers.run import Parts, Run, health_gate, nothing_to_do
 
 
 def collate(tokenizer: Tokenizer, convs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +59,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     """Run SFT as configured (resuming per ``config.resume``); returns the last held-out evaluation's metrics."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # LoRA init, new token rows, dropout: the same in a restarted run
     run = Run(config, "sft")
     if nothing_to_do(run, print):
         return run.state["extra"].get("last_eval", {})
@@ -71,8 +72,8 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress,
                       initial=run.start_step) as bar:
         run.check_config(bar.print)
-        step = run.restore(parts) if run.resume_from else 0
         run.open(bar.print)
+        step = run.restore(parts) if run.resume_from else 0
         if run.resume_from is None and run.needs_start_checkpoint:
             run.save(0, parts)
         while step < config.steps:
@@ -88,8 +89,9 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_grad(model, config.optim.grad_clip)
-            events = run.monitor.check_update(step + 1, loss.item(), grad_norm)
-            if run.monitor.update_allowed(events):
+            events: list = []
+            applied = health_gate(run.monitor, step + 1, events)(loss.item(), grad_norm)
+            if applied:
                 optimizer.step()
             elapsed = time.perf_counter() - t0
             metrics = {
@@ -98,7 +100,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
                 "grad_norm": grad_norm,
                 "learning_rate": lr,
                 "tokens": int(n_tokens),
-                "health/skipped_update": float(not run.monitor.update_allowed(events)),
+                "health/skipped_update": float(not applied),
                 "timing_s/step": elapsed,
                 "throughput/tokens_per_s": int(n_tokens) / max(elapsed, 1e-9),
             }
