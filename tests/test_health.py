@@ -83,20 +83,25 @@ def test_a_huge_learning_rate_blows_up_the_kl_and_rolls_back_with_a_lower_lr(pol
     assert lrs == pytest.approx([1.0, 0.1])  # step 1 re-run after the first rollback with the lower lr
 
 
-@pytest.mark.parametrize("monitor", ["monitor.enabled=true", "monitor.enabled=false"])
-def test_an_injected_nan_is_never_applied(tmp_path, monkeypatch, monitor):
+def scale_training_batch(monkeypatch, at: int, factor: float) -> None:
+    """Multiply the log-probs of the ``at``-th training forward (one with targets) by ``factor``."""
     calls = {"n": 0}
     forward = GPT.forward
 
-    def nan_on_third_training_batch(self, idx, targets=None, **kwargs):
+    def scaled(self, idx, targets=None, **kwargs):
         out = forward(self, idx, targets, **kwargs)
         if targets is not None:
             calls["n"] += 1
-            if calls["n"] == 3:
-                return out * float("nan")
+            if calls["n"] == at:
+                return out * factor
         return out
 
-    monkeypatch.setattr(GPT, "forward", nan_on_third_training_batch)
+    monkeypatch.setattr(GPT, "forward", scaled)
+
+
+@pytest.mark.parametrize("monitor", ["monitor.enabled=true", "monitor.enabled=false"])
+def test_an_injected_nan_is_never_applied(tmp_path, monkeypatch, monitor):
+    scale_training_batch(monkeypatch, 3, float("nan"))
     train_sft(load_config(SFTConfig, None, [f"run_dir={tmp_path}", *TINY_SFT, "steps=5", "save_every=1",
                                             "keep_last=5", monitor]), progress=False)
     found = events(tmp_path)
@@ -111,18 +116,7 @@ def test_an_injected_nan_is_never_applied(tmp_path, monkeypatch, monitor):
 
 
 def test_a_gradient_spike_skips_its_update(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    forward = GPT.forward
-
-    def spike_on_ninth_training_batch(self, idx, targets=None, **kwargs):
-        out = forward(self, idx, targets, **kwargs)
-        if targets is not None:
-            calls["n"] += 1
-            if calls["n"] == 9:
-                return out * 1e4  # the loss, and so every gradient, 10^4 times larger
-        return out
-
-    monkeypatch.setattr(GPT, "forward", spike_on_ninth_training_batch)
+    scale_training_batch(monkeypatch, 9, 1e4)  # the loss, and so every gradient, 10^4 times larger
     train_sft(load_config(SFTConfig, None, [f"run_dir={tmp_path}", *TINY_SFT, "monitor.grad_spike=10"]),
               progress=False)
     found = events(tmp_path)
