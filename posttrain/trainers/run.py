@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from posttrain.checkpoint import (
@@ -110,13 +111,11 @@ class Run:
         saved = self.resume_from / "config.yaml" if self.resume_from else None
         if saved is None or not saved.exists():
             return
-        import yaml
-
         changes = config_changes(yaml.safe_load(saved.read_text()), to_dict(self.config))
         fixed = {k: v for k, v in changes.items() if k.startswith(FIXED_KEYS)}
         if fixed:
             raise ConfigError(f"cannot resume {self.resume_from} with a different " + ", ".join(
-                f"{k} ({a!r} -> {b!r})" for k, (a, b) in fixed.items()) + ": use another run_dir, or resume=never")
+                f"{k} ({a!r} -> {b!r})" for k, (a, b) in fixed.items()) + ": use another run_dir for that run")
         if changes:
             notice("[yellow]resuming with a changed config: " + ", ".join(
                 f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
