@@ -150,7 +150,18 @@ class LogConfig:
 
 
 @dataclass
-class SFTConfig:
+class RunOptions:
+    """What every trainer's run has: resuming, checkpoints, metric sinks, the health monitor."""
+
+    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a ckpt dir
+    save_every: int = 50  # write a resumable checkpoint every N steps (0: only the final one)
+    keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
+    log: LogConfig = field(default_factory=LogConfig)  # metric sinks
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # health checks and their actions
+
+
+@dataclass
+class SFTConfig(RunOptions):
     """Supervised fine-tuning on task solutions (teacher forcing on assistant tokens)."""
 
     run_dir: str = "runs/sft"  # where metrics, samples and checkpoints go
@@ -164,11 +175,6 @@ class SFTConfig:
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
-    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a ckpt dir
-    save_every: int = 50  # write a resumable checkpoint every N steps (0: only the final one)
-    keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
-    log: LogConfig = field(default_factory=LogConfig)  # metric sinks
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # health checks and their actions
 
     def __post_init__(self):
         _check_run(self)
@@ -219,7 +225,7 @@ RL_FALLBACK: dict[str, Any] = dict(adv_scale="group", clip_low=0.2, clip_high=0.
 
 
 @dataclass
-class RLConfig:
+class RLConfig(RunOptions):
     """On-policy RL from a checkpoint with the task's verifiable reward. ``algorithm`` names a preset
     (RL_PRESETS) that fills every field left at None; set a field to override its preset."""
 
@@ -267,11 +273,6 @@ class RLConfig:
     reward_fallback: float = 0.0  # reward of samples whose function raised, hung or returned NaN
     log_samples_every: int = 10  # write prompts/completions/rewards to samples.jsonl every N steps
     eval_before: bool = True  # evaluate the initial policy before the first step
-    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a ckpt dir
-    save_every: int = 50  # write a resumable checkpoint every N steps (0: only the final one)
-    keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
-    log: LogConfig = field(default_factory=LogConfig)  # metric sinks
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # health checks and their actions
 
     def __post_init__(self):
         from posttrain.algorithms import advantages, losses
