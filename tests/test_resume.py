@@ -158,3 +158,11 @@ def test_report_and_export_commands_on_a_finished_run(sft_reference, tmp_path):
     assert forced.exit_code == 0
     missing = runner.invoke(app, ["export", str(sft_reference), "--step", "3"])
     assert missing.exit_code == 2 and "steps with a checkpoint: 11, 12" in missing.output
+
+
+def test_a_run_directory_that_cannot_be_made_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = invoke("sft", blocker / "run", TINY_SFT)
+    assert result.exit_code == 4 and result.output.startswith("file error: ") and "a_file/run" in result.output
+    assert "Traceback" not in result.output and blocker.read_text() == "not a directory"
