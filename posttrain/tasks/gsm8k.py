@@ -30,7 +30,6 @@ Numbers are normalised by ``normalize_number`` and compared as floats with a rel
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from posttrain.config import suggest
 from posttrain.evaluation import evaluate_task
+from posttrain.tasks.files import file_rows, hub_rows, load_hub, split_file
 from posttrain.tools import calculate
 
 FORMATS = ("hash", "xml", "tool")
@@ -235,75 +235,17 @@ def to_problem(row: object, where: str) -> Problem:
     return Problem(row["question"], solution.rstrip(), answer)
 
 
-def read_jsonl(path: Path) -> list[Problem]:
-    """Rows of a JSON-lines file (blank lines skipped); errors name the file and the 1-based line."""
-    problems = []
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
-            problems.append(to_problem(row, f"{path}:{number}"))
-    return problems
-
-
-def read_parquet(path: Path) -> list[Problem]:
-    """Rows of a parquet file, read with pyarrow (or pandas); errors name the file and the 0-based row."""
-    try:
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    except ImportError:
-        try:
-            import pandas
-        except ImportError:
-            raise ImportError(
-                f"reading {path} needs pyarrow: pip install 'posttrain[hf]' (or pip install pyarrow)"
-            ) from None
-        rows = pandas.read_parquet(path).to_dict("records")
-    return [to_problem(row, f"{path} row {i}") for i, row in enumerate(rows)]
-
-
 def read_file(path: Path) -> list[Problem]:
-    """The problems in a .jsonl or .parquet file; ValueError if it has none."""
-    if path.suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"gsm8k data file {path} must be .jsonl or .parquet")
-    problems = read_jsonl(path) if path.suffix == ".jsonl" else read_parquet(path)
-    if not problems:
-        raise ValueError(f"gsm8k data file {path} has no rows")
-    return problems
-
-
-def _split_file(directory: Path, split: str) -> Path:
-    for suffix in (".jsonl", ".parquet"):
-        if (directory / f"{split}{suffix}").is_file():
-            return directory / f"{split}{suffix}"
-    raise FileNotFoundError(f"gsm8k data directory {directory} has no {split}.jsonl or {split}.parquet")
+    """The problems in a .jsonl or .parquet file; ValueError if it has none (see ``files.file_rows``)."""
+    return [to_problem(row, where) for where, row in file_rows(path, "gsm8k")]
 
 
 def _read_hub(dataset_id: str) -> tuple[list[Problem], list[Problem]]:
-    try:
-        import datasets
-    except ImportError:
-        raise FileNotFoundError(
-            f"gsm8k data '{dataset_id}' is not a local file or directory; to load it as a Hugging Face hub "
-            "dataset: pip install 'posttrain[hf]'"
-        ) from None
-    loaded = datasets.load_dataset(dataset_id, "main")
-    splits = []
-    for split in ("train", "test"):
-        rows = [to_problem(row, f"{dataset_id}[{split}] row {i}") for i, row in enumerate(loaded[split])]
-        if not rows:
-            raise ValueError(f"gsm8k dataset '{dataset_id}' split '{split}' has no rows")
-        splits.append(rows)
-    return splits[0], splits[1]
+    """(train, test) problems of hub dataset ``dataset_id``, config ``main``."""
+    loaded = load_hub(dataset_id, "main", "gsm8k")
+    train, test = ([to_problem(row, where) for where, row in hub_rows(loaded, dataset_id, split, "gsm8k")]
+                   for split in ("train", "test"))
+    return train, test
 
 
 def load_splits(data: str, test_size: int = 0) -> tuple[list[Problem], list[Problem]]:
@@ -316,7 +258,7 @@ def load_splits(data: str, test_size: int = 0) -> tuple[list[Problem], list[Prob
     """
     path = Path(data).expanduser()
     if path.is_dir():
-        train, test = read_file(_split_file(path, "train")), read_file(_split_file(path, "test"))
+        train, test = (read_file(split_file(path, split, "gsm8k")) for split in ("train", "test"))
     elif path.is_file():
         rows = read_file(path)
         cut = test_size or len(rows)
