@@ -13,7 +13,7 @@ from posttrain.config import ConfigError, ModelConfig, RLConfig, SFTConfig, Task
 RESUME_HELP = ("auto: go on from RUN_DIR/checkpoints/latest if there is one (the default) | never: start fresh | "
                "a checkpoint directory (same as resume=...)")
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Post-train language models: SFT, then RL with verifiable rewards.")
+                  help="Post-train language models: SFT, reward models, DPO, RL with verifiable or learned rewards.")
 
 
 def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = None):
@@ -92,6 +92,36 @@ def rl(
 
     with _run_errors():
         train_rl(_load(RLConfig, config, overrides, resume), progress=progress)
+
+
+@app.command()
+def rm(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/); '-': none, overrides only")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. data.source=DIR")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    resume: Annotated[str | None, typer.Option(help=RESUME_HELP)] = None,
+) -> None:
+    """Train a reward model (scalar head, Bradley–Terry loss) on preference pairs."""
+    from posttrain.preference_config import RMConfig
+    from posttrain.trainers.reward_model import train_reward_model
+
+    with _run_errors():
+        train_reward_model(_load(RMConfig, config, overrides, resume), progress=progress)
+
+
+@app.command()
+def dpo(
+    config: Annotated[Path, typer.Argument(help="YAML config (see configs/); '-': none, overrides only")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. loss=ipo")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    resume: Annotated[str | None, typer.Option(help=RESUME_HELP)] = None,
+) -> None:
+    """Direct preference optimisation on preference pairs: loss=sigmoid|ipo|hinge|robust."""
+    from posttrain.preference_config import DPOConfig
+    from posttrain.trainers.dpo import train_dpo
+
+    with _run_errors():
+        train_dpo(_load(DPOConfig, config, overrides, resume), progress=progress)
 
 
 @app.command("eval")

@@ -50,7 +50,7 @@ class TaskConfig:
     def __post_init__(self):
         from posttrain.tasks import TASKS  # here: the tasks import this module
 
-        _check_choice("task.name", self.name, list(TASKS))
+        check_choice("task.name", self.name, list(TASKS))
         check_range("task.teacher_error", self.teacher_error, 0, 1)
         generated = self.name == "arithmetic"  # its test split is generated: 0 rows is not 'all' there
         check_range("task.test_size", self.test_size, int(generated),
@@ -66,7 +66,7 @@ class ModelConfig:
     tool_tokens: bool = False  # HF models: add the calculator's 4 special tokens (the embedding grows)
 
     def __post_init__(self):
-        _check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
 
 
 @dataclass
@@ -98,7 +98,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # clip the global grad norm to this (0: off)
 
     def __post_init__(self):
-        _check_choice("optim.schedule", self.schedule, ["cosine", "linear", "constant"])
+        check_choice("optim.schedule", self.schedule, ["cosine", "linear", "constant"])
         check_range("optim.lr", self.lr, 0, low_open=True)
         check_range("optim.weight_decay", self.weight_decay, 0)
         for beta in self.betas:
@@ -146,7 +146,7 @@ class LogConfig:
 
     def __post_init__(self):
         for name in self.report_to:
-            _check_choice("log.report_to", name, list(SINKS))
+            check_choice("log.report_to", name, list(SINKS))
 
 
 @dataclass
@@ -177,7 +177,7 @@ class SFTConfig(RunOptions):
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
 
     def __post_init__(self):
-        _check_run(self)
+        check_run(self)
         check_range("batch_size", self.batch_size, 1)
 
 
@@ -193,6 +193,22 @@ class CriticConfig:
         check_range("critic.lr", self.lr, 0, low_open=True)
         check_range("critic.warmup_steps", self.warmup_steps, 0)
         check_range("critic.value_clip", self.value_clip, 0, note=" (0: no clipping)")
+
+
+@dataclass
+class RewardModelConfig:
+    """A learned reward model as an RL reward source, named ``reward_model`` in ``rewards``."""
+
+    path: str | None = None  # a reward-model checkpoint (`posttrain rm`'s checkpoints/final); None: none
+    clamp: tuple[float, float] = (-10.0, 10.0)  # scores are clipped to [low, high] before they are used
+    batch_size: int = 64  # completions per reward-model forward (no gradients)
+
+    def __post_init__(self):
+        low, high = self.clamp
+        if not low < high:
+            raise ConfigError(f"config key 'reward_model.clamp' must be [low, high] with low < high, "
+                              f"got {list(self.clamp)}")
+        check_range("reward_model.batch_size", self.batch_size, 1)
 
 
 # Named presets of RLConfig: the published recipes, as defaults for the fields left at None.
@@ -268,7 +284,9 @@ class RLConfig(RunOptions):
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
     rewards: dict[str, float] = field(default_factory=dict)  # reward fn → weight: a built-in name, 'task' (the
-    # task's 0/1 reward) or 'package.module:function' with TRL's signature; empty: {task: 1.0}
+    # task's 0/1 reward), 'reward_model' or 'package.module:function' (TRL's signature); empty: {task: 1.0}, or
+    # {reward_model: 1.0} when reward_model.path is set
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned reward model
     reward_timeout: float = 30.0  # seconds a reward function may run per batch before its samples get the fallback
     reward_fallback: float = 0.0  # reward of samples whose function raised, hung or returned NaN
     log_samples_every: int = 10  # write prompts/completions/rewards to samples.jsonl every N steps
@@ -277,7 +295,7 @@ class RLConfig(RunOptions):
     def __post_init__(self):
         from posttrain.algorithms import advantages, losses
 
-        _check_choice("algorithm", self.algorithm, list(RL_PRESETS))
+        check_choice("algorithm", self.algorithm, list(RL_PRESETS))
         for key, value in {**RL_FALLBACK, **RL_PRESETS[self.algorithm]}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -291,23 +309,29 @@ class RLConfig(RunOptions):
             ("ratio_level", losses.RATIO_LEVELS),
             ("overlong", ["none", "mask", "penalty"]),
         ):
-            _check_choice(key, getattr(self, key), list(valid))
+            check_choice(key, getattr(self, key), list(valid))
         for key in ("ppo_epochs", "minibatches", "max_sampling_rounds", "micro_batch", "overlong_buffer"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         from posttrain.rewards import REWARDS
 
+        if not self.rewards and self.reward_model.path:
+            self.rewards = {"reward_model": 1.0}
         for name in self.rewards:
-            if name != "task" and name not in REWARDS and ":" not in name:
-                raise ConfigError(f"config key 'rewards' has unknown reward '{name}'{suggest(name, ['task', *REWARDS])}"
+            if name not in ("task", "reward_model") and name not in REWARDS and ":" not in name:
+                raise ConfigError(f"config key 'rewards' has unknown reward '{name}'"
+                                  f"{suggest(name, ['task', 'reward_model', *REWARDS])}"
                                   "; a function of your own is 'package.module:function'")
+        if "reward_model" in self.rewards and not self.reward_model.path:
+            raise ConfigError("config key 'rewards' names 'reward_model' but 'reward_model.path' is not set "
+                              "(reward_model.path=runs/rm/checkpoints/final)")
         if self.dual_clip and self.dual_clip <= 1:
             raise ConfigError(f"config key 'dual_clip' must be > 1 (e.g. 3.0) or 0 (off), got {self.dual_clip}")
         self._check_numbers()
 
     def _check_numbers(self) -> None:
         """Range checks of the numeric fields (after the preset filled its fields)."""
-        _check_run(self)
+        check_run(self)
         check_range("prompts_per_step", self.prompts_per_step, 1)
         grouped = self.advantage in GROUP_BASELINES
         check_range("samples_per_prompt", self.samples_per_prompt, 1 + grouped,
@@ -327,7 +351,7 @@ class RLConfig(RunOptions):
         check_range("log_samples_every", self.log_samples_every, 0, note=" (0: never)")
 
 
-def _check_choice(key: str, value: str, valid: list[str]) -> None:
+def check_choice(key: str, value: str, valid: list[str]) -> None:
     if value not in valid:
         raise ConfigError(f"config key '{key}' has unknown value '{value}'{suggest(value, valid)}")
 
@@ -351,16 +375,16 @@ def check_range(key: str, value: float, low: float = -math.inf, high: float = ma
     raise ConfigError(f"config key '{key}' must be {rule}{note}, got {value!r}")
 
 
-def _check_run(config: SFTConfig | RLConfig) -> None:
-    """The fields SFT and RL share: step count, checkpointing, resume, threads."""
+def check_run(config: RunOptions) -> None:
+    """The fields every trainer's config shares: step count, checkpointing, resume, threads."""
     check_range("steps", config.steps, 1)
     check_range("save_every", config.save_every, 0, note=" (0: only the final checkpoint)")
     check_range("keep_last", config.keep_last, 1)
     check_range("threads", config.threads, 0, note=" (0: torch's default)")
     if not config.resume.strip():
         raise ConfigError(f"config key 'resume' must be 'auto', 'never' or a checkpoint dir, got {config.resume!r}")
-    task = config.task
-    if task.name == "gsm8k" and task.test_size == 0 and Path(task.data).expanduser().is_file():
+    task = getattr(config, "task", None)
+    if task is not None and task.name == "gsm8k" and task.test_size == 0 and Path(task.data).expanduser().is_file():
         raise ConfigError(f"config key 'task.test_size' is 0 with the single data file {task.data}: every row would "
                           "be a test row and none left to train on (set it to the number of test rows)")
 

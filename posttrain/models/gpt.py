@@ -171,7 +171,9 @@ class GPT(nn.Module):
         """``idx`` (B, T) → logits (B, T, V), or log-probs of ``targets`` (B, T) when given.
 
         With ``cache``: the tokens are appended after ``cache.length`` positions; ``pad_mask``
-        (B, T) marks real tokens (False = left pad) and is only allowed on the first call.
+        (B, T) marks real tokens (False = left pad) and is only allowed on the first call. Without a
+        cache, ``pad_mask`` may mark pads anywhere: pads are never attended to and each row's positions
+        count its real tokens only, so a padded row's real positions compute what they would alone.
         """
         logits = self.lm_head(self.hidden_states(idx, cache, pad_mask)).float()  # (B, T, V)
         if targets is None:
@@ -182,9 +184,14 @@ class GPT(nn.Module):
         """The final normalised hidden states (B, T, C) that the LM head reads (value and reward heads
         read them too); arguments as in :meth:`forward`."""
         B, T = idx.shape
-        if cache is None:
+        if cache is None and pad_mask is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
             attn_mask = None  # plain causal
+        elif cache is None:  # padded rows, no cache (reward scoring): positions start at each row's first token
+            pos = (pad_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+            attn_mask = (causal & pad_mask[:, None, :]) | torch.eye(T, dtype=torch.bool, device=idx.device)
+            attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, T); a pad query sees itself: no NaN
         else:
             pos, attn_mask = self._cache_positions(cache, B, T, pad_mask)
         if int(pos.max()) >= self.config.max_seq_len:

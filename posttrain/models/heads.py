@@ -1,9 +1,12 @@
-"""Scalar heads on a language-model trunk: the PPO critic (one value per token).
+"""Scalar heads on a language-model trunk: the PPO critic (one value per token) and the reward model
+(one score per sequence).
 
 The trunk is any module with ``hidden_states(idx) -> (B, T, C)`` (the built-in GPT has it). The
 critic starts as a copy of the policy's trunk, as in RLHF practice (InstructGPT, verl, OpenRLHF
 initialise the critic from the policy or reward model), so it reads the same features the policy
-learned; its LM head is dropped and a zero-initialised linear head gives V = 0 at the start.
+learned; its LM head is dropped and a zero-initialised linear head gives V = 0 at the start. The
+reward model starts the same way from the SFT policy (InstructGPT), and reads its score at each
+sequence's last real token.
 """
 
 from __future__ import annotations
@@ -38,3 +41,35 @@ class ValueModel(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = self.trunk.hidden_states(idx)  # (B, T, C)
         return self.head(h).squeeze(-1).float()  # (B, T)
+
+
+class RewardModel(nn.Module):
+    """r(x, y): ``model(idx, pad_mask)`` (B, T) → one score per row (B,), fp32, read at the row's last
+    real token (the last True of ``pad_mask``), so left and right padding give the same scores.
+
+    The trunk keeps its LM head (unused) so that it saves and loads as an ordinary model checkpoint;
+    the head is saved beside it (``reward_head.safetensors``).
+    """
+
+    def __init__(self, trunk: nn.Module, n_embd: int):
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module) -> RewardModel:
+        """A reward model on ``policy``'s trunk (the policy itself, trainable as it is: all weights, or its
+        LoRA adapter; pass a copy to keep the policy)."""
+        return cls(policy, policy.hidden_size)
+
+    def forward(self, idx: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        pad_mask = pad_mask.bool()
+        h = self.trunk.hidden_states(idx, pad_mask=pad_mask)  # (B, T, C)
+        positions = torch.arange(idx.shape[1], device=idx.device).expand_as(pad_mask)  # (B, T)
+        last = torch.where(pad_mask, positions, -1).max(dim=1).values  # (B,)
+        if bool((last < 0).any()):
+            raise ValueError("reward model: a row has no real token")
+        picked = h[torch.arange(len(idx), device=idx.device), last]  # (B, C)
+        return self.head(picked).squeeze(-1).float()  # (B,)

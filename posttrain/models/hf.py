@@ -162,9 +162,13 @@ class HFPolicy(nn.Module):
         cache.kv = out.past_key_values
         return out.logits.float()  # (B, 1, V)
 
-    def hidden_states(self, idx) -> torch.Tensor:
-        """The final normalised hidden states (B, T, C) the LM head reads (for value/reward heads)."""
-        out = self.hf(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    def hidden_states(self, idx, pad_mask=None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, C) the LM head reads (for value/reward heads).
+        ``pad_mask`` (B, T): real tokens (pads anywhere are masked out, positions count real tokens)."""
+        kwargs = {}
+        if pad_mask is not None:
+            kwargs = {"attention_mask": pad_mask.long(), "position_ids": (pad_mask.long().cumsum(-1) - 1).clamp(min=0)}
+        out = self.hf(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1, **kwargs)
         return out.hidden_states[-1]
 
     def reference(self) -> nn.Module:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from posttrain.config import suggest
 from posttrain.evaluation import evaluate_task
 from posttrain.tasks.gsm8k import HASH_INSTRUCTION, is_correct, normalize_number
+from posttrain.tasks.preference import PreferencePair
 from posttrain.tools import calculate
 
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia")
@@ -138,6 +139,31 @@ def solution_parts(problem: Problem, r: random.Random | None = None, error_rate:
         final = str(int(final) + r.choice((-10, -1, 1, 10)))
     parts.append({"type": "text", "text": f"#### {final}"})
     return parts
+
+
+def rambling_parts(parts: list[dict], r: random.Random) -> list[dict]:
+    """A right but rambling solution: one or two of its steps done again, right after themselves."""
+    steps = [i for i, p in enumerate(parts) if p["type"] == "tool_call"]  # each step: call, output, " "
+    out = list(parts)
+    for i in sorted(r.sample(steps, min(len(steps), r.choice((1, 2)))), reverse=True):
+        out[i + 3 : i + 3] = parts[i : i + 3]
+    return out
+
+
+def preference_pair(problem: Problem, r: random.Random, ramble_share: float, fmt: str = "tool") -> PreferencePair:
+    """Chosen: the right, concise worked solution. Rejected: with probability ``ramble_share`` the same
+    solution with repeated steps (``meta['rejected'] = 'ramble'``), else one with a slip whose final
+    answer is wrong ('slip'). The preferred behaviour is checkable (right answer, no repeated step)."""
+    chosen = solution_parts(problem)
+    if r.random() < ramble_share:
+        rejected, why = rambling_parts(chosen, r), "ramble"
+    else:
+        rejected, why = solution_parts(problem, r, error_rate=1.0), "slip"
+        while _same_number(extract_answer(rejected[-1]["text"]) or "", problem.answer):  # a slip that cancels out
+            rejected = solution_parts(problem, r, error_rate=1.0)
+    content = (lambda parts: parts) if fmt == "tool" else as_text
+    return PreferencePair(conversation(problem, fmt=fmt)["messages"], content(chosen), content(rejected),
+                          where=f"generated:{problem.question[:40]}", meta={"answer": problem.answer, "rejected": why})
 
 
 FORMATS = ("tool", "hash")  # hash: for models that never saw the built-in chat format (HF chat models)

@@ -37,7 +37,7 @@ from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
 from posttrain.config import RLConfig
 from posttrain.engine import Engine
-from posttrain.metrics import StepProgress, eval_due
+from posttrain.metrics import StepProgress
 from posttrain.models.gpt import token_logprobs
 from posttrain.models.heads import ValueModel
 from posttrain.monitor import Monitor
@@ -45,8 +45,9 @@ from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
 from posttrain.rewards import overlong_penalty
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
+from posttrain.trainers.reward_model import RewardScorer
 from posttrain.trainers.rollout import Scorer, TrainBatch, collect, last_token, layout, rollout_metrics
-from posttrain.trainers.run import Parts, Run, health_gate, nothing_to_do
+from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
 
 
 def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None) -> dict[str, dict[str, float]]:
@@ -59,7 +60,9 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     torch.manual_seed(config.seed)
     task = make_task(config.task)
-    scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback)
+    learned = "reward_model" in config.rewards
+    sources = {"reward_model": RewardScorer.from_config(config.reward_model)} if learned else {}
+    scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources)
     model, tokenizer = load_policy(config.model, config.lora)
     reference = model.reference() if config.kl_coef > 0 else None  # LoRA: the same weights, adapter off
     critic = ValueModel.from_policy(model) if config.advantage == "gae" else None
@@ -200,23 +203,11 @@ def finish_step(run: Run, parts: Parts, task, engine: Engine, config: RLConfig, 
                 events: list) -> int:
     """Act on the step's health events, evaluate when due, log, checkpoint; returns the next step index
     (after a rollback: the restored checkpoint's)."""
-    action = run.record(events, bar.print)
-    metrics["health/events"] = len(events)
-    if action in ("rollback", "stop"):
-        run.write(metrics)  # the step that went wrong stays in the log
-        run.stop_if(action, step + 1, bar.print)
-        return run.rollback(step + 1, parts, bar.print)
-    step += 1
-    if eval_due(step, config.steps, config.eval.every):
+    def evaluate() -> dict:
         parts.model.eval()
-        parts.extra["last_eval"] = task.evaluate(engine, config.eval)
-        metrics.update(parts.extra["last_eval"])
-        bar.print_metrics(f"step {step}", parts.extra["last_eval"])
-    run.write(metrics)
-    bar.update(metrics)
-    if run.save_due(step) or step == config.steps:
-        run.save(step, parts, final=step == config.steps)
-    return step
+        return task.evaluate(engine, config.eval)
+
+    return end_step(run, parts, bar, step, metrics, events, evaluate, config.eval.every)
 
 
 def log_samples(run: Run, step: int, ro, rewards: Tensor, advantages: Tensor, mask: Tensor, group_size: int) -> None:

@@ -36,16 +36,19 @@ class Scorer:
     signature ``f(prompts, completions, **columns)``. The name ``task`` stands for the task's own
     verifiable reward; with no weights given the reward is ``{"task": 1.0}``.
 
-    Columns: the task's ``columns(conv)`` (``answer``, ``extract``), ``group_ids``, and ``lengths``
-    (completion tokens); completions are decoded without their stop token.
+    ``sources`` names further reward functions built by the trainer (``reward_model``: a learned
+    reward model's scorer). Columns: the task's ``columns(conv)`` (``answer``, ``extract``), ``conv``,
+    ``group_ids``, and ``lengths`` (completion tokens); completions are decoded without their stop token.
     """
 
-    def __init__(self, task, weights: dict[str, float], timeout_s: float, fallback: float):
+    def __init__(self, task, weights: dict[str, float], timeout_s: float, fallback: float,
+                 sources: dict[str, object] | None = None):
         def task_reward(prompts, completions, conv, **_):
             return [task.reward(c, text) for c, text in zip(conv, completions, strict=True)]
 
         task_reward.__name__ = "task"
-        spec = {task_reward if name == "task" else name: w for name, w in (weights or {"task": 1.0}).items()}
+        sources = {"task": task_reward, **(sources or {})}
+        spec = {sources.get(name, name): w for name, w in (weights or {"task": 1.0}).items()}
         self.task, self.rewards = task, RewardSet(spec, timeout_s, fallback)
 
     def __call__(self, convs: list[dict], texts: list[str], batch: RolloutBatch) -> tuple[Tensor, dict, list[dict]]:

@@ -32,7 +32,7 @@ from posttrain.checkpoint import (
     set_random_state,
 )
 from posttrain.config import ConfigError, save_config, to_dict
-from posttrain.metrics import JsonlWriter, open_sinks
+from posttrain.metrics import JsonlWriter, eval_due, open_sinks
 from posttrain.monitor import Event, Monitor
 
 LOGS = ("metrics", "samples", "events")
@@ -253,6 +253,29 @@ def health_gate(monitor: Monitor, step: int, events: list[Event], spikes: bool =
         return finite and monitor.update_allowed(found)
 
     return gate
+
+
+def end_step(run: Run, parts: Parts, bar, step: int, metrics: dict, events: list[Event],
+             evaluate: Callable[[], dict], eval_every: int) -> int:
+    """The end of a training step: act on its health events (a rollback returns the restored checkpoint's
+    step), evaluate when due (``evaluate()`` → metrics, kept in ``parts.extra['last_eval']``), log, and
+    checkpoint (the last step's checkpoint is the final one). Returns the next step index."""
+    action = run.record(events, bar.print)
+    metrics["health/events"] = len(events)
+    if action in ("rollback", "stop"):
+        run.write(metrics)  # the step that went wrong stays in the log
+        run.stop_if(action, step + 1, bar.print)
+        return run.rollback(step + 1, parts, bar.print)
+    step += 1
+    if eval_due(step, run.config.steps, eval_every):
+        parts.extra["last_eval"] = evaluate()
+        metrics.update(parts.extra["last_eval"])
+        bar.print_metrics(f"step {step}", parts.extra["last_eval"])
+    run.write(metrics)
+    bar.update(metrics)
+    if run.save_due(step) or step == run.config.steps:
+        run.save(step, parts, final=step == run.config.steps)
+    return step
 
 
 def nothing_to_do(run: Run, notice: Callable[[str], None]) -> bool:

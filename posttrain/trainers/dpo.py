@@ -1,0 +1,171 @@
+"""Direct preference optimisation (Rafailov et al. 2023) and its variants, on preference pairs.
+
+Per pair, with sequence log-probs summed over the reply tokens only (the render mask: the prompt and
+tool outputs do not count) and h = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r)):
+
+    sigmoid: −(1−ε) log σ(βh) − ε log σ(−βh)     (ε > 0: conservative DPO)
+    ipo:     (h − 1/(2β))²                        (Azar et al. 2023)
+    hinge:   relu(1 − βh)                         (SLiC, Zhao et al. 2023)
+    robust:  ((1−ε)(−log σ(βh)) + ε log σ(−βh)) / (1 − 2ε)   (Chowdhury et al. 2024)
+
+(``losses.dpo_loss``), averaged over the pairs of a step. The reference π_ref is the starting policy:
+a frozen copy, or, with LoRA, the same model with its adapter off. With ``precompute_ref`` every
+pair's reference log-probs are computed once before training (as TRL's ``precompute_ref_log_probs``)
+and the reference is dropped. Metrics are TRL's: the implicit rewards β(log π − log π_ref) of each
+side (``rewards/chosen|rejected``), how often the chosen one is higher (``rewards/accuracies``), their
+gap (``rewards/margins``) and the summed log-probs (``logps/chosen|rejected``), plus how often the
+policy itself gives the chosen reply the higher log-prob (``logps/accuracies``); ``eval/`` the same
+on held-out pairs, plus the task's pass@k when a task is configured.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from posttrain.algorithms import losses
+from posttrain.checkpoint import load_policy
+from posttrain.engine import Engine
+from posttrain.metrics import StepProgress
+from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
+from posttrain.preference_config import DPOConfig
+from posttrain.tasks import make_task
+from posttrain.tools import default_registry
+from posttrain.trainers.pairs import EncodedPair, PairBatch, batches, pair_batch, sequence_logps
+from posttrain.trainers.reward_model import prepare_pairs
+from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
+
+
+def chunks(pairs: list[EncodedPair], rows: list[int], pad_id: int, size: int, reference, ref_logps: Tensor | None):
+    """Micro-batches of ``pairs[rows]``: (batch, reference log-probs (2m,): chosen then rejected), the
+    latter from the precomputed table ``ref_logps`` (N, 2) when given, else from ``reference`` (no grad)."""
+    for start in range(0, len(rows), size):
+        idx = rows[start : start + size]
+        batch = pair_batch([pairs[i] for i in idx], pad_id)
+        if ref_logps is not None:
+            ref = torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]])  # (2m,)
+        else:
+            with torch.no_grad():
+                ref = sequence_logps(reference, batch)  # (2m,)
+        yield batch, ref
+
+
+def precompute_reference(reference, pairs: list[EncodedPair], pad_id: int, size: int) -> Tensor:
+    """Reference log-probs of every pair, (N, 2): [chosen, rejected]."""
+    out = torch.zeros(len(pairs), 2)
+    for (batch, ref), start in zip(chunks(pairs, list(range(len(pairs))), pad_id, size, reference, None),
+                                   range(0, len(pairs), size), strict=True):
+        m = len(batch.margins)
+        out[start : start + m] = torch.stack([ref[:m], ref[m:]], dim=1)
+    return out
+
+
+def dpo_terms(model, batch: PairBatch, ref: Tensor, config: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The micro-batch's per-pair losses (m,) and its detached per-pair statistics."""
+    logps = sequence_logps(model, batch)  # (2m,)
+    m = len(batch.margins)
+    loss = losses.dpo_loss(logps[:m], logps[m:], ref[:m], ref[m:], config.beta, config.loss, config.label_smoothing)
+    chosen_r, rejected_r = config.beta * (logps[:m] - ref[:m]).detach(), config.beta * (logps[m:] - ref[m:]).detach()
+    return loss, {"rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
+                  "rewards/accuracies": (chosen_r > rejected_r).float(), "rewards/margins": chosen_r - rejected_r,
+                  "logps/chosen": logps[:m].detach(), "logps/rejected": logps[m:].detach(),
+                  "logps/accuracies": (logps[:m] > logps[m:]).float().detach()}
+
+
+def dpo_step(model, optimizer, pairs: list[EncodedPair], rows: list[int], pad_id: int, reference,
+             ref_logps: Tensor | None, config: DPOConfig, gate) -> dict[str, float]:
+    """One optimizer step on ``pairs[rows]``: mean loss over the pairs (micro-batches weighted by their
+    share), clipped; ``gate(loss, grad_norm)`` (the health checks) decides whether it is applied."""
+    optimizer.zero_grad(set_to_none=True)
+    total, stats = 0.0, {}
+    for batch, ref in chunks(pairs, rows, pad_id, config.micro_batch, reference, ref_logps):
+        loss, parts = dpo_terms(model, batch, ref, config)
+        (loss.sum() / len(rows)).backward()
+        total += loss.sum().item() / len(rows)
+        for k, v in parts.items():
+            stats[k] = stats.get(k, 0.0) + v.sum().item() / len(rows)
+    grad_norm = clip_grad(model, config.optim.grad_clip)
+    applied = gate(total, grad_norm)
+    if applied:
+        optimizer.step()
+    return {"loss": total, "grad_norm": grad_norm, "health/skipped_update": float(not applied), **stats}
+
+
+def evaluate_dpo(model, pairs: list[EncodedPair], pad_id: int, reference, ref_logps: Tensor | None,
+                 config: DPOConfig) -> dict[str, float]:
+    """``eval/`` loss and TRL metrics on the held-out pairs, and ``eval/rewards/accuracies/<kind>`` per
+    kind of rejected reply when the data names kinds."""
+    if not pairs:
+        return {}
+    was_training = model.training
+    model.eval()
+    sums: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for batch, ref in chunks(pairs, list(range(len(pairs))), pad_id, config.micro_batch, reference, ref_logps):
+            loss, parts = dpo_terms(model, batch, ref, config)
+            for k, v in {"loss": loss, **parts}.items():
+                sums[k] = torch.cat([sums[k], v]) if k in sums else v
+    model.train(was_training)
+    out = {f"eval/{k}": v.mean().item() for k, v in sums.items()}
+    for kind in sorted({p.kind for p in pairs if p.kind}):
+        rows = torch.tensor([p.kind == kind for p in pairs])
+        out[f"eval/rewards/accuracies/{kind}"] = sums["rewards/accuracies"][rows].mean().item()
+    return out
+
+
+def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, float]]:
+    """Run DPO as configured (resuming per ``config.resume``); returns {"before": held-out metrics of the
+    starting policy, "after": the last held-out metrics}."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    run = Run(config, "dpo")
+    if nothing_to_do(run, print):
+        return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
+    model, tokenizer = load_policy(config.model, config.lora)
+    reference = model.reference()  # before any restore: the starting policy
+    task = make_task(config.task) if config.task is not None else None
+    engine = Engine(model, tokenizer, default_registry()) if task is not None else None
+    optimizer = make_optimizer(model, config.optim)
+    parts = Parts(model, tokenizer, optimizers={"policy": optimizer}, extra={"before": {}, "last_eval": {}})
+    pad = tokenizer.pad_id
+    with StepProgress("dpo", config.steps, ("loss", "rewards/accuracies", "eval/rewards/accuracies"), progress,
+                      initial=run.start_step) as bar:
+        run.check_config(bar.print)
+        train, test = prepare_pairs(config, tokenizer, model, bar.print)
+        ref_train = ref_test = None
+        if config.precompute_ref:
+            ref_train = precompute_reference(reference, train, pad, config.micro_batch)
+            ref_test = precompute_reference(reference, test, pad, config.micro_batch)
+            reference = None  # no longer needed: its memory goes back
+
+        def evaluate() -> dict:
+            out = evaluate_dpo(model, test, pad, reference, ref_test, config)
+            if task is not None:
+                model.eval()
+                out |= task.evaluate(engine, config.eval)
+            return out
+
+        run.open(bar.print)
+        step = run.restore(parts) if run.resume_from else 0
+        if run.resume_from is None:
+            parts.extra["before"] = parts.extra["last_eval"] = evaluate()
+            run.write({"step": 0, **parts.extra["before"]})
+            bar.print_metrics("before DPO", parts.extra["before"])
+            if run.needs_start_checkpoint:
+                run.save(0, parts)
+        while step < config.steps:
+            t0 = time.perf_counter()
+            model.train()
+            lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
+            set_lr(optimizer, lr)
+            rows = batches(len(train), config.batch_size, step, config.seed)
+            events: list = []
+            stats = dpo_step(model, optimizer, train, rows, pad, reference, ref_train, config,
+                             health_gate(run.monitor, step + 1, events))
+            metrics = {"step": step + 1, **stats, "learning_rate": lr, "timing_s/step": time.perf_counter() - t0}
+            step = end_step(run, parts, bar, step, metrics, events, evaluate, config.eval.every)
+    run.close()
+    return {"before": parts.extra["before"], "after": parts.extra["last_eval"]}

@@ -1,0 +1,114 @@
+"""Preference pairs as training tensors, shared by the reward-model and DPO trainers.
+
+A batch of B pairs is one (2B, T) tensor: rows 0..B−1 are the chosen replies, rows B..2B−1 the
+rejected ones (row b and row B + b answer the same prompt), right-padded, so one forward scores both.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from posttrain.preference_config import PreferenceDataConfig
+from posttrain.tasks.arithmetic import ArithmeticTask, preference_pair
+from posttrain.tasks.preference import PreferencePair, load_preferences
+
+
+def make_pairs(config: PreferenceDataConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, test) pairs: generated from the arithmetic task's train / held-out problems, or loaded."""
+    if config.source != "arithmetic":
+        return load_preferences(config.source, config.test_size)
+    task = ArithmeticTask(test_size=max(config.test_size, 1), format=config.format)
+    r = random.Random(config.seed)
+    train = [preference_pair(task.train_problem(r), r, config.ramble_share, config.format)
+             for _ in range(config.train_size)]
+    test_r = random.Random(config.seed + 1)
+    test = [preference_pair(p, test_r, config.ramble_share, config.format) for p in task.test[: config.test_size]]
+    return train, test
+
+
+@dataclass
+class EncodedPair:
+    """A pair rendered by the model's tokenizer; the masks are 1 on the reply tokens the model produces."""
+
+    chosen: list[int]
+    chosen_mask: list[int]
+    rejected: list[int]
+    rejected_mask: list[int]
+    margin: float
+    kind: str | None  # why the rejected reply is worse, when the data says (the demo's 'slip' | 'ramble')
+
+
+def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> tuple[list[EncodedPair], int]:
+    """Render every pair (prompt + reply through the chat format); pairs with a side longer than
+    ``max_length`` tokens (0: no limit) are left out. Returns (encoded, how many were left out)."""
+    out, skipped = [], 0
+    for pair in pairs:
+        chosen, chosen_mask = tokenizer.render_conversation(pair.conversation("chosen"))
+        rejected, rejected_mask = tokenizer.render_conversation(pair.conversation("rejected"))
+        if max_length and max(len(chosen), len(rejected)) > max_length:
+            skipped += 1
+            continue
+        out.append(EncodedPair(chosen, chosen_mask, rejected, rejected_mask, pair.margin, pair.meta.get("rejected")))
+    return out, skipped
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B right-padded rows (chosen first)."""
+
+    ids: Tensor  # (2B, T) long
+    pad_mask: Tensor  # (2B, T) bool, True on real tokens
+    targets: Tensor  # (2B, T) long: the next token where it is a reply token, else −1
+    margins: Tensor  # (B,)
+
+    def half(self) -> int:
+        return len(self.margins)
+
+
+def pair_batch(pairs: list[EncodedPair], pad_id: int) -> PairBatch:
+    """Stack ``pairs`` into a :class:`PairBatch`."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (2B, T)
+    pad_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    targets = torch.full((len(seqs), width), -1, dtype=torch.long)
+    for row, (seq, mask) in enumerate(zip(seqs, masks, strict=True)):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        pad_mask[row, : len(seq)] = True
+        nxt, m = torch.tensor(seq[1:]), torch.tensor(mask[1:], dtype=torch.bool)
+        targets[row, : len(seq) - 1] = nxt.masked_fill(~m, -1)
+    return PairBatch(ids, pad_mask, targets, torch.tensor([p.margin for p in pairs], dtype=torch.float32))
+
+
+def sequence_logps(model, batch: PairBatch) -> Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each row's reply tokens, (2B,). Right padding needs no mask: pads
+    come after every real token, which causal attention never lets a real token see."""
+    return model(batch.ids, batch.targets).sum(-1)  # (2B, T) -> (2B,)
+
+
+def batches(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The pair indices of optimizer step ``step``: epochs of seeded shuffles of range(n), read in order,
+    so any step's batch follows from (step, seed) alone (exact resume needs no data state)."""
+    start = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out += order[offset : offset + batch_size - len(out)]
+    return out
+
+
+def context_length(model) -> int:
+    """The longest sequence ``model`` takes: the built-in GPT's max_seq_len, an HF model's
+    max_position_embeddings when it has one, else 0 (no limit known)."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "max_seq_len"):
+        return config.max_seq_len
+    hf = getattr(model, "hf", None)
+    return getattr(hf.config.get_text_config(), "max_position_embeddings", 0) if hf is not None else 0

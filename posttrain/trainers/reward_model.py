@@ -1,0 +1,214 @@
+"""Reward-model training (InstructGPT's RM): a scalar head on the SFT policy's trunk, fitted to preference
+pairs with the Bradley–Terry loss
+
+    L = mean_b −log σ(r(x, y_c) − r(x, y_r) − m_b) + center_coef · mean_b (r(x, y_c) + r(x, y_r))²
+
+(m_b: the pair's margin when ``use_margin``; the centering term keeps scores near 0). Each step
+scores the chosen and rejected replies of ``batch_size`` pairs in one forward; held-out pairs are
+scored every ``eval_every`` steps. The final checkpoint (``checkpoints/final``) is the reward model:
+the trunk as an ordinary model checkpoint plus ``reward_head.safetensors``; :func:`load_reward_model`
+reads it back and :class:`RewardScorer` turns it into a reward function for the RL loop.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from posttrain.algorithms import losses
+from posttrain.checkpoint import load_policy, restore_module
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, RewardModelConfig
+from posttrain.metrics import StepProgress
+from posttrain.models.heads import RewardModel
+from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
+from posttrain.preference_config import RMConfig
+from posttrain.trainers.pairs import EncodedPair, batches, context_length, encode_pairs, make_pairs, pair_batch
+from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
+
+HEAD = "reward_head"  # the head's file stem in a reward-model checkpoint
+
+
+def pair_metrics(r_chosen: Tensor, r_rejected: Tensor, prefix: str = "") -> dict[str, float]:
+    """Accuracy (a tie counts ½: chance is 0.5), mean margin r_c − r_r, and each side's score mean/std."""
+    diff = r_chosen - r_rejected  # (B,)
+    out = {
+        f"{prefix}accuracy": ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item(),
+        f"{prefix}margin": diff.mean().item(),
+    }
+    for name, r in (("chosen", r_chosen), ("rejected", r_rejected)):
+        out[f"{prefix}rewards/{name}/mean"] = r.mean().item()
+        out[f"{prefix}rewards/{name}/std"] = r.std().item() if len(r) > 1 else 0.0
+    return out
+
+
+def score_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, micro_batch: int) -> tuple[Tensor, Tensor]:
+    """(r_chosen (N,), r_rejected (N,)) of ``pairs`` under no grad, ``micro_batch`` pairs per forward."""
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for start in range(0, len(pairs), micro_batch):
+            batch = pair_batch(pairs[start : start + micro_batch], pad_id)
+            scores = model(batch.ids, batch.pad_mask)  # (2m,)
+            chosen.append(scores[: len(batch.margins)])
+            rejected.append(scores[len(batch.margins) :])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, micro_batch: int,
+                   use_margin: bool) -> dict[str, float]:
+    """Held-out ``eval/`` metrics: loss, accuracy, margin, score stats, and the accuracy per kind of
+    rejected reply when the data names kinds (``eval/accuracy/slip`` …)."""
+    if not pairs:
+        return {}
+    was_training = model.training
+    model.eval()
+    rc, rr = score_pairs(model, pairs, pad_id, micro_batch)
+    model.train(was_training)
+    margins = torch.tensor([p.margin for p in pairs]) if use_margin else None
+    out = {"eval/loss": losses.bradley_terry_loss(rc, rr, margins).item(), **pair_metrics(rc, rr, "eval/")}
+    for kind in sorted({p.kind for p in pairs if p.kind}):
+        rows = torch.tensor([p.kind == kind for p in pairs])
+        out[f"eval/accuracy/{kind}"] = pair_metrics(rc[rows], rr[rows])["accuracy"]
+    return out
+
+
+def bt_step(model: RewardModel, optimizer, pairs: list[EncodedPair], config: RMConfig, pad_id: int,
+            gate) -> dict[str, float]:
+    """One optimizer step on ``pairs``: the Bradley–Terry loss over micro-batches (weighted by their share of
+    the pairs, so the gradient is the whole batch's), clipped; ``gate(loss, grad_norm)`` decides whether
+    it is applied (the health checks)."""
+    optimizer.zero_grad(set_to_none=True)
+    chosen, rejected, total = [], [], 0.0
+    for start in range(0, len(pairs), config.micro_batch):
+        batch = pair_batch(pairs[start : start + config.micro_batch], pad_id)
+        m = len(batch.margins)
+        scores = model(batch.ids, batch.pad_mask)  # (2m,)
+        loss = losses.bradley_terry_loss(scores[:m], scores[m:], batch.margins if config.use_margin else None,
+                                         config.center_coef)
+        (loss * m / len(pairs)).backward()
+        total += loss.item() * m / len(pairs)
+        chosen.append(scores[:m].detach())
+        rejected.append(scores[m:].detach())
+    grad_norm = clip_grad(model, config.optim.grad_clip)
+    applied = gate(total, grad_norm)
+    if applied:
+        optimizer.step()
+    return {"loss": total, "grad_norm": grad_norm, "health/skipped_update": float(not applied),
+            **pair_metrics(torch.cat(chosen), torch.cat(rejected))}
+
+
+def prepare_pairs(config, tokenizer, model, notice) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """The config's (train, test) pairs, rendered by ``tokenizer``; pairs longer than the data's
+    ``max_length`` (default: the model's context length) are left out with a notice."""
+    train_pairs, test_pairs = make_pairs(config.data)
+    limit = config.data.max_length or context_length(model)
+    train, skipped = encode_pairs(tokenizer, train_pairs, limit)
+    test, skipped_test = encode_pairs(tokenizer, test_pairs, limit)
+    if skipped or skipped_test:
+        notice(f"[yellow]left out {skipped} training and {skipped_test} held-out pairs longer than {limit} tokens "
+               "(data.max_length)")
+    if not train:
+        raise ConfigError(f"no training pairs in '{config.data.source}' fit in data.max_length={limit} tokens")
+    return train, test
+
+
+def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, float]:
+    """Train a reward model as configured (resuming per ``config.resume``); returns the last held-out metrics."""
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    run = Run(config, "rm")
+    if nothing_to_do(run, print):
+        return run.state["extra"].get("last_eval", {})
+    trunk, tokenizer = load_policy(config.model, config.lora)
+    model = RewardModel.from_policy(trunk)
+    optimizer = make_optimizer(model, config.optim)
+    parts = Parts(trunk, tokenizer, modules={HEAD: model.head}, optimizers={"rm": optimizer}, extra={"last_eval": {}})
+    with StepProgress("rm", config.steps, ("loss", "accuracy", "eval/accuracy"), progress,
+                      initial=run.start_step) as bar:
+        run.check_config(bar.print)
+        train, test = prepare_pairs(config, tokenizer, trunk, bar.print)
+        run.open(bar.print)
+        step = run.restore(parts) if run.resume_from else 0
+        if run.resume_from is None and run.needs_start_checkpoint:
+            run.save(0, parts)
+
+        def evaluate() -> dict:
+            return evaluate_pairs(model, test, tokenizer.pad_id, config.micro_batch, config.use_margin)
+
+        while step < config.steps:
+            t0 = time.perf_counter()
+            model.train()
+            lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
+            set_lr(optimizer, lr)
+            rows = batches(len(train), config.batch_size, step, config.seed)
+            events: list = []
+            stats = bt_step(model, optimizer, [train[i] for i in rows], config, tokenizer.pad_id,
+                            health_gate(run.monitor, step + 1, events))
+            metrics = {"step": step + 1, **stats, "learning_rate": lr, "timing_s/step": time.perf_counter() - t0}
+            step = end_step(run, parts, bar, step, metrics, events, evaluate, config.eval_every)
+    run.close()
+    return parts.extra["last_eval"]
+
+
+def load_reward_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """A reward model written by :func:`train_reward_model` (its ``checkpoints/final`` or any step) →
+    (RewardModel in eval mode, its tokenizer)."""
+    path = Path(path)
+    if not (path / f"{HEAD}.safetensors").exists():
+        raise ConfigError(f"{path} is not a reward-model checkpoint (no {HEAD}.safetensors); train one with "
+                          "`posttrain rm` and use its checkpoints/final")
+    trunk, tokenizer = load_policy(ModelConfig(str(path), dtype=dtype), LoraConfig(), device)
+    model = RewardModel(trunk, trunk.hidden_size)
+    restore_module(model.head, path, HEAD)
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+class RewardScorer:
+    """A reward model as a reward function with TRL's signature, for the RL loop:
+    ``scorer(prompts, completions, conv=None, **_) -> list[float]``, each score clipped to ``clamp``.
+
+    The reply is rendered after the prompt conversation (``conv[i]['messages']`` when given, else the
+    prompt string as one user turn) with the reward model's own tokenizer; a sequence longer than the
+    model's context keeps its last tokens (where the score is read). Batched, no gradients.
+    """
+
+    __name__ = "reward_model"  # its name in the rewards/<name>/… metrics
+
+    def __init__(self, model: RewardModel, tokenizer, batch_size: int = 64, clamp: tuple[float, float] = (-10, 10)):
+        self.model, self.tokenizer, self.batch_size, self.clamp = model, tokenizer, batch_size, clamp
+        self.limit = context_length(model.trunk)
+
+    @classmethod
+    def from_config(cls, config: RewardModelConfig) -> RewardScorer:
+        model, tokenizer = load_reward_model(config.path)
+        return cls(model, tokenizer, config.batch_size, config.clamp)
+
+    def _ids(self, prompt: str | dict, completion: str) -> list[int]:
+        messages = prompt["messages"] if isinstance(prompt, dict) else [{"role": "user", "content": prompt}]
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        ids, _ = self.tokenizer.render_conversation(
+            {"messages": [*messages, {"role": "assistant", "content": completion}]})
+        return ids[-self.limit :] if self.limit else ids
+
+    def score(self, prompts: list, completions: list[str]) -> Tensor:
+        """Scores (B,) of ``completions[i]`` answering ``prompts[i]`` (a string or a conversation dict)."""
+        seqs = [self._ids(p, c) for p, c in zip(prompts, completions, strict=True)]
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(seqs), self.batch_size):
+                chunk = seqs[start : start + self.batch_size]
+                width = max(len(s) for s in chunk)
+                ids = torch.full((len(chunk), width), self.tokenizer.pad_id, dtype=torch.long)  # (b, T)
+                pad_mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+                for row, seq in enumerate(chunk):
+                    ids[row, : len(seq)] = torch.tensor(seq)
+                    pad_mask[row, : len(seq)] = True
+                out.append(self.model(ids.to(self.model.trunk.device), pad_mask.to(self.model.trunk.device)).cpu())
+        return torch.cat(out).clamp(*self.clamp) if out else torch.zeros(0)
+
+    def __call__(self, prompts: list[str], completions: list[str], conv: list[dict] | None = None, **_) -> list[float]:
+        return self.score(conv if conv is not None else prompts, completions).tolist()
