@@ -58,11 +58,22 @@ def demo(
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="where everything is written (default: "
                                                  "runs/demo, runs/demo-quick with --quick)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    preference: Annotated[bool, typer.Option("--preference", help="the preference demo: reward model, DPO, and "
+                                             "PPO against the reward model, from an SFT model")] = False,
+    sft: Annotated[Path | None, typer.Option("--sft", help="--preference: start from this SFT checkpoint (default: "
+                                             "train one, as the main demo does)")] = None,
 ) -> None:
-    """SFT the built-in GPT from scratch, then RL (Dr. GRPO); print held-out pass@1/pass@8 before and after RL."""
-    from posttrain.demo import run_demo
-
+    """SFT the built-in GPT from scratch, then RL (Dr. GRPO); print held-out pass@1/pass@8 before and after RL.
+    With --preference: reward model, DPO and PPO-with-the-reward-model from the SFT model."""
     with _run_errors():
+        if preference:
+            from posttrain.demo_preference import run_preference_demo
+
+            name = "runs/demo-preference" + ("-quick" if quick else "")
+            run_preference_demo(run_dir or Path(name), quick=quick, progress=progress, sft=sft)
+            return
+        from posttrain.demo import run_demo
+
         run_demo(run_dir or Path("runs/demo-quick" if quick else "runs/demo"), quick=quick, progress=progress)
 
 

@@ -322,6 +322,9 @@ class RLConfig(RunOptions):
                 raise ConfigError(f"config key 'rewards' has unknown reward '{name}'"
                                   f"{suggest(name, ['task', 'reward_model', *REWARDS])}"
                                   "; a function of your own is 'package.module:function'")
+        if self.reward_model.path and "reward_model" not in self.rewards:
+            raise ConfigError(f"config key 'reward_model.path' is set but 'rewards' ({dict(self.rewards)}) does not "
+                              "use it: add reward_model: <weight> to rewards, or unset reward_model.path")
         if "reward_model" in self.rewards and not self.reward_model.path:
             raise ConfigError("config key 'rewards' names 'reward_model' but 'reward_model.path' is not set "
                               "(reward_model.path=runs/rm/checkpoints/final)")

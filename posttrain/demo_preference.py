@@ -47,7 +47,7 @@ def run_preference_demo(run_dir: str | Path, quick: bool = False, progress: bool
     dpo_cfg = load_config(DPOConfig, CONFIG_DIR / "demo_dpo.yaml",
                           [f"run_dir={run_dir / 'dpo'}", *at, *(QUICK_DPO if quick else [])])
     ppo_cfg = load_config(RLConfig, CONFIG_DIR / "demo_ppo_rm.yaml",
-                          [f"run_dir={run_dir / 'ppo'}", *at, f"reward_model.path={rm_model}",
+                          [f"run_dir={run_dir / 'ppo'}", *at, f"reward_model.path={rm_model}", "eval_before=false",
                            *(QUICK_PPO if quick else [])])
     console.print(f"[bold]posttrain demo --preference[/bold]: reward model ({rm_cfg.steps} steps), DPO "
                   f"({dpo_cfg.steps} steps) and PPO against the reward model ({ppo_cfg.steps} steps) from an SFT "
@@ -57,7 +57,7 @@ def run_preference_demo(run_dir: str | Path, quick: bool = False, progress: bool
                               [f"run_dir={run_dir / 'sft'}", *(QUICK_SFT if quick else [])]), progress=progress)
     rm = train_reward_model(rm_cfg, progress=progress)
     dpo = train_dpo(dpo_cfg, progress=progress)
-    ppo = train_rl(ppo_cfg, progress=progress)
+    ppo = train_rl(ppo_cfg, progress=progress, before=dpo["before"])  # the same SFT model, the same evaluation
     wall = time.perf_counter() - start
     ppo_rows = read_metrics(run_dir / "ppo" / "metrics.jsonl")
     summary = {

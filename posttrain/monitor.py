@@ -140,8 +140,10 @@ def _bound(name: str, value: float, key: str, bound: float, sign: str = ">",
 
 
 def _relative(name: str, value: float, key: str, factor: float, median: float | None, above: bool) -> Finding | None:
-    """``value > factor * median`` (``above``) or ``value < factor * median``; silent while ``median`` is None."""
-    if median is None or factor == 0:
+    """``value > factor * median`` (``above``) or ``value < factor * median``; silent while ``median`` is None,
+    and for ``above`` while it is 0 (a history of zeros, e.g. no KL during a PPO critic warm-up, gives no scale
+    to rise from: every later value would fire, and a value that fires never joins the history)."""
+    if median is None or factor == 0 or (above and median <= 0):
         return None
     bound, sign = factor * median, ">" if above else "<"
     if not _COMPARE[sign](value, bound):

@@ -49,7 +49,7 @@ class RMConfig(RunOptions):
     """Reward-model training: a scalar head on the policy's trunk, Bradley–Terry loss on preference pairs."""
 
     run_dir: str = "runs/rm"  # where metrics and checkpoints go (checkpoints/final is the reward model)
-    seed: int = 0  # seeds data order and the head's initialisation
+    seed: int = 0  # seeds data order
     threads: int = 0  # torch CPU threads (0: leave torch's default)
     model: ModelConfig = field(default_factory=lambda: ModelConfig("runs/sft/checkpoints/final"))  # trunk to start from
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters on the trunk (HF models)
@@ -86,7 +86,8 @@ class DPOConfig(RunOptions):
     loss: str = "sigmoid"  # sigmoid (DPO; with label_smoothing: conservative DPO) | ipo | hinge | robust
     beta: float = 0.1  # β: strength of the implicit KL to the reference
     label_smoothing: float = 0.0  # ε: assumed share of flipped labels (sigmoid, robust)
-    precompute_ref: bool = False  # score every pair under the reference once, before training (then it is freed)
+    rpo_alpha: float = 0.0  # weight of the chosen reply's mean token NLL added to the loss (RPO, Pang 2024; 0: off)
+    precompute_ref: bool = False  # score every pair under the starting policy once, before training (no reference copy)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10))  # optimizer
     task: TaskConfig | None = None  # a task whose held-out problems also measure the policy (pass@k); None: none
     eval: EvalConfig = field(default_factory=EvalConfig)  # cadence (every) of both evaluations; sampling for the task's
@@ -100,3 +101,4 @@ class DPOConfig(RunOptions):
             check_range(key, getattr(self, key), 1)
         check_range("beta", self.beta, 0, low_open=True)
         check_range("label_smoothing", self.label_smoothing, 0, 0.5, high_open=True)
+        check_range("rpo_alpha", self.rpo_alpha, 0)

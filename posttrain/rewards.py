@@ -317,7 +317,10 @@ class RewardSet:
     0 for one sample) over the samples with a value, fallbacks included (absent when none has one),
     and ``rewards/<name>/failures`` = samples that got the fallback in this call. The first error of
     each function is kept in `first_errors[name]` for the trainer to print once. A weight of 0 keeps
-    a function for its metrics only. Functions run one after another, each in its own thread.
+    a function for its metrics only. Functions run one after another, each in its own thread, except
+    those marked ``inline = True`` (a learned reward model: its time is compute, not a hang, and a
+    thread abandoned mid-forward would compete with the next step), which run in the caller's thread
+    with no timeout; their exceptions are still isolated.
     """
 
     def __init__(self, weights: Mapping[str | Callable, float], timeout_s: float = 30.0, fallback: float | None = 0.0):
@@ -351,7 +354,8 @@ class RewardSet:
             kwargs = {k: list(v) if isinstance(v, list) else v for k, v in columns.items()}
             try:
                 values, failed, problem = checked_values(
-                    call_with_timeout(fn, self.timeout_s, *args, **kwargs), n, self.fallback
+                    (fn(*args, **kwargs) if getattr(fn, "inline", False) else
+                     call_with_timeout(fn, self.timeout_s, *args, **kwargs)), n, self.fallback
                 )
             except Exception as exc:
                 values, failed, problem = [self.fallback] * n, n, f"{type(exc).__name__}: {exc}"

@@ -393,7 +393,11 @@ def test_yaml_numbers_are_checked_like_overrides(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("*configs/*.yaml")), ids=str)
 def test_every_shipped_config_loads(path):
-    cls = RLConfig if "_rl" in path.name else SFTConfig
+    from posttrain.preference_config import DPOConfig, RMConfig
+
+    kinds = {"demo_sft": SFTConfig, "demo_rl": RLConfig, "demo_rm": RMConfig, "demo_dpo": DPOConfig,
+             "demo_ppo_rm": RLConfig}
+    cls = kinds[path.stem]
     assert isinstance(load_config(cls, path), cls)
 
 

@@ -81,6 +81,15 @@ def test_kl_rise_fires_just_above_factor_times_median_and_above_floor():
     assert checks(low.check_rollout(5, {"kl": 0.0501})) == ["kl"]
 
 
+def test_a_rise_from_a_median_of_zero_is_silent_and_the_history_recovers():
+    m = monitor(min_history=3, window=5, kl_rise=5.0, kl_rise_floor=0.05)
+    for _ in range(5):  # a PPO critic warm-up: the policy has not moved, KL is exactly 0
+        assert m.check_rollout(1, {"kl": 0.0}) == []
+    for _ in range(3):  # no scale to rise from: silent, and these values join the history
+        assert m.check_rollout(6, {"kl": 0.3}) == []
+    assert checks(m.check_rollout(9, {"kl": 1.51})) == ["kl"]  # median now 0.3: 1.51 > 5 x 0.3
+
+
 def test_grad_spike_boundary_and_silence_before_min_history():
     m = monitor(min_history=3, window=5, grad_spike=2.0)
     assert feed_updates(m, [1.0, 1.0, 100.0]) == [[], [], []]  # only 2 past values when 100 came: silent

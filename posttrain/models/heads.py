@@ -40,7 +40,7 @@ class ValueModel(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = self.trunk.hidden_states(idx)  # (B, T, C)
-        return self.head(h).squeeze(-1).float()  # (B, T)
+        return self.head(h.float()).squeeze(-1)  # (B, T); the head stays fp32 under a bf16/fp16 trunk
 
 
 class RewardModel(nn.Module):
@@ -72,4 +72,4 @@ class RewardModel(nn.Module):
         if bool((last < 0).any()):
             raise ValueError("reward model: a row has no real token")
         picked = h[torch.arange(len(idx), device=idx.device), last]  # (B, C)
-        return self.head(picked).squeeze(-1).float()  # (B,)
+        return self.head(picked.float()).squeeze(-1)  # (B,); the head stays fp32 under a bf16/fp16 trunk

@@ -211,5 +211,8 @@ def load_preferences(source: str, test_size: int = 0) -> tuple[list[PreferencePa
         return train, test[:test_size] if test_size else test
     if path.is_file():
         pairs = read_pairs(path)
+        if test_size >= len(pairs):
+            raise ValueError(f"{path} has {len(pairs)} pairs and test_size={test_size} holds out the first "
+                             f"{test_size}: none would be left to train on (lower data.test_size)")
         return pairs[test_size:], pairs[:test_size]
     return _hub_pairs(source, test_size)

@@ -8,7 +8,10 @@ tool outputs do not count) and h = (log π(y_c) − log π_ref(y_c)) − (log π
     hinge:   relu(1 − βh)                         (SLiC, Zhao et al. 2023)
     robust:  ((1−ε)(−log σ(βh)) + ε log σ(−βh)) / (1 − 2ε)   (Chowdhury et al. 2024)
 
-(``losses.dpo_loss``), averaged over the pairs of a step. The reference π_ref is the starting policy:
+(``losses.dpo_loss``), averaged over the pairs of a step. With ``rpo_alpha`` > 0 the loss also gets
+α · (−Σ_t log π(y_c,t) / |y_c|), the chosen reply's mean token NLL (RPO, Pang et al. 2024): plain DPO
+can lower the chosen reply's probability along with the rejected one's, which costs a reasoning
+policy its right answers; the NLL term holds the chosen reply up. The reference π_ref is the starting policy:
 a frozen copy, or, with LoRA, the same model with its adapter off. With ``precompute_ref`` every
 pair's reference log-probs are computed once before training (as TRL's ``precompute_ref_log_probs``)
 and the reference is dropped. Metrics are TRL's: the implicit rewards β(log π − log π_ref) of each
@@ -67,6 +70,9 @@ def dpo_terms(model, batch: PairBatch, ref: Tensor, config: DPOConfig) -> tuple[
     logps = sequence_logps(model, batch)  # (2m,)
     m = len(batch.margins)
     loss = losses.dpo_loss(logps[:m], logps[m:], ref[:m], ref[m:], config.beta, config.loss, config.label_smoothing)
+    if config.rpo_alpha > 0:
+        n_tokens = (batch.targets[:m] >= 0).sum(-1).clamp(min=1)  # (m,)
+        loss = loss - config.rpo_alpha * logps[:m] / n_tokens
     chosen_r, rejected_r = config.beta * (logps[:m] - ref[:m]).detach(), config.beta * (logps[m:] - ref[m:]).detach()
     return loss, {"rewards/chosen": chosen_r, "rewards/rejected": rejected_r,
                   "rewards/accuracies": (chosen_r > rejected_r).float(), "rewards/margins": chosen_r - rejected_r,
@@ -125,7 +131,8 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     if nothing_to_do(run, print):
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     model, tokenizer = load_policy(config.model, config.lora)
-    reference = model.reference()  # before any restore: the starting policy
+    # before any restore: the starting policy (precomputing: the model itself, scored before it trains)
+    reference = model if config.precompute_ref else model.reference()
     task = make_task(config.task) if config.task is not None else None
     engine = Engine(model, tokenizer, default_registry()) if task is not None else None
     optimizer = make_optimizer(model, config.optim)

@@ -47,8 +47,10 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> tup
     ``max_length`` tokens (0: no limit) are left out. Returns (encoded, how many were left out)."""
     out, skipped = [], 0
     for pair in pairs:
+        prompt = len(tokenizer.render_for_completion({"messages": pair.prompt}))  # assistant turns in it: no reply
         chosen, chosen_mask = tokenizer.render_conversation(pair.conversation("chosen"))
         rejected, rejected_mask = tokenizer.render_conversation(pair.conversation("rejected"))
+        chosen_mask, rejected_mask = [0] * prompt + chosen_mask[prompt:], [0] * prompt + rejected_mask[prompt:]
         if max_length and max(len(chosen), len(rejected)) > max_length:
             skipped += 1
             continue
@@ -64,9 +66,6 @@ class PairBatch:
     pad_mask: Tensor  # (2B, T) bool, True on real tokens
     targets: Tensor  # (2B, T) long: the next token where it is a reply token, else −1
     margins: Tensor  # (B,)
-
-    def half(self) -> int:
-        return len(self.margins)
 
 
 def pair_batch(pairs: list[EncodedPair], pad_id: int) -> PairBatch:

@@ -102,7 +102,10 @@ def bt_step(model: RewardModel, optimizer, pairs: list[EncodedPair], config: RMC
 def prepare_pairs(config, tokenizer, model, notice) -> tuple[list[EncodedPair], list[EncodedPair]]:
     """The config's (train, test) pairs, rendered by ``tokenizer``; pairs longer than the data's
     ``max_length`` (default: the model's context length) are left out with a notice."""
-    train_pairs, test_pairs = make_pairs(config.data)
+    try:
+        train_pairs, test_pairs = make_pairs(config.data)
+    except ValueError as err:  # a malformed row (named by file and line) or an impossible split
+        raise ConfigError(f"data.source: {err}") from None
     limit = config.data.max_length or context_length(model)
     train, skipped = encode_pairs(tokenizer, train_pairs, limit)
     test, skipped_test = encode_pairs(tokenizer, test_pairs, limit)
@@ -172,10 +175,12 @@ class RewardScorer:
 
     The reply is rendered after the prompt conversation (``conv[i]['messages']`` when given, else the
     prompt string as one user turn) with the reward model's own tokenizer; a sequence longer than the
-    model's context keeps its last tokens (where the score is read). Batched, no gradients.
+    model's context keeps its last tokens (where the score is read). Batched, no gradients, and not
+    subject to ``reward_timeout`` (see ``RewardSet``).
     """
 
     __name__ = "reward_model"  # its name in the rewards/<name>/… metrics
+    inline = True  # RewardSet runs it in the trainer's thread, with no timeout (compute, not a hang)
 
     def __init__(self, model: RewardModel, tokenizer, batch_size: int = 64, clamp: tuple[float, float] = (-10, 10)):
         self.model, self.tokenizer, self.batch_size, self.clamp = model, tokenizer, batch_size, clamp
