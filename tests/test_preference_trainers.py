@@ -80,13 +80,14 @@ def test_dpo_separates_held_out_pairs(policy, tmp_path, precompute):
 def test_dpo_resumed_mid_way_ends_with_the_same_weights(policy, tmp_path):
     straight = tmp_path / "straight"
     train_dpo(dpo_config(policy, straight, "steps=6", "save_every=3"), progress=False)
-    cut = tmp_path / "cut"
-    train_dpo(dpo_config(policy, cut, "steps=3", "save_every=3"), progress=False)
-    train_dpo(dpo_config(policy, cut, "steps=6", "save_every=3"), progress=False)  # resume=auto: from step 3
+    resumed = tmp_path / "resumed"  # starts from the straight run's step-3 checkpoint, as after a kill there
+    train_dpo(dpo_config(policy, resumed, "steps=6", "save_every=3",
+                         f"resume={straight / 'checkpoints' / 'step_000003'}"), progress=False)
     a = load_file(straight / "checkpoints" / "final" / "model.safetensors")
-    b = load_file(cut / "checkpoints" / "final" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["step"] for r in read_jsonl(cut / "metrics.jsonl")] == list(range(7))
+    assert [r["step"] for r in read_jsonl(resumed / "metrics.jsonl")] == [4, 5, 6]
+    assert read_jsonl(resumed / "metrics.jsonl")[-1]["loss"] == read_jsonl(straight / "metrics.jsonl")[-1]["loss"]
 
 
 def test_ppo_against_the_reward_model_raises_its_score(policy, reward_model, tmp_path):
@@ -102,5 +103,5 @@ def test_ppo_against_the_reward_model_raises_its_score(policy, reward_model, tmp
     early = sum(r["rewards/reward_model/mean"] for r in rows[:3]) / 3
     late = sum(r["rewards/reward_model/mean"] for r in rows[-3:]) / 3
     assert late > early, (early, late)
-    assert all(r["reward"] == pytest.approx(r["rewards/reward_model/mean"], abs=1e-5) for r in rows)  # task weight 0
-    assert all("rewards/task/mean" in r and r["kl"] >= 0 for r in rows)
+    assert [r["reward"] for r in rows] == pytest.approx([r["rewards/reward_model/mean"] for r in rows], abs=1e-4)
+    assert all("rewards/task/mean" in r and "kl" in r for r in rows)  # k1 KL estimates may be < 0

@@ -173,23 +173,29 @@ class RewardScorer:
     """A reward model as a reward function with TRL's signature, for the RL loop:
     ``scorer(prompts, completions, conv=None, **_) -> list[float]``, each score clipped to ``clamp``.
 
-    The reply is rendered after the prompt conversation (``conv[i]['messages']`` when given, else the
-    prompt string as one user turn) with the reward model's own tokenizer; a sequence longer than the
-    model's context keeps its last tokens (where the score is read). Batched, no gradients, and not
-    subject to ``reward_timeout`` (see ``RewardSet``).
+    When the policy shares the reward model's vocabulary and the rollout passes ``token_ids`` (the
+    sampled ids), those are scored as they are: decoding and re-encoding text need not give back the
+    same ids (the built-in tokenizer reads " ####" written after a tool output as other pieces than it
+    generated), and the reward model must see what it was trained on. Otherwise the reply is rendered
+    after the prompt conversation (``conv[i]['messages']`` when given, else the prompt string as one user
+    turn) with the reward model's own tokenizer. A sequence longer than the model's context keeps its
+    last tokens (where the score is read). Batched, no gradients, and not subject to ``reward_timeout``
+    (see ``RewardSet``).
     """
 
     __name__ = "reward_model"  # its name in the rewards/<name>/… metrics
     inline = True  # RewardSet runs it in the trainer's thread, with no timeout (compute, not a hang)
 
-    def __init__(self, model: RewardModel, tokenizer, batch_size: int = 64, clamp: tuple[float, float] = (-10, 10)):
+    def __init__(self, model: RewardModel, tokenizer, batch_size: int = 64, clamp: tuple[float, float] = (-10, 10),
+                 policy_tokenizer=None):
         self.model, self.tokenizer, self.batch_size, self.clamp = model, tokenizer, batch_size, clamp
         self.limit = context_length(model.trunk)
+        self.same_vocab = policy_tokenizer is not None and vocabulary(policy_tokenizer) == vocabulary(tokenizer)
 
     @classmethod
-    def from_config(cls, config: RewardModelConfig) -> RewardScorer:
+    def from_config(cls, config: RewardModelConfig, policy_tokenizer=None) -> RewardScorer:
         model, tokenizer = load_reward_model(config.path)
-        return cls(model, tokenizer, config.batch_size, config.clamp)
+        return cls(model, tokenizer, config.batch_size, config.clamp, policy_tokenizer)
 
     def _ids(self, prompt: str | dict, completion: str) -> list[int]:
         messages = prompt["messages"] if isinstance(prompt, dict) else [{"role": "user", "content": prompt}]
@@ -197,11 +203,15 @@ class RewardScorer:
             messages = messages[:-1]
         ids, _ = self.tokenizer.render_conversation(
             {"messages": [*messages, {"role": "assistant", "content": completion}]})
-        return ids[-self.limit :] if self.limit else ids
+        return ids
 
     def score(self, prompts: list, completions: list[str]) -> Tensor:
         """Scores (B,) of ``completions[i]`` answering ``prompts[i]`` (a string or a conversation dict)."""
-        seqs = [self._ids(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return self.score_ids([self._ids(p, c) for p, c in zip(prompts, completions, strict=True)])
+
+    def score_ids(self, seqs: list[list[int]]) -> Tensor:
+        """Scores (B,) of token sequences in the reward model's vocabulary, clipped to ``clamp``."""
+        seqs = [s[-self.limit :] if self.limit else s for s in seqs]
         out = []
         with torch.no_grad():
             for start in range(0, len(seqs), self.batch_size):
@@ -215,5 +225,14 @@ class RewardScorer:
                 out.append(self.model(ids.to(self.model.trunk.device), pad_mask.to(self.model.trunk.device)).cpu())
         return torch.cat(out).clamp(*self.clamp) if out else torch.zeros(0)
 
-    def __call__(self, prompts: list[str], completions: list[str], conv: list[dict] | None = None, **_) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str], conv: list[dict] | None = None,
+                 token_ids: list[list[int]] | None = None, **_) -> list[float]:
+        if token_ids is not None and self.same_vocab:
+            return self.score_ids(token_ids).tolist()
         return self.score(conv if conv is not None else prompts, completions).tolist()
+
+
+def vocabulary(tokenizer) -> object:
+    """What identifies a tokenizer's ids: the built-in one's word list, an HF tokenizer's vocab mapping."""
+    hf = getattr(tokenizer, "hf", None)
+    return hf.get_vocab() if hf is not None else tokenizer.words

@@ -60,10 +60,10 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     torch.manual_seed(config.seed)
     task = make_task(config.task)
-    learned = "reward_model" in config.rewards
-    sources = {"reward_model": RewardScorer.from_config(config.reward_model)} if learned else {}
-    scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources)
     model, tokenizer = load_policy(config.model, config.lora)
+    learned = "reward_model" in config.rewards
+    sources = {"reward_model": RewardScorer.from_config(config.reward_model, tokenizer)} if learned else {}
+    scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources)
     reference = model.reference() if config.kl_coef > 0 else None  # LoRA: the same weights, adapter off
     critic = ValueModel.from_policy(model) if config.advantage == "gae" else None
     engine = Engine(model, tokenizer, default_registry())

@@ -38,7 +38,8 @@ class Scorer:
 
     ``sources`` names further reward functions built by the trainer (``reward_model``: a learned
     reward model's scorer). Columns: the task's ``columns(conv)`` (``answer``, ``extract``), ``conv``,
-    ``group_ids``, and ``lengths`` (completion tokens); completions are decoded without their stop token.
+    ``group_ids``, ``lengths`` (completion tokens) and ``token_ids`` (each row's prompt and completion ids
+    as sampled, stop token included); completions are decoded without their stop token.
     """
 
     def __init__(self, task, weights: dict[str, float], timeout_s: float, fallback: float,
@@ -54,8 +55,9 @@ class Scorer:
     def __call__(self, convs: list[dict], texts: list[str], batch: RolloutBatch) -> tuple[Tensor, dict, list[dict]]:
         """(rewards (B,), metrics, per-row {function: value}) of row i = completion ``texts[i]`` of
         conversation ``convs[i]``."""
+        sampled = [batch.prompt_ids[i] + batch.completion_tokens(i) for i in range(len(texts))]
         columns: dict[str, list] = {"conv": convs, "group_ids": batch.group_ids.tolist(),
-                                    "lengths": batch.lengths.tolist()}
+                                    "lengths": batch.lengths.tolist(), "token_ids": sampled}
         for conv in convs:
             for key, value in self.task.columns(conv).items():
                 columns.setdefault(key, []).append(value)
