@@ -17,12 +17,8 @@ import torch
 import torch.nn as nn
 
 
-class ValueModel(nn.Module):
-    """V(s_t) for every position: ``model(idx)`` (B, T) → values (B, T), fp32.
-
-    Position t's value is the expected return from the state whose next token is predicted at t, so
-    values line up with the per-token log-probs and the loss mask of the same forward.
-    """
+class ScalarHead(nn.Module):
+    """A trunk and a zero-initialised linear head C → 1 (the output starts at 0)."""
 
     def __init__(self, trunk: nn.Module, n_embd: int):
         super().__init__()
@@ -30,6 +26,18 @@ class ValueModel(nn.Module):
         self.head = nn.Linear(n_embd, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def scalar(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., C) hidden states → (...) fp32; the head stays fp32 under a bf16/fp16 trunk."""
+        return self.head(h.float()).squeeze(-1)
+
+
+class ValueModel(ScalarHead):
+    """V(s_t) for every position: ``model(idx)`` (B, T) → values (B, T), fp32.
+
+    Position t's value is the expected return from the state whose next token is predicted at t, so
+    values line up with the per-token log-probs and the loss mask of the same forward.
+    """
 
     @classmethod
     def from_policy(cls, policy: nn.Module) -> ValueModel:
@@ -39,24 +47,16 @@ class ValueModel(nn.Module):
         return cls(trunk, policy.hidden_size)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.trunk.hidden_states(idx)  # (B, T, C)
-        return self.head(h.float()).squeeze(-1)  # (B, T); the head stays fp32 under a bf16/fp16 trunk
+        return self.scalar(self.trunk.hidden_states(idx))  # (B, T, C) -> (B, T)
 
 
-class RewardModel(nn.Module):
+class RewardModel(ScalarHead):
     """r(x, y): ``model(idx, pad_mask)`` (B, T) → one score per row (B,), fp32, read at the row's last
     real token (the last True of ``pad_mask``), so left and right padding give the same scores.
 
     The trunk keeps its LM head (unused) so that it saves and loads as an ordinary model checkpoint;
     the head is saved beside it (``reward_head.safetensors``).
     """
-
-    def __init__(self, trunk: nn.Module, n_embd: int):
-        super().__init__()
-        self.trunk = trunk
-        self.head = nn.Linear(n_embd, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
 
     @classmethod
     def from_policy(cls, policy: nn.Module) -> RewardModel:
@@ -72,4 +72,4 @@ class RewardModel(nn.Module):
         if bool((last < 0).any()):
             raise ValueError("reward model: a row has no real token")
         picked = h[torch.arange(len(idx), device=idx.device), last]  # (B, C)
-        return self.head(picked.float()).squeeze(-1)  # (B,); the head stays fp32 under a bf16/fp16 trunk
+        return self.scalar(picked)  # (B,)

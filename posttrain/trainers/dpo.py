@@ -23,8 +23,6 @@ on held-out pairs, plus the task's pass@k when a task is configured.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import Tensor
 
@@ -32,13 +30,12 @@ from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
 from posttrain.engine import Engine
 from posttrain.metrics import StepProgress
-from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
+from posttrain.optim import clip_grad, make_optimizer
 from posttrain.preference_config import DPOConfig
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
-from posttrain.trainers.pairs import EncodedPair, PairBatch, batches, pair_batch, sequence_logps
-from posttrain.trainers.reward_model import prepare_pairs
-from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
+from posttrain.trainers.pairs import EncodedPair, PairBatch, pair_batch, prepare_pairs, sequence_logps, train_on_pairs
+from posttrain.trainers.run import Parts, Run, nothing_to_do
 
 
 def chunks(pairs: list[EncodedPair], rows: list[int], pad_id: int, size: int, reference, ref_logps: Tensor | None):
@@ -163,16 +160,10 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
             bar.print_metrics("before DPO", parts.extra["before"])
             if run.needs_start_checkpoint:
                 run.save(0, parts)
-        while step < config.steps:
-            t0 = time.perf_counter()
-            model.train()
-            lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
-            set_lr(optimizer, lr)
-            rows = batches(len(train), config.batch_size, step, config.seed)
-            events: list = []
-            stats = dpo_step(model, optimizer, train, rows, pad, reference, ref_train, config,
-                             health_gate(run.monitor, step + 1, events))
-            metrics = {"step": step + 1, **stats, "learning_rate": lr, "timing_s/step": time.perf_counter() - t0}
-            step = end_step(run, parts, bar, step, metrics, events, evaluate, config.eval.every)
+
+        def update(rows: list[int], gate) -> dict:
+            return dpo_step(model, optimizer, train, rows, pad, reference, ref_train, config, gate)
+
+        train_on_pairs(run, parts, bar, optimizer, step, len(train), config, update, evaluate, config.eval.every)
     run.close()
     return {"before": parts.extra["before"], "after": parts.extra["last_eval"]}

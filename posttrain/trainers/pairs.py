@@ -7,14 +7,19 @@ rejected ones (row b and row B + b answer the same prompt), right-padded, so one
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from posttrain.config import ConfigError
+from posttrain.optim import lr_at, set_lr
 from posttrain.preference_config import PreferenceDataConfig
 from posttrain.tasks.arithmetic import ArithmeticTask, preference_pair
 from posttrain.tasks.preference import PreferencePair, load_preferences
+from posttrain.trainers.run import Parts, Run, end_step, health_gate
 
 
 def make_pairs(config: PreferenceDataConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
@@ -58,6 +63,24 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> tup
     return out, skipped
 
 
+def prepare_pairs(config, tokenizer, model, notice) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """The config's (train, test) pairs, rendered by ``tokenizer``; pairs longer than the data's
+    ``max_length`` (default: the model's context length) are left out with a notice."""
+    try:
+        train_pairs, test_pairs = make_pairs(config.data)
+    except ValueError as err:  # a malformed row (named by file and line) or an impossible split
+        raise ConfigError(f"data.source: {err}") from None
+    limit = config.data.max_length or context_length(model)
+    train, skipped = encode_pairs(tokenizer, train_pairs, limit)
+    test, skipped_test = encode_pairs(tokenizer, test_pairs, limit)
+    if skipped or skipped_test:
+        notice(f"[yellow]left out {skipped} training and {skipped_test} held-out pairs longer than {limit} tokens "
+               "(data.max_length)")
+    if not train:
+        raise ConfigError(f"no training pairs in '{config.data.source}' fit in data.max_length={limit} tokens")
+    return train, test
+
+
 @dataclass
 class PairBatch:
     """B pairs as 2B right-padded rows (chosen first)."""
@@ -68,17 +91,24 @@ class PairBatch:
     margins: Tensor  # (B,)
 
 
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token sequences as (ids (B, T) long, pad_mask (B, T) bool, True on real tokens), right-padded."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    pad_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        pad_mask[row, : len(seq)] = True
+    return ids, pad_mask
+
+
 def pair_batch(pairs: list[EncodedPair], pad_id: int) -> PairBatch:
     """Stack ``pairs`` into a :class:`PairBatch`."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (2B, T)
-    pad_mask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    targets = torch.full((len(seqs), width), -1, dtype=torch.long)
+    ids, pad_mask = right_pad(seqs, pad_id)  # (2B, T)
+    targets = torch.full(ids.shape, -1, dtype=torch.long)
     for row, (seq, mask) in enumerate(zip(seqs, masks, strict=True)):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        pad_mask[row, : len(seq)] = True
         nxt, m = torch.tensor(seq[1:]), torch.tensor(mask[1:], dtype=torch.bool)
         targets[row, : len(seq) - 1] = nxt.masked_fill(~m, -1)
     return PairBatch(ids, pad_mask, targets, torch.tensor([p.margin for p in pairs], dtype=torch.float32))
@@ -111,3 +141,21 @@ def context_length(model) -> int:
         return config.max_seq_len
     hf = getattr(model, "hf", None)
     return getattr(hf.config.get_text_config(), "max_position_embeddings", 0) if hf is not None else 0
+
+
+def train_on_pairs(run: Run, parts: Parts, bar, optimizer, step: int, n_pairs: int, config,
+                   update: Callable[[list[int], Callable], dict], evaluate: Callable[[], dict],
+                   eval_every: int) -> None:
+    """The loop the reward-model and DPO trainers share, from ``step`` to ``config.steps``: schedule the
+    learning rate, take the step's pairs (:func:`batches`), ``update(rows, gate) -> metrics`` (one
+    optimizer step, applied only when the health ``gate`` allows), then :func:`end_step`."""
+    while step < config.steps:
+        t0 = time.perf_counter()
+        parts.model.train()
+        lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
+        set_lr(optimizer, lr)
+        events: list = []
+        rows = batches(n_pairs, config.batch_size, step, config.seed)
+        stats = update(rows, health_gate(run.monitor, step + 1, events))
+        metrics = {"step": step + 1, **stats, "learning_rate": lr, "timing_s/step": time.perf_counter() - t0}
+        step = end_step(run, parts, bar, step, metrics, events, evaluate, eval_every)

@@ -12,7 +12,6 @@ reads it back and :class:`RewardScorer` turns it into a reward function for the 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -23,10 +22,10 @@ from posttrain.checkpoint import load_policy, restore_module
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, RewardModelConfig
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import RewardModel
-from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
+from posttrain.optim import clip_grad, make_optimizer
 from posttrain.preference_config import RMConfig
-from posttrain.trainers.pairs import EncodedPair, batches, context_length, encode_pairs, make_pairs, pair_batch
-from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
+from posttrain.trainers.pairs import EncodedPair, context_length, pair_batch, prepare_pairs, right_pad, train_on_pairs
+from posttrain.trainers.run import Parts, Run, nothing_to_do
 
 HEAD = "reward_head"  # the head's file stem in a reward-model checkpoint
 
@@ -99,24 +98,6 @@ def bt_step(model: RewardModel, optimizer, pairs: list[EncodedPair], config: RMC
             **pair_metrics(torch.cat(chosen), torch.cat(rejected))}
 
 
-def prepare_pairs(config, tokenizer, model, notice) -> tuple[list[EncodedPair], list[EncodedPair]]:
-    """The config's (train, test) pairs, rendered by ``tokenizer``; pairs longer than the data's
-    ``max_length`` (default: the model's context length) are left out with a notice."""
-    try:
-        train_pairs, test_pairs = make_pairs(config.data)
-    except ValueError as err:  # a malformed row (named by file and line) or an impossible split
-        raise ConfigError(f"data.source: {err}") from None
-    limit = config.data.max_length or context_length(model)
-    train, skipped = encode_pairs(tokenizer, train_pairs, limit)
-    test, skipped_test = encode_pairs(tokenizer, test_pairs, limit)
-    if skipped or skipped_test:
-        notice(f"[yellow]left out {skipped} training and {skipped_test} held-out pairs longer than {limit} tokens "
-               "(data.max_length)")
-    if not train:
-        raise ConfigError(f"no training pairs in '{config.data.source}' fit in data.max_length={limit} tokens")
-    return train, test
-
-
 def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, float]:
     """Train a reward model as configured (resuming per ``config.resume``); returns the last held-out metrics."""
     if config.threads > 0:
@@ -141,17 +122,10 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
         def evaluate() -> dict:
             return evaluate_pairs(model, test, tokenizer.pad_id, config.micro_batch, config.use_margin)
 
-        while step < config.steps:
-            t0 = time.perf_counter()
-            model.train()
-            lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
-            set_lr(optimizer, lr)
-            rows = batches(len(train), config.batch_size, step, config.seed)
-            events: list = []
-            stats = bt_step(model, optimizer, [train[i] for i in rows], config, tokenizer.pad_id,
-                            health_gate(run.monitor, step + 1, events))
-            metrics = {"step": step + 1, **stats, "learning_rate": lr, "timing_s/step": time.perf_counter() - t0}
-            step = end_step(run, parts, bar, step, metrics, events, evaluate, config.eval_every)
+        def update(rows: list[int], gate) -> dict:
+            return bt_step(model, optimizer, [train[i] for i in rows], config, tokenizer.pad_id, gate)
+
+        train_on_pairs(run, parts, bar, optimizer, step, len(train), config, update, evaluate, config.eval_every)
     run.close()
     return parts.extra["last_eval"]
 
@@ -215,13 +189,7 @@ class RewardScorer:
         out = []
         with torch.no_grad():
             for start in range(0, len(seqs), self.batch_size):
-                chunk = seqs[start : start + self.batch_size]
-                width = max(len(s) for s in chunk)
-                ids = torch.full((len(chunk), width), self.tokenizer.pad_id, dtype=torch.long)  # (b, T)
-                pad_mask = torch.zeros(len(chunk), width, dtype=torch.bool)
-                for row, seq in enumerate(chunk):
-                    ids[row, : len(seq)] = torch.tensor(seq)
-                    pad_mask[row, : len(seq)] = True
+                ids, pad_mask = right_pad(seqs[start : start + self.batch_size], self.tokenizer.pad_id)  # (b, T)
                 out.append(self.model(ids.to(self.model.trunk.device), pad_mask.to(self.model.trunk.device)).cpu())
         return torch.cat(out).clamp(*self.clamp) if out else torch.zeros(0)
 
