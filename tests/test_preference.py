@@ -188,3 +188,44 @@ def test_rl_config_uses_the_reward_model_when_one_is_given():
 def test_dpo_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DPOConfig, None, [override])
+
+
+def test_a_reward_model_set_but_not_used_is_an_error():
+    with pytest.raises(ConfigError, match=r"^config key 'reward_model.path' is set but 'rewards' \({'task': 1.0}\) "
+                                          r"does not use it: add reward_model: <weight> to rewards"):
+        load_config(RLConfig, None, ["reward_model.path=runs/rm", "rewards={task: 1.0}"])
+
+
+def test_a_policy_checkpoint_is_not_a_reward_model(tmp_path):
+    from posttrain.trainers.reward_model import load_reward_model
+
+    with pytest.raises(ConfigError, match=rf"^{tmp_path} is not a reward-model checkpoint \(no reward_head"):
+        load_reward_model(tmp_path)
+
+
+def write_pairs(path, rows: list[str]) -> str:
+    path.write_text("".join(row + "\n" for row in rows))
+    return str(path)
+
+
+def pairs_config(source: str, *extra: str) -> RMConfig:
+    return load_config(RMConfig, None, [f"data.source={source}", *extra])
+
+
+def test_bad_preference_data_is_a_one_line_config_error_naming_file_and_line(tmp_path, gpt, tok):
+    from posttrain.trainers.pairs import prepare_pairs
+
+    good = '{"prompt": "Ann has 3 apples", "chosen": " 5", "rejected": " 6"}'
+    small = write_pairs(tmp_path / "small.jsonl", [good, good])
+    with pytest.raises(ConfigError, match=r"^data.source: .*small.jsonl has 2 pairs and test_size=256 holds out the "
+                                          r"first 256: none would be left to train on \(lower data.test_size\)$"):
+        prepare_pairs(pairs_config(small), tok, gpt, print)
+    bad = write_pairs(tmp_path / "bad.jsonl", [good, '{"prompt": "q", "chosen": " 5"}'])
+    with pytest.raises(ConfigError, match=r"^data.source: .*bad.jsonl:2: "):
+        prepare_pairs(pairs_config(bad, "data.test_size=0"), tok, gpt, print)
+    notices: list[str] = []
+    with pytest.raises(ConfigError, match=r"^no training pairs in '.*small.jsonl' fit in data.max_length=3 tokens$"):
+        prepare_pairs(pairs_config(small, "data.test_size=1", "data.max_length=3"), tok, gpt, notices.append)
+    assert notices == ["[yellow]left out 1 training and 1 held-out pairs longer than 3 tokens (data.max_length)"]
+    train, test = prepare_pairs(pairs_config(small, "data.test_size=1"), tok, gpt, notices.append)
+    assert (len(train), len(test)) == (1, 1)
