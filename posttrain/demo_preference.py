@@ -18,6 +18,7 @@ from rich.table import Table
 
 from posttrain.config import RLConfig, SFTConfig, load_config
 from posttrain.demo import CONFIG_DIR, QUICK_SFT
+from posttrain.metrics import read_jsonl
 from posttrain.preference_config import DPOConfig, RMConfig
 from posttrain.trainers.dpo import train_dpo
 from posttrain.trainers.reward_model import train_reward_model
@@ -59,7 +60,7 @@ def run_preference_demo(run_dir: str | Path, quick: bool = False, progress: bool
     dpo = train_dpo(dpo_cfg, progress=progress)
     ppo = train_rl(ppo_cfg, progress=progress, before=dpo["before"])  # the same SFT model, the same evaluation
     wall = time.perf_counter() - start
-    ppo_rows = read_metrics(run_dir / "ppo" / "metrics.jsonl")
+    ppo_rows = [r for r in read_jsonl(run_dir / "ppo" / "metrics.jsonl") if "reward" in r]  # training steps
     summary = {
         "rm": {k.removeprefix("eval/"): v for k, v in rm.items() if k.startswith("eval/accuracy")},
         "dpo": {"before": pick(dpo["before"]), "after": pick(dpo["after"])},
@@ -78,12 +79,6 @@ def pick(metrics: dict) -> dict:
     """The numbers the summary keeps of one evaluation."""
     keys = ("eval/pass@1", "eval/pass@8", "eval/mean_length", "eval/rewards/accuracies")
     return {k.removeprefix("eval/"): metrics[k] for k in keys if k in metrics}
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The training-step rows of a metrics.jsonl (those with a reward)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if "reward" in r]
 
 
 def print_summary(console: Console, summary: dict, eval_config) -> None:
