@@ -160,6 +160,9 @@ class RunOptions:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # health checks and their actions
 
 
+SFT_LOSSES = ("full", "completion", "answer_only")  # SFTConfig.loss: which tokens are trained on
+
+
 @dataclass
 class SFTConfig(RunOptions):
     """Supervised fine-tuning on task solutions (teacher forcing on assistant tokens)."""
@@ -175,10 +178,18 @@ class SFTConfig(RunOptions):
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
+    loss: str = "completion"  # tokens the loss covers: full (the whole rendered sequence, prompt included) |
+    # completion (the assistant turn: reasoning + answer) | answer_only (the final-answer span)
+    packing: bool = False  # pack several examples per row, attention and positions kept apart per example
+    max_length: int = 0  # longest rendered example in tokens (0: the model's context length)
+    overlong: str = "truncate"  # an example over max_length: truncate (cut to it) | skip (left out); both counted
 
     def __post_init__(self):
         check_run(self)
         check_range("batch_size", self.batch_size, 1)
+        check_choice("loss", self.loss, list(SFT_LOSSES))
+        check_range("max_length", self.max_length, 0, note=" (0: the model's context length)")
+        check_choice("overlong", self.overlong, ["truncate", "skip"])
 
 
 @dataclass
