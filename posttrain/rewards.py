@@ -7,6 +7,7 @@ over texts with TRL's signature (see below), combined with weights by `RewardSet
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import re
@@ -50,6 +51,7 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float =
 # id), `lengths` (completion tokens), and the task's own columns, e.g. `extract` (its answer extraction
 # mode: strict | flexible | xml). Every built-in takes **kwargs so it ignores columns it does not use.
 # Without an `extract` column the answer is read in "strict" mode (the number after the last '####').
+# A reward that needs the whole group (a vote, a rank) is written per group and wrapped by `group_reward`.
 
 _XML_TAGS = ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
 _XML_BODY = r"(?:(?!</?(?:reasoning|answer)>).)+"  # any text holding no reasoning/answer tag
@@ -141,11 +143,47 @@ def _groups(group_ids: Sequence) -> dict[int, list[int]]:
     return groups
 
 
+def _per_sample(column: object, n: int) -> bool:
+    """A column with one entry per completion: a sequence or tensor of length n, not a string."""
+    return not isinstance(column, str | bytes) and hasattr(column, "__len__") and len(column) == n
+
+
+def group_reward(fn: Callable[..., list[float | None]]) -> Callable[..., list[float | None]]:
+    """Make a reward that looks at a whole group (the G samples of one prompt) usable as a batch reward.
+
+    ``fn(prompt, completions, **columns) -> list[float | None]`` is called once per group with that
+    group's prompt, its completions and every per-sample column (a list or tensor with one entry per
+    completion) cut down to the group's rows, as a list; other columns, such as a single ``extract``
+    mode, are passed as is. The result has TRL's batch signature and needs the ``group_ids`` column, which
+    the RL loop always passes. Use it for rewards that compare samples: a majority vote, a length
+    rank. ValueError when ``fn`` returns the wrong number of values for a group.
+    """
+
+    @functools.wraps(fn)
+    def per_batch(prompts: list[str], completions: list[str], group_ids: Sequence | None = None,
+                  **columns) -> list[float | None]:
+        if group_ids is None:
+            raise ValueError(f"{fn.__name__} is a per-group reward: it needs the group_ids column")
+        n = len(completions)
+        out: list[float | None] = [None] * n
+        for rows in _groups(group_ids).values():
+            cut = {k: [v[i] for i in rows] if _per_sample(v, n) else v for k, v in columns.items()}
+            values = list(fn(prompts[rows[0]], [completions[i] for i in rows], **cut))
+            if len(values) != len(rows):
+                raise ValueError(f"{fn.__name__} returned {len(values)} values for a group of {len(rows)}")
+            for i, v in zip(rows, values, strict=True):
+                out[i] = v
+        return out
+
+    per_batch.per_group = True  # type: ignore[attr-defined]
+    return per_batch
+
+
+@group_reward
 def length_penalty(
-    prompts: list[str],
+    prompt: str,
     completions: list[str],
     answer: Sequence[str | None],
-    group_ids: Sequence,
     lengths: Sequence,
     extract: str | Sequence[str] | None = None,
     **kwargs,
@@ -158,22 +196,21 @@ def length_penalty(
     so among right answers shorter is better, and a wrong answer is never rewarded for being short.
     """
     modes = _modes(extract, len(completions))
-    out: list[float | None] = [0.0] * len(completions)
-    for rows in _groups(group_ids).values():
-        size = [float(lengths[i]) for i in rows]
-        lo, hi = min(size), max(size)
-        for i, n in zip(rows, size, strict=True):
-            lam = 0.5 - (n - lo) / (hi - lo) if hi > lo else 0.0
-            ok = answer[i] is not None and is_correct(completions[i], answer[i], modes[i])
-            out[i] = lam if ok else min(0.0, lam)
+    size = [float(n) for n in lengths]
+    lo, hi = min(size), max(size)
+    out: list[float | None] = []
+    for text, gold, mode, n in zip(completions, answer, modes, size, strict=True):
+        lam = 0.5 - (n - lo) / (hi - lo) if hi > lo else 0.0
+        ok = gold is not None and is_correct(text, gold, mode)
+        out.append(lam if ok else min(0.0, lam))
     return out
 
 
+@group_reward
 def majority_vote(
-    prompts: list[str],
+    prompt: str,
     completions: list[str],
     answer: Sequence[str | None],
-    group_ids: Sequence,
     extract: str | Sequence[str] | None = None,
     min_votes: int = 1,
     exact: float = 2.0,
@@ -188,18 +225,13 @@ def majority_vote(
     answer is the voted one, 0 otherwise; everyone in the group gets 0 when the winner has fewer than
     `min_votes` votes or nobody voted.
     """
-    modes = _modes(extract, len(completions))
-    out: list[float | None] = [0.0] * len(completions)
-    for rows in _groups(group_ids).values():
-        votes = {i: extract_answer(completions[i], modes[i]) for i in rows}
-        winner = majority(list(votes.values()))
-        gold = answer[rows[0]]
-        if winner is None or gold is None or sum(v == winner for v in votes.values()) < min_votes:
-            continue
-        score = exact if same_number(winner, gold) else near if _off_by_one(winner, gold) else 0.0
-        for i, vote in votes.items():
-            out[i] = score if vote == winner else 0.0
-    return out
+    votes = [extract_answer(text, mode) for text, mode in zip(completions, _modes(extract, len(completions)),
+                                                               strict=True)]
+    winner, gold = majority(votes), answer[0]
+    if winner is None or gold is None or votes.count(winner) < min_votes:
+        return [0.0] * len(completions)
+    score = exact if same_number(winner, gold) else near if _off_by_one(winner, gold) else 0.0
+    return [score if vote == winner else 0.0 for vote in votes]
 
 
 def _off_by_one(a: str, b: str) -> bool:

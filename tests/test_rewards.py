@@ -123,6 +123,44 @@ def test_majority_vote_groups_are_separate_and_modes_per_sample():
     assert values == [2.0, 2.0, 1.0, 1.0, 0.0]  # group 7: '#### 4' has no <answer>, so no vote
 
 
+@rewards.group_reward
+def unique_answer(prompt, completions, answer, lengths, extract="strict", **kw):
+    """1 for a sample whose answer no other sample of its group gave; records what it was given."""
+    seen.append((prompt, list(completions), list(answer), [int(n) for n in lengths], extract))
+    votes = [rewards.extract_answer(c, extract) for c in completions]
+    return [float(votes.count(v) == 1) for v in votes]
+
+
+seen: list = []
+
+
+def test_group_reward_gets_each_group_with_its_columns_cut():
+    seen.clear()
+    completions = ["#### 1", "#### 2", "#### 1", "#### 3", "#### 3"]
+    assert unique_answer.per_group and unique_answer.__name__ == "unique_answer"  # a batch function, named as before
+    out = unique_answer(["p0", "p1", "p0", "p1", "p1"], completions, group_ids=torch.tensor([0, 1, 0, 1, 1]),
+                        answer=["1", "2", "1", "2", "2"], lengths=torch.tensor([4, 5, 6, 7, 8]), extract="strict")
+    # group 0 = rows 0, 2 (answers 1, 1: neither unique); group 1 = rows 1, 3, 4 (2 unique; 3, 3 not)
+    assert out == [0.0, 1.0, 0.0, 0.0, 0.0]
+    assert seen == [("p0", ["#### 1", "#### 1"], ["1", "1"], [4, 6], "strict"),
+                    ("p1", ["#### 2", "#### 3", "#### 3"], ["2", "2", "2"], [5, 7, 8], "strict")]
+
+
+def test_group_reward_errors_are_isolated_by_the_reward_set():
+    @rewards.group_reward
+    def too_few(prompt, completions, **kw):
+        return [1.0]
+
+    with pytest.raises(ValueError, match="needs the group_ids column"):
+        too_few(["p"], ["a"])
+    with pytest.raises(ValueError, match="returned 1 values for a group of 2"):
+        too_few(["p", "p"], ["a", "b"], group_ids=[0, 0])
+    totals, metrics = RewardSet({too_few: 1.0, "correctness": 1.0}, fallback=-1.0)(
+        ["p", "p"], ["#### 18", "#### 1"], group_ids=[0, 0], answer=["18", "18"])
+    close(totals, [-1.0 + 2.0, -1.0 + 0.0])  # the broken group function gives the fallback; correctness still counts
+    assert metrics["rewards/too_few/failures"] == 2.0
+
+
 def test_registry_and_loader(tmp_path, monkeypatch):
     assert set(rewards.REWARDS) == {"correctness", "format_strict", "format_soft", "xml_count", "integer_answer",
                                     "length_penalty", "majority_vote"}
