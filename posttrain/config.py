@@ -24,6 +24,7 @@ from posttrain.engine import SamplingParams
 from posttrain.metrics import SINKS
 from posttrain.models.gpt import GPTConfig
 from posttrain.monitor import MonitorConfig
+from posttrain.prompt_sampling import PromptSamplingConfig
 
 T = TypeVar("T")
 GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce")  # advantages measured against the prompt's group
@@ -291,6 +292,8 @@ class RLConfig(RunOptions):
     micro_batch: int = 64  # rows per forward/backward chunk
     critic: CriticConfig = field(default_factory=CriticConfig)  # PPO critic (advantage: gae)
     sampling: SamplingParams = field(default_factory=SamplingParams)  # rollout sampling
+    prompt_sampling: PromptSamplingConfig = field(default_factory=PromptSamplingConfig)  # which prompts: uniform |
+    # curriculum | priority, over a pool of training problems
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="linear"))
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation

@@ -230,6 +230,21 @@ class ArithmeticTask:
             if p.question not in self._test_questions:
                 return p
 
+    def train_pool(self, size: int, r: random.Random) -> list[Problem] | None:
+        """``size`` distinct training problems (distinct questions, none in the test split), generated once
+        from ``r``, for RL's prompt sampling; None for size 0: no pool, fresh problems forever."""
+        if size == 0:
+            return None
+        problems: dict[str, Problem] = {}
+        while len(problems) < size:
+            p = self.train_problem(r)
+            problems.setdefault(p.question, p)
+        return list(problems.values())
+
+    def difficulty(self, problem: Problem) -> float:
+        """The difficulty label the curriculum orders by: the number of calculator steps (2 or 3)."""
+        return float(len(problem.steps))
+
     def sft_example(self, r: random.Random) -> dict:
         """A training conversation with a teacher solution (imperfect at rate ``teacher_error``)."""
         p = self.train_problem(r)

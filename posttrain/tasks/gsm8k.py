@@ -301,10 +301,28 @@ class GSM8KTask:
 
     def train_problem(self, r: random.Random) -> Problem:
         """A training problem drawn uniformly at random."""
+        self._check_train()
+        return r.choice(self.train)
+
+    def train_pool(self, size: int, r: random.Random) -> list[Problem]:
+        """The problems RL's prompt sampling draws from: the train split (``size`` 0), or ``size`` of its
+        rows picked with ``r``, in split order."""
+        self._check_train()
+        if size > len(self.train):
+            raise ValueError(f"gsm8k: a prompt pool of {size} problems, but the train split has {len(self.train)}")
+        if size == 0:
+            return list(self.train)
+        return [self.train[i] for i in sorted(r.sample(range(len(self.train)), size))]
+
+    def difficulty(self, problem: Problem) -> float:
+        """The difficulty label the curriculum orders by: the number of ``<<…>>`` calculator annotations
+        in the dataset's solution (its calculation steps)."""
+        return float(len(_ANNOTATION.findall(problem.solution)))
+
+    def _check_train(self) -> None:
         if not self.train:
             raise ValueError(f"gsm8k: no training rows ({len(self.test)} test rows; a single data file trains on the "
                              "rows after the first task.test_size, and test_size 0 makes every row a test row)")
-        return r.choice(self.train)
 
     def sft_example(self, r: random.Random) -> dict:
         """A training conversation with the dataset's worked solution in this format."""

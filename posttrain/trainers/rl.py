@@ -4,7 +4,8 @@
 
 * rollout: ``prompts_per_step`` prompts × ``samples_per_prompt`` completions from the engine (prefix
   shared within a group, tool calls executed); with ``dynamic_sampling`` (DAPO) groups whose rewards
-  are all equal are replaced by fresh prompts;
+  are all equal are replaced by fresh prompts. ``prompt_sampling`` picks the prompts (uniform,
+  curriculum or priority, posttrain/prompt_sampling.py) and learns each drawn group's success;
 * reward: the weighted reward functions of ``rewards`` (default: the task's verifiable 0/1 reward),
   each isolated from failures, plus DAPO's soft overlong penalty when ``overlong: penalty``;
 * score: under no grad, the log-probs of the sampled tokens under the policy that sampled them
@@ -28,6 +29,7 @@ import dataclasses
 import math
 import random
 import time
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -42,6 +44,7 @@ from posttrain.models.gpt import token_logprobs
 from posttrain.models.heads import ValueModel
 from posttrain.monitor import Monitor
 from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
+from posttrain.prompt_sampling import make_sampler
 from posttrain.rewards import overlong_penalty
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
@@ -67,10 +70,12 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     reference = model.reference() if config.kl_coef > 0 else None  # LoRA: the same weights, adapter off
     critic = ValueModel.from_policy(model) if config.advantage == "gae" else None
     engine = Engine(model, tokenizer, default_registry())
+    sampler = make_sampler(config.prompt_sampling, task)
     critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
     parts = Parts(model, tokenizer, optimizers={"policy": make_optimizer(model, config.optim)},
                   rngs={"prompts": random.Random(config.seed)},
-                  extra={"kl_coef": config.kl_coef, "before": before or {}, "last_eval": before or {}})
+                  extra={"kl_coef": config.kl_coef, "before": before or {}, "last_eval": before or {},
+                         "prompt_sampling": sampler.state_dict()})
     if critic is not None:
         parts.modules["critic"] = critic
         parts.optimizers["critic"] = make_optimizer(critic, critic_optim)
@@ -101,12 +106,17 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
             if critic_optimizer is not None:
                 set_lr(critic_optimizer, lr_at(step, config.steps, critic_optim) * run.monitor.lr_scale)
 
-            # 1. rollout: P prompts × G samples (more rounds with dynamic sampling)
+            # 1. rollout: P prompts × G samples (more rounds with dynamic sampling); the sampler's state is the
+            # checkpoint's (parts.extra, also after a resume or rollback) and learns every group drawn
             model.eval()
+            train_progress = step / config.steps  # p of the curriculum
+            sampler.load_state_dict(parts.extra["prompt_sampling"])
             ro = collect(engine, task, scorer, parts.rngs["prompts"], P, G, config.sampling,
-                         seed=(config.seed * 1_000_003 + step) * 64,
-                         dynamic=config.dynamic_sampling, max_rounds=config.max_sampling_rounds)
-            metrics = {"step": step + 1, **rollout_metrics(ro), "learning_rate": lr}
+                         seed=(config.seed * 1_000_003 + step) * 64, dynamic=config.dynamic_sampling,
+                         max_rounds=config.max_sampling_rounds, draw=partial(sampler.draw, progress=train_progress))
+            sampler.update(ro.pool_ids, ro.success)
+            parts.extra["prompt_sampling"] = sampler.state_dict()
+            metrics = {"step": step + 1, **rollout_metrics(ro), **sampler.metrics(train_progress), "learning_rate": lr}
             for name in scorer.rewards.first_errors.keys() - reported:
                 bar.print(f"[yellow]reward '{name}' failed (fallback {config.reward_fallback} used; counted in "
                           f"rewards/{name}/failures), first error: {scorer.rewards.first_errors[name]}")

@@ -5,6 +5,7 @@ as training tensors. The engine never learns which algorithm runs; this module n
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor
 
 from posttrain.algorithms.advantages import group_stats
 from posttrain.engine import Engine, RolloutBatch, SamplingParams
+from posttrain.prompt_sampling import TaskStream
 from posttrain.rewards import RewardSet
 
 
@@ -29,6 +31,8 @@ class Rollout:
     frac_zero_std: float  # share of first-round rows whose group has equal rewards
     reward_metrics: dict  # rewards/<fn>/mean|std|failures of the first round
     breakdown: list[dict]  # (B,) each reward function's value for the row (None: not applicable)
+    pool_ids: list[int]  # pool index of every group drawn, all rounds, dropped ones included (−1: no pool)
+    success: list[float]  # each drawn group's share of completions with task reward ≥ 1, as pool_ids
 
 
 class Scorer:
@@ -77,6 +81,7 @@ def collect(
     seed: int,
     dynamic: bool = False,
     max_rounds: int = 1,
+    draw: Callable[[random.Random], tuple[int, object]] | None = None,
 ) -> Rollout:
     """Generate ``group_size`` completions for ``prompts`` prompts and score them.
 
@@ -85,20 +90,30 @@ def collect(
     groups with signal are in hand or ``max_rounds`` rounds ran (then the step trains on what it has,
     possibly nothing; DAPO instead keeps drawing without a bound). Extra groups from the last round
     are cut. Round r samples with seed ``seed + r``. ``scorer`` gives each completion its reward.
+
+    ``draw(prompt_rng)`` gives each prompt as (pool index, problem): a prompt sampler's draw (see
+    posttrain/prompt_sampling.py); default a fresh ``task.train_problem(prompt_rng)`` (index −1). Every
+    group drawn, kept or not, is reported in ``pool_ids`` and ``success`` for the sampler to learn from.
     """
+    draw = draw or TaskStream(task).draw
     tok, G = engine.tokenizer, group_size
     convs: list[dict] = []
     parts: list[RolloutBatch] = []
     texts: list[str] = []
     rewards: list[Tensor] = []
     breakdown: list[dict] = []
+    pool_ids: list[int] = []
+    success: list[float] = []
     frac_zero_std, kept, rounds, first, first_metrics = 0.0, 0, 0, torch.zeros(0), {}
     for rounds in range(1, (max_rounds if dynamic else 1) + 1):
-        drawn = [task.prompt(task.train_problem(prompt_rng)) for _ in range(prompts)]
+        picked = [draw(prompt_rng) for _ in range(prompts)]
+        drawn = [task.prompt(problem) for _, problem in picked]
         batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seed=seed + rounds - 1)
         done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
         r, reward_metrics, parts_r = scorer([drawn[i // G] for i in range(len(drawn) * G)], done, batch)  # (B,)
         zero_std = group_stats(r, batch.group_ids).zero_std  # (B,)
+        pool_ids += [i for i, _ in picked]
+        success += group_success(task, drawn, done, parts_r, G)
         if rounds == 1:
             first, frac_zero_std, first_metrics = r, zero_std.float().mean().item(), reward_metrics
         groups = [g for g in range(len(drawn)) if not (dynamic and zero_std[g * G])][: prompts - kept]
@@ -114,7 +129,16 @@ def collect(
     batch = RolloutBatch.concat(parts, tok.pad_id)
     batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
     return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std,
-                   first_metrics, breakdown)
+                   first_metrics, breakdown, pool_ids, success)
+
+
+def group_success(task, convs: list[dict], texts: list[str], breakdown: list[dict], group_size: int) -> list[float]:
+    """Each group's share of completions whose task reward is ≥ 1 (row i answers ``convs[i // group_size]``);
+    the task reward is the scorer's ``task`` value where it has one, else ``task.reward``."""
+    solved = [b["task"] if b.get("task") is not None else task.reward(convs[i // group_size], texts[i])
+              for i, b in enumerate(breakdown)]  # (B,)
+    return [sum(v >= 1 for v in solved[g * group_size : (g + 1) * group_size]) / group_size
+            for g in range(len(convs))]
 
 
 def completion_text(tokenizer, batch: RolloutBatch, row: int) -> str:
@@ -168,7 +192,8 @@ def last_token(mask: Tensor) -> Tensor:
 
 def rollout_metrics(ro: Rollout) -> dict:
     """TRL-named metrics of the rollout. ``reward``/``reward_std`` are over the first round as drawn (with
-    dynamic sampling the kept groups are a biased sample; their mean is ``sampling/kept_reward``)."""
+    dynamic sampling the kept groups are a biased sample; their mean is ``sampling/kept_reward``);
+    ``sampling/batch_success`` is the mean group success over every group drawn, all rounds."""
     batch, first = ro.batch, ro.first_rewards
     out = {
         "reward": first.mean().item(),
@@ -177,6 +202,7 @@ def rollout_metrics(ro: Rollout) -> dict:
         **ro.reward_metrics,
         "sampling/rounds": ro.rounds,
         "sampling/groups": len(ro.convs),
+        "sampling/batch_success": sum(ro.success) / len(ro.success),
         "tools/call_frequency": batch.tool_calls / ro.drawn,
         "tools/failure_frequency": batch.tool_failures / max(1, batch.tool_calls),
     }
