@@ -135,6 +135,23 @@ def dpo(
         train_dpo(_load(DPOConfig, config, overrides, resume), progress=progress)
 
 
+@app.command()
+def pipeline(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML (see configs/pipeline_sft_rl.yaml)")],
+    overrides: Annotated[list[str] | None, typer.Argument(
+        help="key=value overrides: top-level (run_dir=runs/b, eval.samples=4) or a stage's as "
+             "stages.NAME.KEY=VALUE (stages.rl.steps=5)")] = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Run stages (sft, rm, dpo, rl, eval) in order, each from an earlier stage's output, into RUN_DIR/<stage>/;
+    finished stages are skipped. Ends with one table comparing every policy (pass@1, pass@K, maj@K, format
+    rate, mean length), also written to RUN_DIR/comparison.md and comparison.json."""
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    with _run_errors():
+        run_pipeline(load_pipeline(config, overrides or []), progress=progress)
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="a posttrain checkpoint dir, an HF model dir or hub id, a .gguf file")],
