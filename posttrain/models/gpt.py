@@ -7,7 +7,9 @@ Rotary position embeddings, RMSNorm (no learned scale, as in nanochat), grouped-
   log-probs of ``targets`` ``(B, T)`` (positions whose target is ``-1`` get 0);
 * generation: ``model(idx, cache=cache)`` appends to a :class:`KVCache` and returns logits of the
   new positions only. Rows may be left-padded (``pad_mask``); each row's rotary positions start at
-  its first real token, so a padded row decodes exactly as it would alone.
+  its first real token, so a padded row decodes exactly as it would alone;
+* packed training rows: ``model(idx, targets, doc_ids=doc_ids)`` with several examples per row, each
+  attending only to itself with positions counted from its own first token (see :func:`doc_positions`).
 """
 
 from __future__ import annotations
@@ -167,24 +169,32 @@ class GPT(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.device, self.wte.weight.dtype)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, pad_mask=None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, pad_mask=None, doc_ids=None):
         """``idx`` (B, T) → logits (B, T, V), or log-probs of ``targets`` (B, T) when given.
 
         With ``cache``: the tokens are appended after ``cache.length`` positions; ``pad_mask``
         (B, T) marks real tokens (False = left pad) and is only allowed on the first call. Without a
         cache, ``pad_mask`` may mark pads anywhere: pads are never attended to and each row's positions
         count its real tokens only, so a padded row's real positions compute what they would alone.
+        ``doc_ids`` (B, T) (no cache, no ``pad_mask``): packed rows, each example a contiguous run of one
+        id; a token attends causally within its run only and its position counts from the run's start.
         """
-        logits = self.lm_head(self.hidden_states(idx, cache, pad_mask)).float()  # (B, T, V)
+        logits = self.lm_head(self.hidden_states(idx, cache, pad_mask, doc_ids)).float()  # (B, T, V)
         if targets is None:
             return logits
         return token_logprobs(logits, targets)
 
-    def hidden_states(self, idx, cache: KVCache | None = None, pad_mask=None) -> torch.Tensor:
+    def hidden_states(self, idx, cache: KVCache | None = None, pad_mask=None, doc_ids=None) -> torch.Tensor:
         """The final normalised hidden states (B, T, C) that the LM head reads (value and reward heads
         read them too); arguments as in :meth:`forward`."""
         B, T = idx.shape
-        if cache is None and pad_mask is None:
+        if doc_ids is not None:  # packed rows: block-diagonal causal attention, positions per example
+            if cache is not None or pad_mask is not None:
+                raise ValueError("doc_ids (packed rows) cannot be combined with a cache or a pad_mask")
+            pos = doc_positions(doc_ids)  # (B, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+            attn_mask = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :])).unsqueeze(1)  # (B, 1, T, T)
+        elif cache is None and pad_mask is None:
             pos = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
             attn_mask = None  # plain causal
         elif cache is None:  # padded rows, no cache (reward scoring): positions start at each row's first token
@@ -242,6 +252,17 @@ class GPT(nn.Module):
         weights = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(weights, Path(path) / "model.safetensors")
         (Path(path) / "model.json").write_text(json.dumps(self.config_dict(), indent=1))
+
+
+def doc_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its run of equal ``doc_ids`` (B, T) → (B, T): t − (first t of its run).
+
+    ``[[0, 0, 0, 1, 1, -1]]`` → ``[[0, 1, 2, 0, 1, 0]]``: the packed examples restart at 0 (a run of pads
+    is a run of its own)."""
+    t = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)  # (B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from posttrain.models.gpt import token_logprobs
+from posttrain.models.gpt import doc_positions, token_logprobs
 
 TOOL_TOKENS = ("<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>")
 # Used only when a tokenizer has no chat template of its own (base models): plain role-tagged turns.
@@ -32,6 +32,8 @@ FALLBACK_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+# Attention implementations whose masks keep packed examples apart (transformers' create_causal_mask).
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -141,11 +143,15 @@ class HFPolicy(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> HFCache:
         return HFCache(self.hf.config, max_len)
 
-    def forward(self, idx, targets=None, cache: HFCache | None = None, pad_mask=None):
+    def forward(self, idx, targets=None, cache: HFCache | None = None, pad_mask=None, doc_ids=None):
         """``idx`` (B, T) → logits (B, T, V) fp32 or log-probs of ``targets`` (B, T); with ``cache``
-        the tokens are appended to it and only the last position's logits (B, 1, V) come back."""
+        the tokens are appended to it and only the last position's logits (B, 1, V) come back.
+        ``doc_ids`` (B, T) (no cache): packed rows, as the built-in GPT takes them. They become position
+        ids that restart at each example and no attention mask, from which transformers builds the
+        block-diagonal causal mask (check :meth:`packing_problem` first)."""
         if cache is None:
-            logits = self.hf(input_ids=idx, use_cache=False).logits.float()  # (B, T, V)
+            packed = {} if doc_ids is None else {"position_ids": doc_positions(doc_ids)}
+            logits = self.hf(input_ids=idx, use_cache=False, **packed).logits.float()  # (B, T, V)
             return logits if targets is None else token_logprobs(logits, targets)
         B, T = idx.shape
         if pad_mask is not None:  # prefill of left-padded rows: positions start at each row's first token
@@ -170,6 +176,22 @@ class HFPolicy(nn.Module):
             kwargs = {"attention_mask": pad_mask.long(), "position_ids": (pad_mask.long().cumsum(-1) - 1).clamp(min=0)}
         out = self.hf(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1, **kwargs)
         return out.hidden_states[-1]
+
+    def packing_problem(self) -> str | None:
+        """Why packed rows (``doc_ids``) would not compute what the examples compute alone, or None.
+        transformers keeps packed examples apart (from position ids that restart) in the masks it builds
+        for sdpa, eager and flex attention; flash attention does so for a single row only, and layers
+        that are not attention (linear attention, state-space) carry state from one example to the next."""
+        config = self.hf.config
+        impl = config._attn_implementation
+        if impl not in PACKING_ATTENTION:
+            return (f"this model's attention implementation '{impl}' does not keep packed examples apart "
+                    f"(packing works with {', '.join(PACKING_ATTENTION)})")
+        text = config.get_text_config(decoder=True)
+        other = sorted(set(getattr(text, "layer_types", None) or []) - {"full_attention", "sliding_attention"})
+        if other:
+            return f"this model has {', '.join(other)} layers, which carry state across packed examples"
+        return None
 
     def reference(self) -> nn.Module:
         """The frozen starting policy for KL terms: with LoRA, this very model with its adapter off

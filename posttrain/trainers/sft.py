@@ -1,7 +1,14 @@
-"""Supervised fine-tuning: teacher forcing on the assistant tokens of task conversations.
+"""Supervised fine-tuning: teacher forcing on task conversations.
 
-loss = −Σ_t m_t · log π(x_{t+1} | x_{≤t}) / Σ_t m_t over the batch, where m is the render mask
-(1 on assistant text, tool calls and the end token; 0 on the prompt and on tool outputs).
+loss = −Σ_t m_t · log π(x_t | x_<t) / Σ_t m_t over every counted token of the step, where the mask m is
+the ``loss`` scheme's (``posttrain/sft_data.py``): ``full`` (the whole rendered sequence, prompt
+included), ``completion`` (the default: the assistant turn, i.e. its text, tool calls and end token, not
+tool outputs) or ``answer_only`` (the final-answer span, ``#### N`` or ``<answer>...</answer>`` through
+the end token). Examples longer than ``max_length`` (0: the model's context length) are truncated or
+skipped (``overlong``), counted in ``data/truncated`` / ``data/skipped``. ``packing`` puts several
+examples in a row, each attending to itself only with its own positions: the same loss as unpacked rows,
+less padding (``data/pad_fraction``). With ``lora.rank`` > 0 (HF models) only the adapter trains.
+
 AdamW, warm-up + decay schedule, grad clipping, held-out evaluation every ``eval.every`` steps,
 resumable checkpoints every ``save_every`` steps and a final one (``run_dir/checkpoints/final``);
 the health monitor checks every update (a non-finite loss or gradient is never applied).
@@ -19,26 +26,15 @@ import torch
 from posttrain.checkpoint import load_policy
 from posttrain.config import SFTConfig
 from posttrain.engine import Engine
-from posttrain.metrics import StepProgress, eval_due
+from posttrain.metrics import StepProgress
 from posttrain.models.gpt import GPT
 from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
+from posttrain.sft_data import check_packing, draw_examples, make_rows, resolve_max_length, sft_loss
 from posttrain.tasks import make_task
 from posttrain.tokenizer import Tokenizer
 from posttrain.tools import default_registry
-from posttrain.trainers.run import Parts, Run, health_gate, nothing_to_do
-
-
-def collate(tokenizer: Tokenizer, convs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render and right-pad conversations → (inputs (B, T), targets (B, T)); target −1 = no loss."""
-    rendered = [tokenizer.render_conversation(c) for c in convs]
-    width = max(len(ids) for ids, _ in rendered) - 1
-    inputs = torch.full((len(convs), width), tokenizer.pad_id, dtype=torch.long)
-    targets = torch.full((len(convs), width), -1, dtype=torch.long)
-    for i, (ids, mask) in enumerate(rendered):
-        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-        inputs[i, : len(ids) - 1] = ids_t[:-1]
-        targets[i, : len(ids) - 1] = ids_t[1:].masked_fill(~mask_t[1:], -1)
-    return inputs, targets
+from posttrain.trainers.pairs import context_length
+from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
 
 
 def build_policy(config: SFTConfig, task, resume_from: Path | None = None):
@@ -65,10 +61,18 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
         return run.state["extra"].get("last_eval", {})
     task = make_task(config.task)
     model, tokenizer = build_policy(config, task, run.resume_from)
+    limit = resolve_max_length(config.max_length, context_length(model))
+    if config.packing:
+        check_packing(model)
     engine = Engine(model, tokenizer, default_registry())
     optimizer = make_optimizer(model, config.optim)
-    parts = Parts(model, tokenizer, optimizers={"policy": optimizer},
-                  rngs={"data": random.Random(config.seed + 1)}, extra={"last_eval": {}})
+    parts = Parts(model, tokenizer, optimizers={"policy": optimizer}, rngs={"data": random.Random(config.seed + 1)},
+                  extra={"last_eval": {}, "data": {"truncated": 0, "skipped": 0}})
+
+    def evaluate() -> dict:
+        model.eval()
+        return task.evaluate(engine, config.eval)
+
     with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress,
                       initial=run.start_step) as bar:
         run.check_config(bar.print)
@@ -76,16 +80,18 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
         step = run.restore(parts) if run.resume_from else 0
         if run.resume_from is None and run.needs_start_checkpoint:
             run.save(0, parts)
+        announced = set()
         while step < config.steps:
             t0 = time.perf_counter()
             model.train()
             lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
             set_lr(optimizer, lr)
-            convs = [task.sft_example(parts.rngs["data"]) for _ in range(config.batch_size)]
-            inputs, targets = collate(tokenizer, convs)
-            logp = model(inputs, targets)  # (B, T)
-            n_tokens = (targets >= 0).sum()
-            loss = -logp.sum() / n_tokens
+            counts = parts.extra["data"]
+            examples = draw_examples(lambda: task.sft_example(parts.rngs["data"]), tokenizer, config.batch_size,
+                                     config.loss, limit, config.overlong, counts)
+            announce_overlong(counts, announced, limit, config.overlong, bar.print)
+            rows = make_rows(examples, tokenizer.pad_id, config.packing, limit).to(model.device)
+            loss, n_tokens = sft_loss(model, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = clip_grad(model, config.optim.grad_clip)
@@ -99,27 +105,23 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
                 "loss": loss.item(),
                 "grad_norm": grad_norm,
                 "learning_rate": lr,
-                "tokens": int(n_tokens),
+                "tokens": n_tokens,
                 "health/skipped_update": float(not applied),
+                "data/truncated": counts["truncated"],
+                "data/skipped": counts["skipped"],
+                "data/pad_fraction": rows.pad_fraction,
                 "timing_s/step": elapsed,
-                "throughput/tokens_per_s": int(n_tokens) / max(elapsed, 1e-9),
+                "throughput/tokens_per_s": n_tokens / max(elapsed, 1e-9),
             }
-            action = run.record(events, bar.print)
-            if action in ("rollback", "stop"):
-                run.write(metrics)  # the step that went wrong stays in the log
-                run.stop_if(action, step + 1, bar.print)
-                step = run.rollback(step + 1, parts, bar.print)
-                continue
-            step += 1
-            if eval_due(step, config.steps, config.eval.every):
-                model.eval()
-                parts.extra["last_eval"] = task.evaluate(engine, config.eval)
-                metrics.update(parts.extra["last_eval"])
-                bar.print_metrics(f"step {step}", parts.extra["last_eval"])
-            run.write(metrics)
-            bar.update(metrics)
-            if run.save_due(step):
-                run.save(step, parts)
-        run.save(config.steps, parts, final=True)
+            step = end_step(run, parts, bar, step, metrics, events, evaluate, config.eval.every)
     run.close()
     return parts.extra["last_eval"]
+
+
+def announce_overlong(counts: dict[str, int], announced: set[str], limit: int, overlong: str, notice) -> None:
+    """One notice the first time an example is truncated or skipped (the count goes on in the metrics)."""
+    kind = "skipped" if overlong == "skip" else "truncated"
+    if counts[kind] and kind not in announced:
+        announced.add(kind)
+        notice(f"[yellow]examples longer than max_length={limit} tokens are {kind} (overlong={overlong}); "
+               f"counted in data/{kind}")
