@@ -1,26 +1,19 @@
 """``posttrain pipeline``: stages (sft, rm, dpo, rl, eval) run in order into one directory, each able to
 start from an earlier stage's output, resumable stage by stage, ending with one comparison table.
 
-A pipeline YAML::
+A pipeline YAML (PipelineConfig; README "Pipelines" has an example) names its stages in run order, each
+``{kind, config: STAGE.yaml, from: NAME, ...inline trainer keys}`` (``kind`` defaults to the name).
+Inline keys merge leaf by leaf into the stage YAML's sections (``optim: {lr: 1}``); other values
+(``rewards: {...}``) replace the YAML's whole. ``from: NAME`` starts a stage from ``run_dir/NAME/checkpoints/
+final``; without it or an inline ``model``, from the previous policy stage (sft, dpo, rl), if any. An rl
+stage's ``reward_model: NAME`` scores with that rm stage's output. An eval stage evaluates ``from: NAME``'s
+output, ``model: PATH``, or else the start model.
 
-    run_dir: runs/my_pipeline        # stage NAME writes into run_dir/NAME/
-    eval: {problems: 256, samples: 8, temperature: 1.0, max_new_tokens: 64}   # the comparison's settings
-    stages:                          # name -> stage, in run order
-      base: {kind: eval}             # the start model (what the first policy stage starts from)
-      sft: {config: demo_sft.yaml}   # kind defaults to the name; config: a stage YAML (relative to this file)
-      rl: {config: demo_rl.yaml, from: sft, steps: 60}   # inline keys override the stage YAML's
-
-``from: NAME`` sets a stage's ``model`` to ``run_dir/NAME/checkpoints/final``; without it (and without an
-inline ``model``) sft, rm, dpo and rl start from the previous policy stage (sft, dpo, rl), if any. An rl
-stage's ``reward_model: NAME`` (a string) sets ``reward_model.path`` to that rm stage's output. An eval
-stage evaluates ``from: NAME``'s output, ``model: PATH``, or else the start model.
-
-``run_dir/pipeline.json`` (written atomically) records each finished stage with the hash of its resolved
-config, and each evaluation; a recorded stage is not run again, a stage killed mid-way goes on through
-its own ``resume=auto``. A finished stage whose config changed is an error naming the changed keys, or
-with ``on_change: rerun`` its directory and those of every later stage are deleted and run again.
-The comparison samples every policy stage's final checkpoint and every eval stage's model with the
-same settings (``posttrain.eval_report``) and writes ``comparison.md`` and ``comparison.json``.
+``run_dir/pipeline.json`` records each finished stage's config (less UNTRAINED_KEYS) and each evaluation: a
+recorded stage is not run again; one whose recorded keys changed is an error, or (``on_change: rerun``) it
+and every later stage run again. A stage that trains (again) first deletes the later stages that use its
+output (``dependents``). The comparison samples every policy stage's final checkpoint and every eval
+stage's model with the same settings (``posttrain.eval_report``): ``comparison.md``, ``comparison.json``.
 """
 
 from __future__ import annotations
@@ -33,6 +26,8 @@ import os
 import re
 import shutil
 import time
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +59,12 @@ TRAINERS = {"sft": ("posttrain.trainers.sft", "train_sft"), "rm": ("posttrain.tr
 KINDS = (*CONFIGS, "eval")
 POLICY_KINDS = ("sft", "dpo", "rl")  # stages whose output is a policy: evaluated, and what later stages start from
 STAGE_KEYS = ("kind", "config", "from")  # a stage's own keys besides its trainer config's
+# Trainer keys that cannot change a stage's checkpoint (what it logs, saves and evaluates on the way, how
+# it resumes, its CPU threads): left out of its record, so changing them is not a change of the stage.
+UNTRAINED_KEYS = (*IGNORED_KEYS, "log", "save_every", "keep_last", "log_samples_every", "eval", "eval_every",
+                  "eval_before")
 STATE = "pipeline.json"
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # no '.': stages.NAME.KEY=VALUE must find the name
 
 
 @dataclass
@@ -100,7 +99,7 @@ class StageConfig:
 
     name: str  # its key under `stages`: its sub-directory of run_dir and its row of the table
     kind: str  # sft | rm | dpo | rl | eval (YAML default: the name, when the name is a kind)
-    start: str | None = None  # the policy stage whose checkpoints/final it starts from (YAML `from`; None: none)
+    start: str | None = None  # the stage it starts from or evaluates (`from`, or the previous policy stage)
     reward_model: str | None = None  # rl: the rm stage whose checkpoints/final scores completions
     resolved: Any = None  # the trainer config (SFTConfig | RMConfig | DPOConfig | RLConfig); eval: the ModelConfig
 
@@ -112,13 +111,13 @@ class PipelineConfig:
     run_dir: str = "runs/pipeline"  # stage NAME writes into run_dir/NAME/; pipeline.json, comparison.* go here
     on_change: str = "error"  # a finished stage whose config changed: error (name the changes) | rerun (delete
     # its output and every later stage's, and run them again)
-    threads: int = 0  # torch CPU threads of the comparison evaluations (0: torch's default)
+    threads: int = 0  # torch CPU threads while the comparison samples (0: as they are), restored after
     eval: PipelineEvalConfig = field(default_factory=PipelineEvalConfig)  # the comparison's shared settings
     stages: list[StageConfig] = field(default_factory=list)  # YAML: a mapping name -> stage, in run order
 
     def __post_init__(self):
         check_choice("on_change", self.on_change, ["error", "rerun"])
-        check_range("threads", self.threads, 0, note=" (0: torch's default)")
+        check_range("threads", self.threads, 0, note=" (0: leave torch's as it is)")
 
 
 # --- loading: the YAML, overrides, and every stage resolved before anything runs --------------
@@ -136,15 +135,20 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig:
+def load_pipeline(path: str | Path, overrides: list[str] = (), notice: Callable[[str], None] = print
+                  ) -> PipelineConfig:
     """The pipeline at ``path`` with ``key=value`` overrides: top-level keys (``run_dir=runs/b``,
     ``eval.samples=4``) or a stage's keys as ``stages.NAME.KEY=VALUE`` (``stages.rl.steps=5``,
-    ``stages.rl.from=sft``). Every stage is resolved here, so a bad key anywhere fails before any training."""
+    ``stages.rl.from=sft``). Every stage is resolved here, so a bad key anywhere fails before any training;
+    ``notice`` gets one line per stage whose start replaces its stage YAML's model."""
     data = _read_yaml(Path(path))
     stages = data.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise ConfigError(f"{path}: 'stages' must be a mapping of stage name -> stage (e.g. sft: {{config: "
                           f"demo_sft.yaml}}), got {stages!r}")
+    for name in (n for n in stages if not _NAME.fullmatch(str(n))):
+        raise ConfigError(f"stage '{name}': a stage name is letters, digits, '_' and '-' (it names a directory and "
+                          "stages.NAME.KEY=VALUE overrides)")
     data["stages"] = {name: {} if entry is None else entry for name, entry in stages.items()}
     for item in overrides:
         if "=" not in item:
@@ -162,7 +166,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
     for name, entry in raw_stages.items():
         try:
             config.stages.append(resolve_stage(str(name), entry, config.stages, list(map(str, raw_stages)),
-                                               root, base))
+                                               root, base, notice))
         except ConfigError as err:
             raise ConfigError(f"stage '{name}': {err}") from None
     policies = [s for s in config.stages if s.kind != "eval"]
@@ -177,11 +181,10 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineConfig
 
 
 def resolve_stage(name: str, entry: Any, earlier: list[StageConfig], names: list[str], root: Path,
-                  base: Path) -> StageConfig:
+                  base: Path, notice: Callable[[str], None]) -> StageConfig:
     """Stage ``name``'s YAML entry → StageConfig; ``earlier``: the stages before it, ``names``: all stages,
-    ``root``: the pipeline's run_dir, ``base``: where a relative ``config`` path is read from."""
-    if not _NAME.fullmatch(name):
-        raise ConfigError("a stage name is letters, digits, '_', '.' and '-' (it names a directory)")
+    ``root``: the pipeline's run_dir, ``base``: where a relative ``config`` path is read from, ``notice``:
+    told when the previous policy stage replaces the stage YAML's model."""
     if not isinstance(entry, dict):
         raise ConfigError(f"must be a mapping (kind, config, from, and the stage's own keys), got {entry!r}")
     entry = dict(entry)
@@ -200,7 +203,8 @@ def resolve_stage(name: str, entry: Any, earlier: list[StageConfig], names: list
         raise ConfigError("set from (a stage) or model (a path), not both")
     if "run_dir" in entry:
         raise ConfigError(f"run_dir is set by the pipeline ({root / name}): leave it out")
-    if start is None and "model" not in entry and kind != "eval":
+    implicit = start is None and "model" not in entry and kind != "eval"
+    if implicit:
         start = next((s.name for s in reversed(earlier) if s.kind in POLICY_KINDS), None)
     source = _earlier(start, POLICY_KINDS, earlier, names, "from") if start is not None else None
     if kind == "eval":
@@ -209,21 +213,33 @@ def resolve_stage(name: str, entry: Any, earlier: list[StageConfig], names: list
             model = dataclasses.replace(source.resolved.model, path=str(output(root, source)))
         return StageConfig(name, kind, start, None, model)
     data = _read_yaml(base / entry.pop("config")) if "config" in entry else {}
-    for key, value in _leaves(entry):  # inline keys merge into the stage YAML's one leaf at a time
+    for key, value in _leaves(entry, CONFIGS[kind]):  # inline keys over the stage YAML's
         _set_dotted(data, key, value)
     _set_dotted(data, "run_dir", str(root / name))
     if source is not None:
+        own = data.get("model", {}).get("path") if isinstance(data.get("model"), dict) else data.get("model")
+        if implicit and "model" in data and own != str(output(root, source)):
+            notice(f"stage '{name}': starts from stage '{source.name}' ({output(root, source)}), not its config's "
+                   f"model {own or 'null (a fresh GPT)'} (write model: PATH, or null for a fresh GPT, in the "
+                   "stage to keep one)")
         _set_dotted(data, "model", str(output(root, source)))
     if rm is not None:
         _set_dotted(data, "reward_model", str(output(root, _earlier(rm, ("rm",), earlier, names, "reward_model"))))
     return StageConfig(name, kind, start, rm, _build(CONFIGS[kind], data, ""))
 
 
-def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of each non-mapping value: {optim: {lr: 1}} → [('optim.lr', 1)]."""
-    out = []
+def _leaves(tree: dict, cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs that set ``tree`` over a ``cls`` config one leaf at a time inside dataclass
+    sections and whole elsewhere: {optim: {lr: 1}, rewards: {task: 1}} → [('optim.lr', 1), ('rewards',
+    {task: 1})], as ``rewards={...}`` on a trainer's command line replaces its YAML's."""
+    hints, out = typing.get_type_hints(cls), []
     for key, value in tree.items():
-        out += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [(f"{prefix}{key}", value)]
+        hint = hints.get(key)
+        section = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        if section is not None and isinstance(value, dict) and value:
+            out += _leaves(value, section, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
     return out
 
 
@@ -249,13 +265,23 @@ def output(root: Path, stage: StageConfig) -> Path:
     return root / stage.name / "checkpoints" / "final"
 
 
-# --- state: what has run, by config hash --------------------------------------------------------
+# --- state: what has run, under which config --------------------------------------------------------
 
 
-def stage_settings(stage: StageConfig) -> dict:
-    """What decides a stage's output, as plain data (the trainer config without resume and threads)."""
-    settings = to_dict(stage.resolved)
-    return {k: v for k, v in settings.items() if k not in IGNORED_KEYS} if stage.kind != "eval" else {"model": settings}
+def trained_settings(settings: dict) -> dict:
+    """A trainer config's plain data less UNTRAINED_KEYS: what decides the stage's checkpoint."""
+    return {k: v for k, v in settings.items() if k not in UNTRAINED_KEYS}
+
+
+def dependents(stages: list[StageConfig], name: str) -> list[StageConfig]:
+    """The stages after ``name`` that use its output, directly or through one another: started from it
+    (``from`` or the previous policy stage), scoring with it (``reward_model``), or evaluating it."""
+    used, out = {name}, []
+    for stage in stages:  # in run order: a stage uses only earlier ones
+        if stage.start in used or stage.reward_model in used:
+            used.add(stage.name)
+            out.append(stage)
+    return out
 
 
 def digest(data: Any) -> str:
@@ -284,21 +310,27 @@ def check_finished(config: PipelineConfig, state: dict, notice) -> None:
     root = Path(config.run_dir)
     for i, stage in enumerate(config.stages):
         record = state["stages"].get(stage.name)
-        if record is None or record["hash"] == digest(stage_settings(stage)):
+        changed = record and config_changes(trained_settings(record["config"]), trained_settings(to_dict(
+            stage.resolved)))  # trained_settings of the record too: one written with more keys compares alike
+        if not changed:
             continue
-        changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in config_changes(
-            record["config"], stage_settings(stage)).items())
+        changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
         if config.on_change == "error":
             raise ConfigError(f"stage '{stage.name}' finished in {root / stage.name} under another config "
                               f"({changes}): restore it, use another run_dir, or set on_change=rerun to run "
                               "it and every later stage again (their directories are deleted)")
-        for later in config.stages[i:]:
-            state["stages"].pop(later.name, None)
-            state["evals"].pop(later.name, None)
-            shutil.rmtree(root / later.name, ignore_errors=True)
         notice(f"[yellow]stage '{stage.name}' changed ({changes}): running it and every later stage again")
-        write_state(root, state)
+        forget(root, state, [later.name for later in config.stages[i:]])
         return
+
+
+def forget(root: Path, state: dict, names: list[str]) -> None:
+    """Stages ``names`` lose their records, cached evaluations and directories (so they run again afresh)."""
+    for name in names:
+        state["stages"].pop(name, None)
+        state["evals"].pop(name, None)
+        shutil.rmtree(root / name, ignore_errors=True)
+    write_state(root, state)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -312,21 +344,22 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, console: Console
     root.mkdir(parents=True, exist_ok=True)
     state = read_state(root)
     check_finished(config, state, console.print)
-    if config.threads > 0:
-        import torch
-
-        torch.set_num_threads(config.threads)
     rows = []
     for stage in config.stages:
         finished = stage.name in state["stages"] and output(root, stage).exists()
-        if stage.kind != "eval" and not finished:
+        if stage.kind != "eval" and not finished:  # what used its earlier output (if any) runs again after it
+            stale = [s.name for s in dependents(config.stages, stage.name) if s.name in state["stages"] | state[
+                "evals"] or (root / s.name).exists()]
+            if stale:
+                console.print(f"[yellow]stage '{stage.name}' trains again: so do {', '.join(stale)} (using it)")
+            state["evals"].pop(stage.name, None)
+            forget(root, state, stale)
             console.print(f"[bold]pipeline[/bold]: stage '{stage.name}' ({stage.kind}) -> {root / stage.name}")
             module, name = TRAINERS[stage.kind]
             start = time.perf_counter()
             getattr(importlib.import_module(module), name)(stage.resolved, progress=progress)
-            state["evals"].pop(stage.name, None)  # an evaluation of an earlier output of this stage
-            state["stages"][stage.name] = {"kind": stage.kind, "hash": digest(stage_settings(stage)),
-                                           "config": stage_settings(stage), "wall_s": time.perf_counter() - start}
+            state["stages"][stage.name] = {"kind": stage.kind, "config": trained_settings(to_dict(stage.resolved)),
+                                           "wall_s": time.perf_counter() - start}
             write_state(root, state)
         elif stage.kind != "eval":
             console.print(f"pipeline: stage '{stage.name}' finished earlier ({root / stage.name}); not run again")
@@ -338,14 +371,18 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, console: Console
 
 def evaluate_stage(config: PipelineConfig, stage: StageConfig, state: dict, progress: bool, console) -> dict:
     """The stage's comparison row, from pipeline.json when this model was evaluated with these settings
-    before; otherwise sampled now (per-problem records: run_dir/NAME/comparison.jsonl) and recorded."""
+    before; otherwise sampled now (per-problem records: run_dir/NAME/comparison.jsonl; torch threads:
+    ``config.threads`` while sampling) and recorded."""
+    import torch
+
     from posttrain.engine import SamplingParams
     from posttrain.eval_report import load_eval, run_eval
 
     root, settings = Path(config.run_dir), config.eval
     model = stage.resolved if stage.kind == "eval" else dataclasses.replace(
         stage.resolved.model, path=str(output(root, stage)))
-    key = digest([to_dict(model), stage_settings(stage), to_dict(settings)])
+    trained = {"model": to_dict(model)} if stage.kind == "eval" else state["stages"][stage.name]["config"]
+    key = digest([to_dict(model), trained, to_dict(settings)])  # trained: the config its checkpoint came from
     cached = state["evals"].get(stage.name)
     if cached is None or cached["hash"] != key:
         console.print(f"[bold]pipeline[/bold]: evaluating '{stage.name}' ({model.path})")
@@ -354,8 +391,13 @@ def evaluate_stage(config: PipelineConfig, stage: StageConfig, state: dict, prog
         except (ValueError, OSError, ImportError) as err:
             raise ConfigError(f"stage '{stage.name}': cannot evaluate {model.path}: {err}") from None
         params = SamplingParams(settings.temperature, settings.top_k, None, settings.max_new_tokens)
-        report = run_eval(engine, task, problems[: settings.problems], settings.samples, params, settings.batch,
-                          settings.seed, root / stage.name / "comparison.jsonl", progress)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads or threads)
+        try:
+            report = run_eval(engine, task, problems[: settings.problems], settings.samples, params, settings.batch,
+                              settings.seed, root / stage.name / "comparison.jsonl", progress)
+        finally:
+            torch.set_num_threads(threads)  # the training stages keep their own
         cached = state["evals"][stage.name] = {"hash": key, "model": model.path, "report": report}
         write_state(root, state)
     return comparison_row(stage.name, stage.kind, cached["model"], cached["report"])

@@ -4,9 +4,11 @@ sft → rl → eval pipeline end to end, stage-granular resume, and the comparis
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from rich.console import Console
 from typer.testing import CliRunner
@@ -14,7 +16,14 @@ from typer.testing import CliRunner
 from posttrain.checkpoint import save_checkpoint
 from posttrain.cli import app
 from posttrain.config import ConfigError
-from posttrain.pipeline import columns, comparison_markdown, comparison_row, load_pipeline, run_pipeline
+from posttrain.pipeline import (
+    columns,
+    comparison_markdown,
+    comparison_row,
+    dependents,
+    load_pipeline,
+    run_pipeline,
+)
 from posttrain.preference_config import RMConfig
 
 EVAL = {"problems": 2, "samples": 2, "ks": [1, 2], "max_new_tokens": 12, "every": 0}
@@ -64,6 +73,46 @@ def test_from_chains_each_stage_to_an_earlier_stages_final_checkpoint(tmp_path):
     assert stages["after_dpo"].resolved.path == str(run / "dpo/checkpoints/final")
 
 
+def test_dict_values_replace_the_stage_yamls_whole_and_sections_merge_by_leaf(tmp_path):
+    (tmp_path / "arm.yaml").write_text("model: {path: runs/elsewhere, dtype: bfloat16}\nrewards: {task: 1.0}\n"
+                                       "optim: {lr: 2.0e-4, warmup_steps: 3}\n")
+    notes = []
+    config = load_pipeline(write(tmp_path, {
+        "sft": {"model": "ckpt/base"},
+        "vote": {"kind": "rl", "config": "arm.yaml", "from": "sft", "rewards": {"majority_vote": 0.5},
+                 "optim": {"lr": 1e-3}},
+        "vote2": {"kind": "rl", "config": "arm.yaml", "from": "sft"},
+        "chained": {"kind": "rl", "config": "arm.yaml"},  # no from, no model: starts from vote2, with a notice
+        "fresh": {"kind": "sft", "model": None},
+    }), ["stages.vote2.rewards={majority_vote: 0.25}"], notice=notes.append)
+    run, stages = tmp_path / "run", {s.name: s.resolved for s in config.stages}
+    assert stages["vote"].rewards == {"majority_vote": 0.5}  # not {task: 1.0, majority_vote: 0.5}
+    assert (stages["vote"].optim.lr, stages["vote"].optim.warmup_steps) == (1e-3, 3)  # a section: leaf by leaf
+    assert (stages["vote"].model.path, stages["vote"].model.dtype) == (str(run / "sft/checkpoints/final"), "bfloat16")
+    assert stages["vote2"].rewards == {"majority_vote": 0.25}  # the same through an override
+    assert stages["chained"].model.path == str(run / "vote2/checkpoints/final")
+    assert stages["fresh"].model.path is None
+    assert notes == [f"stage 'chained': starts from stage 'vote2' ({run / 'vote2/checkpoints/final'}), not its "
+                     "config's model runs/elsewhere (write model: PATH, or null for a fresh GPT, in the stage to "
+                     "keep one)"]
+
+
+def test_dependents_follow_from_reward_model_and_the_implicit_previous_policy(tmp_path):
+    config = load_pipeline(write(tmp_path, {
+        "sft": {"model": "ckpt/base"},
+        "rm": {},  # starts from sft
+        "dpo": {"from": "sft"},
+        "rl": {"from": "dpo", "reward_model": "rm"},
+        "fresh": {"kind": "sft", "model": None},
+        "rl2": {"kind": "rl"},  # starts from fresh
+        "on_rl": {"kind": "eval", "from": "rl"},
+        "base": {"kind": "eval"},  # the start model: no stage's output
+    }, eval={"task": {"test_size": 8}, "problems": 2}))
+    names = {name: [s.name for s in dependents(config.stages, name)] for name in ("sft", "rm", "dpo", "fresh", "rl2")}
+    assert names == {"sft": ["rm", "dpo", "rl", "on_rl"], "rm": ["rl", "on_rl"], "dpo": ["rl", "on_rl"],
+                     "fresh": ["rl2"], "rl2": []}
+
+
 def test_shipped_pipeline_runs_rl_from_the_sft_stage(tmp_path):
     config = load_pipeline(Path(__file__).parents[1] / "configs/pipeline_sft_rl.yaml",
                            [f"run_dir={tmp_path}", "stages.rl.steps=5", "eval.samples=4"])
@@ -99,6 +148,8 @@ def test_shipped_pipeline_runs_rl_from_the_sft_stage(tmp_path):
         ({"sft": {}, "rl": {"from": "sft", "model": "m"}}, [], r"set from \(a stage\) or model \(a path\), not both"),
         ({"base": {"kind": "eval"}, "sft": {}}, [], r"stage 'base': no start model to evaluate"),
         ({"sft": {"config": "nope.yaml"}}, [], r"stage 'sft': config file not found: .*nope.yaml"),
+        ({"sft": {}, "rl.v2": {"kind": "rl"}}, ["stages.rl.v2.steps=3"], r"^stage 'rl.v2': a stage name is "
+                                                                        r"letters, digits, '_' and '-'"),
     ],
 )
 def test_bad_pipelines_are_config_errors_that_name_the_key(tmp_path, stages, overrides, message):
@@ -194,3 +245,80 @@ def test_tiny_pipeline_end_to_end_then_resumes_by_stage(tmp_path, make_gpt, tok,
                              console=quiet)
     assert [r["stage"] for r in rerun] == ["sft", "rl", "base"] and rerun[0::2] == rows[0::2]
     assert json.loads((run / "pipeline.json").read_text())["stages"]["rl"]["config"]["steps"] == 3
+
+
+# --- re-running: dependents of a retrained stage, what the hash leaves out, threads -----------------
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """Stand-in trainers and sampling: (trained, evaluated), each a list of (stage, torch threads) in call order."""
+    import posttrain.eval_report as eval_report
+    import posttrain.trainers.rl as rl_trainer
+    import posttrain.trainers.sft as sft_trainer
+
+    trained, evaluated = [], []
+
+    def train(config, progress):  # leaves the final checkpoint's directory
+        trained.append((Path(config.run_dir).name, torch.get_num_threads()))
+        (Path(config.run_dir) / "checkpoints/final").mkdir(parents=True)
+
+    def run_eval(engine, task, problems, samples, params, batch, seed, path, progress):
+        evaluated.append((path.parent.name, torch.get_num_threads()))
+        return {"problems": 3, "samples": 6, "pass@1": 0.5, "pass@2": 0.75, "maj@2": 0.5, "format_pct": 50.0,
+                "output_tokens_avg": 7.0}
+
+    monkeypatch.setattr(sft_trainer, "train_sft", train)
+    monkeypatch.setattr(rl_trainer, "train_rl", train)
+    monkeypatch.setattr(eval_report, "load_eval", lambda *args: (None, None, list(range(8))))
+    monkeypatch.setattr(eval_report, "run_eval", run_eval)
+    return trained, evaluated
+
+
+def four_stages(tmp_path: Path, **top) -> Path:
+    """sft, rl (from sft), fresh (a new GPT: from nothing), on_sft (an evaluation of sft)."""
+    return write(tmp_path, {"sft": {**TINY_SFT, "model": "ckpt/start"}, "rl": TINY_RL,
+                            "fresh": {**TINY_SFT, "kind": "sft", "model": None},
+                            "on_sft": {"kind": "eval", "from": "sft"}}, eval=SHARED_EVAL, **top)
+
+
+def test_the_pipelines_threads_apply_only_while_evaluating(tmp_path, fakes):
+    trained, evaluated = fakes
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_pipeline(load_pipeline(four_stages(tmp_path, threads=1)), progress=False, console=Console(quiet=True))
+        assert trained == [("sft", 2), ("rl", 2), ("fresh", 2)]  # not the pipeline's threads: the stages' own
+        assert evaluated == [("sft", 1), ("rl", 1), ("fresh", 1), ("on_sft", 1)]
+        assert torch.get_num_threads() == 2  # restored after
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_keys_that_cannot_change_the_model_are_no_change(tmp_path, fakes):
+    trained, evaluated = fakes
+    path, quiet = four_stages(tmp_path), Console(quiet=True)
+    run_pipeline(load_pipeline(path), progress=False, console=quiet)
+    state = json.loads((tmp_path / "run/pipeline.json").read_text())
+    assert not {"log", "save_every", "keep_last", "eval", "resume", "threads"} & set(state["stages"]["rl"]["config"])
+    trained.clear(), evaluated.clear()
+    for key in ("stages.sft.eval.problems=1", "stages.sft.save_every=7", "stages.sft.keep_last=1",
+                "stages.sft.threads=2", "stages.rl.log_samples_every=3", "stages.rl.eval_before=true",
+                "stages.rl.log.report_to=[tensorboard]"):
+        run_pipeline(load_pipeline(path, [key]), progress=False, console=quiet)
+    assert trained == evaluated == []
+    with pytest.raises(ConfigError, match=r"^stage 'sft' finished in .* under another config \(seed 0 -> 1\)"):
+        run_pipeline(load_pipeline(path, ["stages.sft.seed=1"]), progress=False, console=quiet)
+
+
+def test_a_retrained_stage_runs_every_stage_that_uses_it_again(tmp_path, fakes):
+    trained, evaluated = fakes
+    path, run, quiet = four_stages(tmp_path), tmp_path / "run", Console(quiet=True)
+    run_pipeline(load_pipeline(path), progress=False, console=quiet)
+    trained.clear(), evaluated.clear()
+    (run / "rl/stale.txt").write_text("trained from the old sft")
+    shutil.rmtree(run / "sft")  # sft trains again: rl (from it) and on_sft (its evaluation) run again, fresh not
+    run_pipeline(load_pipeline(path), progress=False, console=quiet)
+    assert [name for name, _ in trained] == ["sft", "rl"]
+    assert [name for name, _ in evaluated] == ["sft", "rl", "on_sft"]
+    assert not (run / "rl/stale.txt").exists()  # its directory is deleted: it starts afresh, not from a resume
