@@ -8,12 +8,16 @@ end-of-turn token; 0 on the prompt and on tool outputs).
 
 **max_length** (0: the model's context length). An example longer than that is cut to it
 (``overlong=truncate``) or left out and another drawn in its place (``overlong=skip``); the trainer
-counts both (``data/truncated``, ``data/skipped``, cumulative over the run).
+counts both (``data/truncated``, ``data/skipped``, cumulative over the run). A cut example can lose every
+token its mask counts (``answer_only``: the answer is at the end), so ``answer_only`` works best with
+``overlong=skip``; a step left with no counted token makes no optimizer update (``data/empty_steps``).
 
 **Packing** puts several examples in one row (first-fit decreasing, rendered lengths summing to at most
-max_length); ``doc_ids`` tell the model which example each position belongs to, and the model attends
-within an example only, with positions counted from the example's first token. The step's loss is the
-same token mean as unpacked: −Σ m_t log π(x_t | x_<t) / Σ m_t over every counted token of the step.
+``max_length``, or with max_length 0 to at most the step's longest example: never the model's context,
+whose rows would cost far more attention than the examples need); ``doc_ids`` tell the model which
+example each position belongs to, and the model attends within an example only, with positions counted
+from the example's first token. The step's loss is the same token mean as unpacked:
+−Σ m_t log π(x_t | x_<t) / Σ m_t over every counted token of the step.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ class Rows:
     targets: torch.Tensor
     doc_ids: torch.Tensor | None
     positions: int  # input positions holding a real token (the rest is padding)
+
+    @property
+    def counted(self) -> int:
+        """Targets the loss counts (not −1): N of :func:`sft_loss`."""
+        return int((self.targets >= 0).sum())
 
     @property
     def pad_fraction(self) -> float:
@@ -199,8 +208,8 @@ def pack_rows(examples: list[Example], pad_id: int, capacity: int) -> Rows:
 
 
 def make_rows(examples: list[Example], pad_id: int, packing: bool, max_length: int) -> Rows:
-    """The step's rows: packed into ``max_length``-token rows (0: the longest example's length), or one
-    example per row."""
+    """The step's rows: packed into ``max_length``-token rows (the configured max_length; 0: the longest of
+    ``examples``, so no row is wider than unpacked rows), or one example per row."""
     if not packing:
         return pad_rows(examples, pad_id)
     return pack_rows(examples, pad_id, max_length or max(len(e.ids) for e in examples))
@@ -209,7 +218,7 @@ def make_rows(examples: list[Example], pad_id: int, packing: bool, max_length: i
 def sft_loss(model, rows: Rows) -> tuple[torch.Tensor, int]:
     """(loss, counted tokens N): loss = −Σ log π(target) / N over every counted target of ``rows``."""
     logp = _logprobs(model, rows)  # (R, T), 0 where the target is −1
-    n_tokens = int((rows.targets >= 0).sum())
+    n_tokens = rows.counted
     return -logp.sum() / max(n_tokens, 1), n_tokens
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import pytest
 from conftest import tiny_gpt
 from safetensors.torch import load_file
-from test_rl_loop import _Engine, _Task, scorer
+from test_rl_loop import _Engine, _Task, rollout_batch, scorer
 
 from posttrain.checkpoint import save_checkpoint
 from posttrain.config import ConfigError, RLConfig, load_config
@@ -28,7 +29,7 @@ from posttrain.prompt_sampling import (
 from posttrain.tasks.arithmetic import ArithmeticTask
 from posttrain.tasks.gsm8k import GSM8KTask, Problem
 from posttrain.trainers.rl import train_rl
-from posttrain.trainers.rollout import collect
+from posttrain.trainers.rollout import Scorer, collect, group_success
 
 
 class _Pool:
@@ -152,7 +153,8 @@ def test_strategies_that_track_prompts_need_a_pool():
                                           r"prompt_sampling.pool_size \(e.g. 256\) for the arithmetic task"):
         make_sampler(PromptSamplingConfig(strategy="priority"), ArithmeticTask(test_size=8))
     small = GSM8KTask([Problem("q", "", "1")], [])
-    with pytest.raises(ConfigError, match="a prompt pool of 2 problems, but the train split has 1"):
+    with pytest.raises(ConfigError, match=r"^prompt_sampling.pool_size=2 is larger than the gsm8k train split "
+                                          r"\(1 rows\)$"):
         make_sampler(PromptSamplingConfig(pool_size=2), small)
 
 
@@ -219,6 +221,59 @@ def test_dynamic_sampling_reports_every_group_drawn_to_the_sampler():
     assert [c["p"] for c in ro.convs] == [i for i in ro.pool_ids if i % 2 == 0][:4]
 
 
+class _Counted(_Task):
+    """The toy task counting its reward calls, raising or hanging on demand."""
+
+    def __init__(self, fail: str = ""):
+        self.calls, self.fail = 0, fail
+
+    def reward(self, conv, text):
+        self.calls += 1
+        if self.fail == "raise":
+            raise RuntimeError("grader down")
+        if self.fail == "hang":
+            threading.Event().wait(5.0)
+        return super().reward(conv, text)
+
+
+def solved_rows(task, weights, fallback=0.0, timeout_s=5.0):
+    """Scorer.solved on four rows: problems 4 and 3, samples '[1]' and '[2]' (only 4's '[1]' is right)."""
+    s = Scorer(task, weights, timeout_s, fallback)
+    convs = [task.prompt(4), task.prompt(4), task.prompt(3), task.prompt(3)]
+    batch = rollout_batch([[5], [4]], [[1, 99], [2, 99], [1, 99], [2, 99]], 2)
+    texts = ["[1]", "[2]", "[1]", "[2]"]
+    _, metrics, breakdown = s(convs, texts, batch)
+    return s, s.solved(convs, texts, batch, breakdown), metrics
+
+
+def test_solved_reuses_the_task_reward_of_the_reward_set():
+    task = _Counted()
+    s, solved, _ = solved_rows(task, {"task": 1.0})
+    assert solved == [True, False, False, False] and task.calls == 4  # one call per completion, not two
+    assert s.checker is None and group_success(solved, 2) == [0.5, 0.0]
+
+
+def test_solved_checks_the_task_apart_with_weight_zero_when_it_is_no_reward():
+    task = _Counted()
+    _, solved, metrics = solved_rows(task, {"format_soft": 1.0})
+    assert solved == [True, False, False, False] and task.calls == 4
+    assert not any(k.startswith("rewards/task/") for k in metrics)  # the check logs nothing
+
+
+@pytest.mark.parametrize(("fail", "weights", "fallback"), [
+    ("raise", {"format_soft": 1.0}, 0.0),
+    ("raise", {"task": 1.0}, 1.0),  # the fallback 1 must not pass for a right answer
+    ("hang", {"format_soft": 1.0}, 0.0),
+])
+def test_a_failing_or_hanging_task_reward_counts_as_not_solved(fail, weights, fallback):
+    s, solved, _ = solved_rows(_Counted(fail), weights, fallback, timeout_s=0.2)
+    assert solved == [False] * 4
+    error = "TimeoutError: timed out after 0.2 s" if fail == "hang" else "RuntimeError: grader down"
+    assert s.failures(fallback)["task (solved)"] == (
+        "the task's reward failed while checking which completions are right for the prompt sampler (they count "
+        f"as not solved), first error: {error}")
+
+
 # --- tiny RL runs -----------------------------------------------------------------------------------------------
 
 TINY_RL = ["algorithm=dr_grpo", "steps=4", "prompts_per_step=2", "samples_per_prompt=2", "save_every=2",
@@ -233,6 +288,29 @@ VOLATILE = ("timing_s/", "throughput/")
 def policy(tok, tmp_path_factory) -> str:
     """A tiny random GPT saved as a built-in checkpoint (it solves nothing: every group's success is 0)."""
     return str(save_checkpoint(tmp_path_factory.mktemp("policy") / "ckpt", tiny_gpt(tok.vocab_size), tok))
+
+
+class _Graded(ArithmeticTask):
+    """The arithmetic task with ``grade(completion)`` as the reward of training prompts (the test problems keep
+    the real one: the final evaluation calls ``task.reward`` itself)."""
+
+    def __init__(self, grade):
+        super().__init__(test_size=8)
+        self.grade, self.tests = grade, {p.question for p in self.test}
+
+    def reward(self, conv, completion):
+        if conv["messages"][0]["content"] in self.tests:
+            return super().reward(conv, completion)
+        return self.grade(completion)
+
+
+def grader_down(completion):
+    raise RuntimeError("grader down")
+
+
+def even_length(completion):
+    """Right when the completion has an even number of characters: about half of a random policy's."""
+    return float(len(completion) % 2 == 0)
 
 
 def rl(policy: str, run_dir, *extra: str) -> list[dict]:
@@ -258,22 +336,37 @@ def test_curriculum_run_logs_the_eligible_share_opening_up(policy, tmp_path):
     assert {s["prompt"] for s in read_jsonl(tmp_path / "samples.jsonl") if s["step"] == 1} <= first
 
 
-def test_priority_run_resumed_mid_way_draws_the_same_prompts(policy, tmp_path):
+def test_a_task_reward_that_raises_does_not_end_a_priority_run(policy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("posttrain.trainers.rl.make_task", lambda config: _Graded(grader_down))
+    rows = rl(policy, tmp_path, *POOL, "prompt_sampling.strategy=priority", "rewards.format_soft=1.0", "steps=2")
+    assert [(r["step"], r["sampling/batch_success"]) for r in rows] == [(1, 0.0), (2, 0.0)]  # failed: not solved
+    state = json.loads((tmp_path / "checkpoints/final/trainer_state.json").read_text())["extra"]["prompt_sampling"]
+    assert sum(state["attempts"]) == 2 * 2 and set(state["success"]) == {0.0}
+    notice = ("the task's reward failed while checking which completions are right for the prompt sampler (they "
+              "count as not solved), first error: RuntimeError: grader down")
+    assert " ".join(capsys.readouterr().out.split()).count(notice) == 1
+
+
+def test_priority_run_resumed_mid_way_draws_the_same_prompts(policy, tmp_path, monkeypatch):
+    monkeypatch.setattr("posttrain.trainers.rl.make_task", lambda config: _Graded(even_length))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     rows = rl(policy, straight, *POOL, "prompt_sampling.strategy=priority")
-    state = json.loads((straight / "checkpoints/step_000002/trainer_state.json").read_text())
-    assert sum(state["extra"]["prompt_sampling"]["attempts"]) == 2 * 2  # two steps of two prompts learned
+    state = json.loads((straight / "checkpoints/step_000002/trainer_state.json").read_text())["extra"]
+    assert sum(state["prompt_sampling"]["attempts"]) == 2 * 2  # two steps of two prompts learned
+    assert 0 < max(state["prompt_sampling"]["success"])  # some prompts solved: a running success to resume
     rl(policy, resumed, *POOL, "prompt_sampling.strategy=priority", f"resume={straight}/checkpoints/step_000002")
 
     def stable(path, name):
         return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in read_jsonl(path / name)
                 if r["step"] > 2]
 
-    assert stable(straight, "samples.jsonl") == stable(resumed, "samples.jsonl") != []
+    assert stable(straight, "samples.jsonl") == stable(resumed, "samples.jsonl") != []  # the same prompts drawn
     assert stable(straight, "metrics.jsonl") == stable(resumed, "metrics.jsonl")
     final = [json.loads((d / "checkpoints/final/trainer_state.json").read_text())["extra"]["prompt_sampling"]
              for d in (straight, resumed)]
     assert final[0] == final[1] and sum(final[0]["attempts"]) == 4 * 2
+    assert any(0 < s < 1 for s in final[0]["success"]) and 0 < rows[-1]["sampling/mean_success"] < 1
+    assert any(0 < r["sampling/batch_success"] for r in rows if r["step"] > 2)  # solved after the resume too
     a, b = (load_file(d / "checkpoints/final/model.safetensors") for d in (straight, resumed))
     assert all(a[k].equal(b[k]) for k in a)
     for key in ("sampling/batch_success", "sampling/seen", "sampling/mean_success", "sampling/solved_share",

@@ -158,6 +158,44 @@ def test_sft_with_packing_answer_only_and_overlong_examples(tmp_path, capsys, ov
     assert all(r["tokens"] < 8 * 6 and math.isfinite(r["loss"]) for r in rows)  # '#### N<end>': a few tokens each
 
 
+def test_packing_without_max_length_fills_rows_to_the_longest_example_not_the_context(tmp_path, monkeypatch):
+    import posttrain.trainers.sft as sft_trainer
+
+    widths = []
+
+    def spy(model, rows):
+        doc_lengths = [(rows.doc_ids[r] == d).sum().item() for r in range(len(rows.doc_ids))
+                       for d in range(int(rows.doc_ids[r].max()) + 1)]  # each example's input positions
+        widths.append((rows.inputs.shape[1], max(doc_lengths)))
+        return sft_loss(model, rows)
+
+    monkeypatch.setattr(sft_trainer, "sft_loss", spy)
+    config = load_config(SFTConfig, None, [f"run_dir={tmp_path}", *TINY_SFT, "steps=2", "packing=true"])
+    train_sft(config, progress=False)  # max_length 0: examples held to the context (128), rows not filled to it
+    assert len(widths) == 2 and all(width == longest < 100 for width, longest in widths)
+
+
+def test_a_step_without_counted_tokens_makes_no_update(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from posttrain.tasks import make_task
+    from posttrain.trainers.sft import build_policy
+
+    config = load_config(SFTConfig, None, [f"run_dir={tmp_path}", *TINY_SFT, "steps=2", "loss=answer_only",
+                                           "max_length=40", "overlong=truncate", "optim.weight_decay=0.5"])
+    train_sft(config, progress=False)  # every answer comes after token 40: cut off
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    counted = [(r["tokens"], r["data/empty_steps"], r["health/skipped_update"]) for r in rows]
+    assert counted == [(0, 1, 1.0), (0, 2, 1.0)]
+    assert not any("loss" in r or "grad_norm" in r for r in rows)  # no loss to log
+    notice = ("a step's examples had no token for the loss (loss=answer_only, overlong=truncate): no update was made; "
+              "counted in data/empty_steps; answer_only works best with overlong=skip")
+    assert " ".join(capsys.readouterr().out.split()).count(notice) == 1
+    initial = build_policy(config, make_task(config.task))[0].state_dict()
+    final = load_file(tmp_path / "checkpoints" / "final" / "model.safetensors")
+    assert all(final[k].equal(v) for k, v in initial.items())  # AdamW's weight decay did not shrink a thing
+
+
 def test_max_length_above_the_context_is_a_config_error(tmp_path):
     config = load_config(SFTConfig, None, [f"run_dir={tmp_path}", *TINY_SFT, "steps=1", "max_length=200"])
     with pytest.raises(ConfigError, match="at most the model's context length 128, got 200"):

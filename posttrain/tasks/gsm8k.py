@@ -309,7 +309,8 @@ class GSM8KTask:
         rows picked with ``r``, in split order."""
         self._check_train()
         if size > len(self.train):
-            raise ValueError(f"gsm8k: a prompt pool of {size} problems, but the train split has {len(self.train)}")
+            raise ValueError(f"prompt_sampling.pool_size={size} is larger than the gsm8k train split "
+                             f"({len(self.train)} rows)")
         if size == 0:
             return list(self.train)
         return [self.train[i] for i in sorted(r.sample(range(len(self.train)), size))]

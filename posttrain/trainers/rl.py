@@ -117,10 +117,10 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
             sampler.update(ro.pool_ids, ro.success)
             parts.extra["prompt_sampling"] = sampler.state_dict()
             metrics = {"step": step + 1, **rollout_metrics(ro), **sampler.metrics(train_progress), "learning_rate": lr}
-            for name in scorer.rewards.first_errors.keys() - reported:
-                bar.print(f"[yellow]reward '{name}' failed (fallback {config.reward_fallback} used; counted in "
-                          f"rewards/{name}/failures), first error: {scorer.rewards.first_errors[name]}")
-                reported.add(name)
+            for name, line in scorer.failures(config.reward_fallback).items():
+                if name not in reported:
+                    bar.print(f"[yellow]{line}")
+                    reported.add(name)
             t_gen = time.perf_counter()
             events = run.monitor.check_rollout(step + 1, metrics)  # lengths, signal (KL below, once scored)
             if len(ro.rewards) == 0:  # dynamic sampling found no group with signal: nothing to learn

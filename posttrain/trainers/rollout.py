@@ -44,9 +44,14 @@ class Scorer:
     reward model's scorer). Columns: the task's ``columns(conv)`` (``answer``, ``extract``), ``conv``,
     ``group_ids``, ``lengths`` (completion tokens) and ``token_ids`` (each row's prompt and completion ids
     as sampled, stop token included); completions are decoded without their stop token.
+
+    :meth:`solved` tells which completions the task counts as right (the prompt sampler's success): the
+    reward set's own ``task`` values when it has them, else the task's reward through a second set of
+    weight 0 (``checker``: isolated and timed out like any reward, its metrics not logged). A fallback of
+    1 or more would pass for a right answer, so then the task is checked apart too.
     """
 
-    def __init__(self, task, weights: dict[str, float], timeout_s: float, fallback: float,
+    def __init__(self, task, weights: dict[str, float], timeout_s: float, fallback: float | None,
                  sources: dict[str, object] | None = None):
         def task_reward(prompts, completions, conv, **_):
             return [task.reward(c, text) for c, text in zip(conv, completions, strict=True)]
@@ -55,19 +60,46 @@ class Scorer:
         sources = {"task": task_reward, **(sources or {})}
         spec = {sources.get(name, name): w for name, w in (weights or {"task": 1.0}).items()}
         self.task, self.rewards = task, RewardSet(spec, timeout_s, fallback)
+        reuse = self.rewards.functions.get("task") is task_reward and (fallback is None or fallback < 1)
+        self.checker = None if reuse else RewardSet({task_reward: 0.0}, timeout_s, fallback=None)
 
     def __call__(self, convs: list[dict], texts: list[str], batch: RolloutBatch) -> tuple[Tensor, dict, list[dict]]:
         """(rewards (B,), metrics, per-row {function: value}) of row i = completion ``texts[i]`` of
         conversation ``convs[i]``."""
-        sampled = [batch.prompt_ids[i] + batch.completion_tokens(i) for i in range(len(texts))]
+        prompts, columns = self._inputs(convs, batch)
+        totals, metrics, values = self.rewards.score(prompts, texts, **columns)
+        return totals, metrics, [{name: v[i] for name, v in values.items()} for i in range(len(texts))]
+
+    def solved(self, convs: list[dict], texts: list[str], batch: RolloutBatch, breakdown: list[dict]) -> list[bool]:
+        """Whether each row's task reward is ≥ 1, ``breakdown`` being :meth:`__call__`'s for the same rows; a
+        call that failed, hung or gave None counts as not solved."""
+        if self.checker is None:
+            values = [row["task"] for row in breakdown]
+        else:
+            prompts, columns = self._inputs(convs, batch)
+            values = self.checker.score(prompts, texts, **columns)[2]["task"]
+        return [v is not None and v >= 1 for v in values]
+
+    def failures(self, fallback: float | None) -> dict[str, str]:
+        """A line for each reward function that has failed so far (with its first error), keyed to be
+        printed once; ``fallback``: the value its samples got."""
+        out = {name: f"reward '{name}' failed (fallback {fallback} used; counted in rewards/{name}/failures), "
+                     f"first error: {error}" for name, error in self.rewards.first_errors.items()}
+        if self.checker is not None and "task" in self.checker.first_errors:
+            out["task (solved)"] = ("the task's reward failed while checking which completions are right for the "
+                                    "prompt sampler (they count as not solved), first error: "
+                                    f"{self.checker.first_errors['task']}")
+        return out
+
+    def _inputs(self, convs: list[dict], batch: RolloutBatch) -> tuple[list[str], dict[str, list]]:
+        """(prompts, columns) of the reward functions' call (see the class doc)."""
+        sampled = [batch.prompt_ids[i] + batch.completion_tokens(i) for i in range(len(convs))]
         columns: dict[str, list] = {"conv": convs, "group_ids": batch.group_ids.tolist(),
                                     "lengths": batch.lengths.tolist(), "token_ids": sampled}
         for conv in convs:
             for key, value in self.task.columns(conv).items():
                 columns.setdefault(key, []).append(value)
-        prompts = [c["messages"][-1]["content"] for c in convs]
-        totals, metrics, values = self.rewards.score(prompts, texts, **columns)
-        return totals, metrics, [{name: v[i] for name, v in values.items()} for i in range(len(texts))]
+        return [c["messages"][-1]["content"] for c in convs], columns
 
 
 def collect(
@@ -110,10 +142,11 @@ def collect(
         drawn = [task.prompt(problem) for _, problem in picked]
         batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seed=seed + rounds - 1)
         done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
-        r, reward_metrics, parts_r = scorer([drawn[i // G] for i in range(len(drawn) * G)], done, batch)  # (B,)
+        row_convs = [drawn[i // G] for i in range(len(drawn) * G)]
+        r, reward_metrics, parts_r = scorer(row_convs, done, batch)  # (B,)
         zero_std = group_stats(r, batch.group_ids).zero_std  # (B,)
         pool_ids += [i for i, _ in picked]
-        success += group_success(task, drawn, done, parts_r, G)
+        success += group_success(scorer.solved(row_convs, done, batch, parts_r), G)
         if rounds == 1:
             first, frac_zero_std, first_metrics = r, zero_std.float().mean().item(), reward_metrics
         groups = [g for g in range(len(drawn)) if not (dynamic and zero_std[g * G])][: prompts - kept]
@@ -132,13 +165,9 @@ def collect(
                    first_metrics, breakdown, pool_ids, success)
 
 
-def group_success(task, convs: list[dict], texts: list[str], breakdown: list[dict], group_size: int) -> list[float]:
-    """Each group's share of completions whose task reward is ≥ 1 (row i answers ``convs[i // group_size]``);
-    the task reward is the scorer's ``task`` value where it has one, else ``task.reward``."""
-    solved = [b["task"] if b.get("task") is not None else task.reward(convs[i // group_size], texts[i])
-              for i, b in enumerate(breakdown)]  # (B,)
-    return [sum(v >= 1 for v in solved[g * group_size : (g + 1) * group_size]) / group_size
-            for g in range(len(convs))]
+def group_success(solved: list[bool], group_size: int) -> list[float]:
+    """Each group's share of solved completions (rows g·G .. g·G + G − 1 answer group g)."""
+    return [sum(solved[g : g + group_size]) / group_size for g in range(0, len(solved), group_size)]
 
 
 def completion_text(tokenizer, batch: RolloutBatch, row: int) -> str:

@@ -5,9 +5,12 @@ the ``loss`` scheme's (``posttrain/sft_data.py``): ``full`` (the whole rendered 
 included), ``completion`` (the default: the assistant turn, i.e. its text, tool calls and end token, not
 tool outputs) or ``answer_only`` (the final-answer span, ``#### N`` or ``<answer>...</answer>`` through
 the end token). Examples longer than ``max_length`` (0: the model's context length) are truncated or
-skipped (``overlong``), counted in ``data/truncated`` / ``data/skipped``. ``packing`` puts several
-examples in a row, each attending to itself only with its own positions: the same loss as unpacked rows,
-less padding (``data/pad_fraction``). With ``lora.rank`` > 0 (HF models) only the adapter trains.
+skipped (``overlong``), counted in ``data/truncated`` / ``data/skipped``; a step whose examples count no
+token (``answer_only`` with every answer cut off: prefer ``overlong=skip`` there) makes no optimizer
+update, counted in ``data/empty_steps``. ``packing`` puts several examples in a row of ``max_length``
+tokens (0: the step's longest example), each attending to itself only with its own positions: the same
+loss as unpacked rows, less padding (``data/pad_fraction``). With ``lora.rank`` > 0 (HF models) only the
+adapter trains.
 
 AdamW, warm-up + decay schedule, grad clipping, held-out evaluation every ``eval.every`` steps,
 resumable checkpoints every ``save_every`` steps and a final one (``run_dir/checkpoints/final``);
@@ -67,7 +70,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     engine = Engine(model, tokenizer, default_registry())
     optimizer = make_optimizer(model, config.optim)
     parts = Parts(model, tokenizer, optimizers={"policy": optimizer}, rngs={"data": random.Random(config.seed + 1)},
-                  extra={"last_eval": {}, "data": {"truncated": 0, "skipped": 0}})
+                  extra={"last_eval": {}, "data": {"truncated": 0, "skipped": 0, "empty_steps": 0}})
 
     def evaluate() -> dict:
         model.eval()
@@ -90,25 +93,30 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             examples = draw_examples(lambda: task.sft_example(parts.rngs["data"]), tokenizer, config.batch_size,
                                      config.loss, limit, config.overlong, counts)
             announce_overlong(counts, announced, limit, config.overlong, bar.print)
-            rows = make_rows(examples, tokenizer.pad_id, config.packing, limit).to(model.device)
-            loss, n_tokens = sft_loss(model, rows)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_grad(model, config.optim.grad_clip)
+            rows = make_rows(examples, tokenizer.pad_id, config.packing, config.max_length).to(model.device)
             events: list = []
-            applied = health_gate(run.monitor, step + 1, events)(loss.item(), grad_norm)
-            if applied:
-                optimizer.step()
+            n_tokens, applied, trained = rows.counted, False, {}
+            if n_tokens:
+                loss, _ = sft_loss(model, rows)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                trained = {"loss": loss.item(), "grad_norm": clip_grad(model, config.optim.grad_clip)}
+                applied = health_gate(run.monitor, step + 1, events)(trained["loss"], trained["grad_norm"])
+                if applied:
+                    optimizer.step()
+            else:  # no loss (none logged) and no AdamW step: its momentum and weight decay would move the weights
+                counts["empty_steps"] = counts.get("empty_steps", 0) + 1  # .get: checkpoints from before the count
+                announce_empty(announced, config.loss, config.overlong, bar.print)
             elapsed = time.perf_counter() - t0
             metrics = {
                 "step": step + 1,
-                "loss": loss.item(),
-                "grad_norm": grad_norm,
+                **trained,
                 "learning_rate": lr,
                 "tokens": n_tokens,
                 "health/skipped_update": float(not applied),
                 "data/truncated": counts["truncated"],
                 "data/skipped": counts["skipped"],
+                "data/empty_steps": counts.get("empty_steps", 0),
                 "data/pad_fraction": rows.pad_fraction,
                 "timing_s/step": elapsed,
                 "throughput/tokens_per_s": n_tokens / max(elapsed, 1e-9),
@@ -125,3 +133,12 @@ def announce_overlong(counts: dict[str, int], announced: set[str], limit: int, o
         announced.add(kind)
         notice(f"[yellow]examples longer than max_length={limit} tokens are {kind} (overlong={overlong}); "
                f"counted in data/{kind}")
+
+
+def announce_empty(announced: set[str], loss: str, overlong: str, notice) -> None:
+    """One notice the first time a step has no counted token (the count goes on in the metrics)."""
+    if "empty_steps" not in announced:
+        announced.add("empty_steps")
+        hint = "; answer_only works best with overlong=skip" if loss == "answer_only" and overlong == "truncate" else ""
+        notice(f"[yellow]a step's examples had no token for the loss (loss={loss}, overlong={overlong}): no update "
+               f"was made; counted in data/empty_steps{hint}")
