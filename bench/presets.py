@@ -26,8 +26,8 @@ from posttrain.engine import Engine, SamplingParams
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
 from posttrain.trainers.rl import train_rl
-from posttrain.trainers.rollout import layout
 from posttrain.trainers.sft import train_sft
+from posttrain.trainers.train_batch import layout
 
 CONFIGS = Path(__file__).parents[1] / "posttrain" / "configs"
 # The demo config pins some preset-managed fields; unpin them so each preset's own defaults apply.
@@ -55,7 +55,8 @@ def kl_to_start(final_dir: Path, start_dir: Path, problems: int = 128, samples: 
     data = layout(batch, tok.pad_id)
     total, count = 0.0, 0.0
     for rows in torch.arange(len(data.mask)).split(64):
-        inputs, _, m, _ = data.take(rows)
+        micro = data.take(rows)
+        inputs, m = micro.inputs, micro.mask
         logp = torch.log_softmax(final(inputs), -1)  # (r, w, V)
         logq = torch.log_softmax(start(inputs), -1)
         kl = (logp.exp() * (logp - logq)).sum(-1)  # (r, w)

@@ -34,8 +34,10 @@ def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = N
 @contextmanager
 def _run_errors():
     """Around a training run: a config it cannot honour exits 2, a run the health monitor stopped exits 3,
-    a checkpoint that could not be written exits 4 (each with the message, not a traceback)."""
+    a checkpoint that could not be written exits 4, the device out of memory exits 5 (each with the
+    message, not a traceback)."""
     from posttrain.checkpoint import CheckpointError
+    from posttrain.trainers.model_engine import OutOfMemory
     from posttrain.trainers.run import RunStopped
 
     try:
@@ -46,6 +48,9 @@ def _run_errors():
     except RunStopped as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(3) from None
+    except OutOfMemory as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(5) from None
     except OSError as err:  # CheckpointError, or a run directory that cannot be written at all
         typer.secho(f"{'checkpoint' if isinstance(err, CheckpointError) else 'file'} error: {err}",
                     fg=typer.colors.RED, err=True)
@@ -62,6 +67,8 @@ def demo(
                                              "PPO against the reward model, from an SFT model")] = False,
     sft: Annotated[Path | None, typer.Option("--sft", help="--preference: start from this SFT checkpoint (default: "
                                              "train one, as the main demo does)")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when available) | cpu | cuda[:i]")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16-mixed | fp16-mixed | bf16-true")] = "auto",
 ) -> None:
     """SFT the built-in GPT from scratch, then RL (Dr. GRPO); print held-out pass@1/pass@8 before and after RL.
     With --preference: reward model, DPO and PPO-with-the-reward-model from the SFT model."""
@@ -70,11 +77,13 @@ def demo(
             from posttrain.demo_preference import run_preference_demo
 
             name = "runs/demo-preference" + ("-quick" if quick else "")
-            run_preference_demo(run_dir or Path(name), quick=quick, progress=progress, sft=sft)
+            run_preference_demo(run_dir or Path(name), quick=quick, progress=progress, sft=sft, device=device,
+                                precision=precision)
             return
         from posttrain.demo import run_demo
 
-        run_demo(run_dir or Path("runs/demo-quick" if quick else "runs/demo"), quick=quick, progress=progress)
+        run_demo(run_dir or Path("runs/demo-quick" if quick else "runs/demo"), quick=quick, progress=progress,
+                 device=device, precision=precision)
 
 
 @app.command()

@@ -160,6 +160,9 @@ class RunOptions:
     keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
     log: LogConfig = field(default_factory=LogConfig)  # metric sinks
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # health checks and their actions
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (cpu: fp32, cuda: bf16-mixed) | fp32 | bf16-mixed | fp16-mixed | bf16-true
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, more time)
 
 
 SFT_LOSSES = ("full", "completion", "answer_only")  # SFTConfig.loss: which tokens are trained on
@@ -262,6 +265,7 @@ class RLConfig(RunOptions):
     overlong_buffer: int = 16  # soft penalty ramps over the last this-many tokens of the budget
     overlong_factor: float = 1.0  # soft penalty at the budget
     micro_batch: int = 64  # rows per forward/backward chunk
+    mismatch_every: int = 10  # compare behaviour and trainer log-probs over all rows every N steps (0: never)
     critic: CriticConfig = field(default_factory=CriticConfig)  # PPO critic (advantage: gae)
     sampling: SamplingParams = field(default_factory=SamplingParams)  # rollout sampling
     prompt_sampling: PromptSamplingConfig = field(default_factory=PromptSamplingConfig)  # which prompts: uniform |
@@ -338,6 +342,9 @@ class RLConfig(RunOptions):
         for name, weight in self.rewards.items():
             check_range(f"rewards.{name}", weight)
         check_range("log_samples_every", self.log_samples_every, 0, note=" (0: never)")
+        check_range("mismatch_every", self.mismatch_every, 0, note=" (0: never)")
+        check_range("sampling.temperature", self.sampling.temperature, 0, low_open=True,
+                    note=" for RL (0 is greedy: a group of identical samples has no signal)")
 
 
 def check_choice(key: str, value: str, valid: list[str]) -> None:
@@ -370,6 +377,10 @@ def check_run(config: RunOptions) -> None:
     check_range("save_every", config.save_every, 0, note=" (0: only the final checkpoint)")
     check_range("keep_last", config.keep_last, 1)
     check_range("threads", config.threads, 0, note=" (0: torch's default)")
+    from posttrain.trainers.model_engine import resolve_device, resolve_precision
+
+    model = getattr(config, "model", None)  # a device this machine lacks, or a precision it cannot do: now
+    resolve_precision(config.precision, resolve_device(config.device), model.dtype if model else "float32")
     if not config.resume.strip():
         raise ConfigError(f"config key 'resume' must be 'auto', 'never' or a checkpoint dir, got {config.resume!r}")
     task = getattr(config, "task", None)

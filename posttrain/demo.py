@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from posttrain.config import RLConfig, SFTConfig, load_config
+from posttrain.trainers.model_engine import resolve_device, resolve_precision
 from posttrain.trainers.rl import train_rl
 from posttrain.trainers.sft import train_sft
 
@@ -24,19 +25,24 @@ ROWS = (("pass@1", "eval/pass@1"), ("pass@8", "eval/pass@8"), ("mean reward", "e
         ("mean completion length (tokens)", "eval/mean_length"))
 
 
-def run_demo(run_dir: str | Path, quick: bool = False, progress: bool = True) -> dict:
-    """Run SFT then RL into ``run_dir``; write and return ``summary.json``'s content."""
+def run_demo(run_dir: str | Path, quick: bool = False, progress: bool = True, device: str = "auto",
+             precision: str = "auto") -> dict:
+    """Run SFT then RL into ``run_dir`` on ``device`` in ``precision`` (both stages); write and return
+    ``summary.json``'s content."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
     sft_dir, rl_dir = run_dir / "sft", run_dir / "rl"
+    where = [f"device={device}", f"precision={precision}"]
     sft_cfg = load_config(SFTConfig, CONFIG_DIR / "demo_sft.yaml",
-                          [f"run_dir={sft_dir}", *(QUICK_SFT if quick else [])])
+                          [f"run_dir={sft_dir}", *where, *(QUICK_SFT if quick else [])])
     rl_cfg = load_config(RLConfig, CONFIG_DIR / "demo_rl.yaml",
-                         [f"run_dir={rl_dir}", f"model={sft_dir / 'checkpoints' / 'final'}",
+                         [f"run_dir={rl_dir}", f"model={sft_dir / 'checkpoints' / 'final'}", *where,
                           "eval_before=false", *(QUICK_RL if quick else [])])
     console = Console()
+    target = resolve_device(device)
     console.print(f"[bold]posttrain demo[/bold]: SFT ({sft_cfg.steps} steps) then RL: {rl_cfg.algorithm} "
-                  f"({rl_cfg.steps} steps) on arithmetic word problems, built-in GPT, CPU. Run dir: {run_dir}")
+                  f"({rl_cfg.steps} steps) on arithmetic word problems, built-in GPT, {target.type} "
+                  f"({resolve_precision(precision, target)}). Run dir: {run_dir}")
     sft = train_sft(sft_cfg, progress=progress)
     rl = train_rl(rl_cfg, progress=progress, before=sft)["after"]
     wall = time.perf_counter() - start

@@ -34,15 +34,16 @@ POLICY_ROWS = (("pass@1 (right answer)", "eval/pass@1"), ("pass@8", "eval/pass@8
 
 
 def run_preference_demo(run_dir: str | Path, quick: bool = False, progress: bool = True,
-                        sft: str | Path | None = None) -> dict:
-    """Run the four stages into ``run_dir`` (SFT skipped when ``sft`` names a checkpoint); write and
-    return ``summary.json``'s content."""
+                        sft: str | Path | None = None, device: str = "auto", precision: str = "auto") -> dict:
+    """Run the four stages into ``run_dir`` (SFT skipped when ``sft`` names a checkpoint) on ``device`` in
+    ``precision``; write and return ``summary.json``'s content."""
     run_dir = Path(run_dir)
     start = time.perf_counter()
     console = Console()
     sft_model = Path(sft) if sft else run_dir / "sft" / "checkpoints" / "final"
     rm_model = run_dir / "rm" / "checkpoints" / "final"
-    at = [f"model={sft_model}"]
+    where = [f"device={device}", f"precision={precision}"]
+    at = [f"model={sft_model}", *where]
     rm_cfg = load_config(RMConfig, CONFIG_DIR / "demo_rm.yaml",
                          [f"run_dir={run_dir / 'rm'}", *at, *(QUICK_RM if quick else [])])
     dpo_cfg = load_config(DPOConfig, CONFIG_DIR / "demo_dpo.yaml",
@@ -52,10 +53,11 @@ def run_preference_demo(run_dir: str | Path, quick: bool = False, progress: bool
                            *(QUICK_PPO if quick else [])])
     console.print(f"[bold]posttrain demo --preference[/bold]: reward model ({rm_cfg.steps} steps), DPO "
                   f"({dpo_cfg.steps} steps) and PPO against the reward model ({ppo_cfg.steps} steps) from an SFT "
-                  f"model, built-in GPT, CPU. Run dir: {run_dir}")
+                  f"model, built-in GPT, {device} device, {precision} precision. Run dir: {run_dir}")
     if not sft:
         train_sft(load_config(SFTConfig, CONFIG_DIR / "demo_sft.yaml",
-                              [f"run_dir={run_dir / 'sft'}", *(QUICK_SFT if quick else [])]), progress=progress)
+                              [f"run_dir={run_dir / 'sft'}", *where, *(QUICK_SFT if quick else [])]),
+                  progress=progress)
     rm = train_reward_model(rm_cfg, progress=progress)
     dpo = train_dpo(dpo_cfg, progress=progress)
     ppo = train_rl(ppo_cfg, progress=progress, before=dpo["before"])  # the same SFT model, the same evaluation

@@ -21,7 +21,6 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
 from rich.table import Table
 
 from posttrain.checkpoint import load_policy
@@ -31,6 +30,7 @@ from posttrain.evaluation import maj_at_k, pass_at_k
 from posttrain.metrics import StepProgress
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
+from posttrain.trainers.model_engine import resolve_device
 from posttrain.trainers.rollout import completion_text
 
 SPLITS = ("test", "train")
@@ -122,13 +122,6 @@ def report_table(report: Mapping, title: str) -> Table:
 
 
 # --- loading and the batched sampling loop ----------------------------------------------------
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → cuda when available, else cpu; anything else as given."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def load_eval(model: ModelConfig, task: TaskConfig, split: str, device: str = "cpu"):

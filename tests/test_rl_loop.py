@@ -11,8 +11,11 @@ import torch
 from posttrain.config import RLConfig
 from posttrain.engine import RolloutBatch
 from posttrain.models.gpt import GPT, GPTConfig
-from posttrain.trainers.rl import estimate_advantages, kl_shaped_rewards, minibatch_rows, policy_step
-from posttrain.trainers.rollout import Scorer, TrainBatch, collect, last_token, layout
+from posttrain.trainers.model_engine import ModelEngine
+from posttrain.trainers.objectives import PolicyLoss, PolicyObjective
+from posttrain.trainers.rl import estimate_advantages, kl_shaped_rewards, minibatch_rows, policy_update
+from posttrain.trainers.rollout import Scorer, collect
+from posttrain.trainers.train_batch import TrainBatch, last_token, layout
 
 
 def rollout_batch(prompts: list[list[int]], completions: list[list[int]], n: int, sampled=None) -> RolloutBatch:
@@ -39,8 +42,9 @@ def test_layout_aligns_targets_mask_and_widths():
     assert data.targets.tolist() == [[-1, 7, 8, 9], [3, -1, -1, -1]]
     assert data.mask.tolist() == [[0, 1, 0, 1], [1, 0, 0, 0]]
     assert data.widths.tolist() == [4, 1]
-    inputs, targets, mask, w = data.take(torch.tensor([1]))
-    assert w == 1 and inputs.tolist() == [[4]] and targets.tolist() == [[3]] and mask.tolist() == [[1]]
+    row = data.take(torch.tensor([1]))
+    assert row.width == 1 and row.inputs.tolist() == [[4]] and row.targets.tolist() == [[3]]
+    assert row.mask.tolist() == [[1]]
 
 
 def test_last_token_skips_gaps_and_empty_rows():
@@ -185,37 +189,50 @@ def test_minibatch_rows_are_permutations_split_evenly():
     assert sorted(torch.cat(chunks[3:]).tolist()) == list(range(10))
 
 
-def _tiny_setup(agg: str):
+def _tiny_setup(agg: str, micro_batch: int = 1):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=16))
     inputs = torch.randint(1, 11, (4, 6))
     targets = torch.randint(1, 11, (4, 6))
     mask = torch.tensor([[0.0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]])
-    data = TrainBatch(inputs, torch.where(mask > 0, targets, -1), mask, torch.tensor([6, 6, 3, 5]))
     adv = torch.tensor([0.7, 0.0, -1.2, 0.0])[:, None] * mask  # rows 1 and 3 carry no signal
-    config = RLConfig(algorithm="nanochat", loss_agg=agg, micro_batch=1, optim=RLConfig().optim)
-    return model, data, adv, config
+    data = TrainBatch(inputs, torch.where(mask > 0, targets, -1), mask, torch.tensor([6, 6, 3, 5]), advantages=adv)
+    engine = ModelEngine(model, RLConfig().optim, torch.device("cpu"), "fp32", micro_batch=micro_batch)
+    return engine, data, PolicyObjective(PolicyLoss(agg=agg, max_len=6))
+
+
+def _grads(engine: ModelEngine) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in engine.module.parameters() if p.grad is not None])
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_skipping_zero_advantage_rows_leaves_the_gradient_exact(agg):
     grads = []
     for live in (torch.ones(4, dtype=torch.bool), torch.tensor([True, False, True, False])):
-        model, data, adv, config = _tiny_setup(agg)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the weights, read the grads
-        policy_step(model, optimizer, data, torch.arange(4), live, None, None, adv, config, kl_coef=0.0)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        engine, data, objective = _tiny_setup(agg)
+        rows = torch.arange(4)
+        engine.forward_backward(data, rows[live], objective.share(data.mask), objective)  # the grads, no step
+        grads.append(_grads(engine))
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
 
 
 def test_micro_batches_give_the_full_batch_gradient():
     grads = []
     for micro in (1, 4):
-        model, data, adv, config = _tiny_setup("token-mean")
-        config.micro_batch = micro
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        stats = policy_step(model, optimizer, data, torch.arange(4), torch.ones(4, dtype=torch.bool), None, None,
-                            adv, config, kl_coef=0.0)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-        assert stats["ratio_mean"] == pytest.approx(1.0)  # on-policy: ρ = 1
+        engine, data, objective = _tiny_setup("token-mean", micro)
+        stats = engine.forward_backward(data, torch.arange(4), objective.share(data.mask), objective)
+        grads.append(_grads(engine))
+        assert float(stats["ratio_mean"]) == pytest.approx(1.0)  # on-policy: ρ = 1
     assert torch.allclose(grads[0], grads[1], atol=1e-7)
+
+
+def test_policy_update_applies_one_step_and_counts_the_version():
+    engine, data, objective = _tiny_setup("token-mean")
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    stats = policy_update(engine, objective, data, torch.arange(4), torch.tensor([True, False, True, False]))
+    assert engine.version == 1 and stats["grad_norm"] > 0 and stats["ratio_mean"] == pytest.approx(1.0)
+    assert any(not p.equal(b) for p, b in zip(engine.module.parameters(), before, strict=True))
+    assert all(p.grad is None for p in engine.module.parameters())  # cleared for the next step
+    refused = policy_update(engine, objective, data, torch.arange(4), torch.ones(4, dtype=torch.bool),
+                            gate=lambda loss, grad_norm, entropy: False)
+    assert engine.version == 1 and refused["grad_norm"] > 0  # the health gate said no: nothing applied

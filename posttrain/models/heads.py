@@ -28,8 +28,11 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def scalar(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., C) hidden states → (...) fp32; the head stays fp32 under a bf16/fp16 trunk."""
-        return self.head(h.float()).squeeze(-1)
+        """(..., C) hidden states → (...) fp32; the head runs in its own dtype (fp32 unless bf16-true)."""
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def enable_activation_checkpointing(self) -> None:
+        self.trunk.enable_activation_checkpointing()
 
 
 class ValueModel(ScalarHead):

@@ -23,6 +23,8 @@ on held-out pairs, plus the task's pass@k when a task is configured.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
@@ -30,41 +32,51 @@ from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
 from posttrain.engine import Engine
 from posttrain.metrics import StepProgress
-from posttrain.optim import clip_grad, make_optimizer
 from posttrain.preference_config import DPOConfig
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
-from posttrain.trainers.pairs import EncodedPair, PairBatch, pair_batch, prepare_pairs, sequence_logps, train_on_pairs
-from posttrain.trainers.run import Parts, Run, nothing_to_do
+from posttrain.trainers.model_engine import ModelEngine, resolve_device, resolve_precision
+from posttrain.trainers.pairs import (
+    EncodedPair,
+    PairBatch,
+    pair_batch,
+    pair_step,
+    prepare_pairs,
+    sequence_logps,
+    train_on_pairs,
+)
+from posttrain.trainers.run import Parts, Run, TrainerState, nothing_to_do
 
 
-def chunks(pairs: list[EncodedPair], rows: list[int], pad_id: int, size: int, reference, ref_logps: Tensor | None):
-    """Micro-batches of ``pairs[rows]``: (batch, reference log-probs (2m,): chosen then rejected), the
-    latter from the precomputed table ``ref_logps`` (N, 2) when given, else from ``reference`` (no grad)."""
+def chunks(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad_id: int, size: int, reference,
+           ref_logps: Tensor | None):
+    """Micro-batches of ``pairs[rows]`` on the engine's device: (batch, reference log-probs (2m,): chosen then
+    rejected), the latter from the precomputed table ``ref_logps`` (N, 2) when given, else from
+    ``reference`` (no grad, in the engine's precision)."""
     for start in range(0, len(rows), size):
         idx = rows[start : start + size]
-        batch = pair_batch([pairs[i] for i in idx], pad_id)
+        batch = pair_batch([pairs[i] for i in idx], pad_id).to(engine.device)
         if ref_logps is not None:
-            ref = torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]])  # (2m,)
+            ref = torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]]).to(engine.device)  # (2m,)
         else:
-            with torch.no_grad():
-                ref = sequence_logps(reference, batch)  # (2m,)
+            with torch.no_grad(), engine.autocast():
+                ref = sequence_logps(reference, batch).float()  # (2m,)
         yield batch, ref
 
 
-def precompute_reference(reference, pairs: list[EncodedPair], pad_id: int, size: int) -> Tensor:
-    """Reference log-probs of every pair, (N, 2): [chosen, rejected]."""
+def precompute_reference(engine: ModelEngine, reference, pairs: list[EncodedPair], pad_id: int, size: int) -> Tensor:
+    """Reference log-probs of every pair, (N, 2): [chosen, rejected], on the CPU."""
     out = torch.zeros(len(pairs), 2)
-    for (batch, ref), start in zip(chunks(pairs, list(range(len(pairs))), pad_id, size, reference, None),
+    for (batch, ref), start in zip(chunks(engine, pairs, list(range(len(pairs))), pad_id, size, reference, None),
                                    range(0, len(pairs), size), strict=True):
         m = len(batch.margins)
-        out[start : start + m] = torch.stack([ref[:m], ref[m:]], dim=1)
+        out[start : start + m] = torch.stack([ref[:m], ref[m:]], dim=1).cpu()
     return out
 
 
 def dpo_terms(model, batch: PairBatch, ref: Tensor, config: DPOConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """The micro-batch's per-pair losses (m,) and its detached per-pair statistics."""
-    logps = sequence_logps(model, batch)  # (2m,)
+    logps = sequence_logps(model, batch).float()  # (2m,)
     m = len(batch.margins)
     loss = losses.dpo_loss(logps[:m], logps[m:], ref[:m], ref[m:], config.beta, config.loss, config.label_smoothing)
     if config.rpo_alpha > 0:
@@ -77,39 +89,36 @@ def dpo_terms(model, batch: PairBatch, ref: Tensor, config: DPOConfig) -> tuple[
                   "logps/accuracies": (logps[:m] > logps[m:]).float().detach()}
 
 
-def dpo_step(model, optimizer, pairs: list[EncodedPair], rows: list[int], pad_id: int, reference,
+def dpo_step(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad_id: int, reference,
              ref_logps: Tensor | None, config: DPOConfig, gate) -> dict[str, float]:
     """One optimizer step on ``pairs[rows]``: mean loss over the pairs (micro-batches weighted by their
     share), clipped; ``gate(loss, grad_norm)`` (the health checks) decides whether it is applied."""
-    optimizer.zero_grad(set_to_none=True)
-    total, stats = 0.0, {}
-    for batch, ref in chunks(pairs, rows, pad_id, config.micro_batch, reference, ref_logps):
-        loss, parts = dpo_terms(model, batch, ref, config)
-        (loss.sum() / len(rows)).backward()
-        total += loss.sum().item() / len(rows)
-        for k, v in parts.items():
-            stats[k] = stats.get(k, 0.0) + v.sum().item() / len(rows)
-    grad_norm = clip_grad(model, config.optim.grad_clip)
-    applied = gate(total, grad_norm)
-    if applied:
-        optimizer.step()
-    return {"loss": total, "grad_norm": grad_norm, "health/skipped_update": float(not applied), **stats}
+    def micro_batches():
+        for batch, ref in chunks(engine, pairs, rows, pad_id, config.micro_batch, reference, ref_logps):
+            with engine.autocast():
+                terms = dpo_terms(engine.module, batch, ref, config)
+            yield terms
+
+    return pair_step(engine, len(rows), micro_batches(), gate)
 
 
-def evaluate_dpo(model, pairs: list[EncodedPair], pad_id: int, reference, ref_logps: Tensor | None,
+def evaluate_dpo(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, reference, ref_logps: Tensor | None,
                  config: DPOConfig) -> dict[str, float]:
     """``eval/`` loss and TRL metrics on the held-out pairs, and ``eval/rewards/accuracies/<kind>`` per
     kind of rejected reply when the data names kinds."""
     if not pairs:
         return {}
+    model = engine.module
     was_training = model.training
     model.eval()
     sums: dict[str, Tensor] = {}
     with torch.no_grad():
-        for batch, ref in chunks(pairs, list(range(len(pairs))), pad_id, config.micro_batch, reference, ref_logps):
-            loss, parts = dpo_terms(model, batch, ref, config)
+        for batch, ref in chunks(engine, pairs, list(range(len(pairs))), pad_id, config.micro_batch, reference,
+                                 ref_logps):
+            with engine.autocast():
+                loss, parts = dpo_terms(model, batch, ref, config)
             for k, v in {"loss": loss, **parts}.items():
-                sums[k] = torch.cat([sums[k], v]) if k in sums else v
+                sums[k] = torch.cat([sums[k], v.cpu()]) if k in sums else v.cpu()
     model.train(was_training)
     out = {f"eval/{k}": v.mean().item() for k, v in sums.items()}
     for kind in sorted({p.kind for p in pairs if p.kind}):
@@ -127,13 +136,16 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     run = Run(config, "dpo")
     if nothing_to_do(run, print):
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device, config.model.dtype)
     model, tokenizer = load_policy(config.model, config.lora)
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)
     # before any restore: the starting policy (precomputing: the model itself, scored before it trains)
     reference = model if config.precompute_ref else model.reference()
     task = make_task(config.task) if config.task is not None else None
     engine = Engine(model, tokenizer, default_registry()) if task is not None else None
-    optimizer = make_optimizer(model, config.optim)
-    parts = Parts(model, tokenizer, optimizers={"policy": optimizer}, extra={"before": {}, "last_eval": {}})
+    state = PairState()
+    parts = Parts(model, tokenizer, state, engines={"policy": policy})
     pad = tokenizer.pad_id
     with StepProgress("dpo", config.steps, ("loss", "rewards/accuracies", "eval/rewards/accuracies"), progress,
                       initial=run.start_step) as bar:
@@ -141,29 +153,37 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
         train, test = prepare_pairs(config, tokenizer, model, bar.print)
         ref_train = ref_test = None
         if config.precompute_ref:
-            ref_train = precompute_reference(reference, train, pad, config.micro_batch)
-            ref_test = precompute_reference(reference, test, pad, config.micro_batch)
+            ref_train = precompute_reference(policy, reference, train, pad, config.micro_batch)
+            ref_test = precompute_reference(policy, reference, test, pad, config.micro_batch)
             reference = None  # no longer needed: its memory goes back
 
         def evaluate() -> dict:
-            out = evaluate_dpo(model, test, pad, reference, ref_test, config)
+            out = evaluate_dpo(policy, test, pad, reference, ref_test, config)
             if task is not None:
                 model.eval()
-                out |= task.evaluate(engine, config.eval)
+                with policy.autocast():
+                    out |= task.evaluate(engine, config.eval)
             return out
 
         run.open(bar.print)
         step = run.restore(parts) if run.resume_from else 0
         if run.resume_from is None:
-            parts.extra["before"] = parts.extra["last_eval"] = evaluate()
-            run.write({"step": 0, **parts.extra["before"]})
-            bar.print_metrics("before DPO", parts.extra["before"])
+            state.before = state.last_eval = evaluate()
+            run.write({"step": 0, **state.before})
+            bar.print_metrics("before DPO", state.before)
             if run.needs_start_checkpoint:
                 run.save(0, parts)
 
         def update(rows: list[int], gate) -> dict:
-            return dpo_step(model, optimizer, train, rows, pad, reference, ref_train, config, gate)
+            return dpo_step(policy, train, rows, pad, reference, ref_train, config, gate)
 
-        train_on_pairs(run, parts, bar, optimizer, step, len(train), config, update, evaluate, config.eval.every)
+        train_on_pairs(run, parts, bar, policy, step, len(train), config, update, evaluate, config.eval.every)
     run.close()
-    return {"before": parts.extra["before"], "after": parts.extra["last_eval"]}
+    return {"before": state.before, "after": state.last_eval}
+
+
+@dataclass
+class PairState(TrainerState):
+    """DPO's checkpointed values: the starting policy's held-out metrics besides the last ones."""
+
+    before: dict = field(default_factory=dict)

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from posttrain.config import ConfigError
-from posttrain.optim import lr_at, set_lr
+from posttrain.optim import lr_at
 from posttrain.preference_config import PreferenceDataConfig
 from posttrain.tasks.arithmetic import ArithmeticTask, preference_pair
 from posttrain.tasks.preference import PreferencePair, load_preferences
+from posttrain.trainers.model_engine import ModelEngine, out_of_memory
 from posttrain.trainers.run import Parts, Run, end_step, health_gate
 
 
@@ -90,6 +91,10 @@ class PairBatch:
     targets: Tensor  # (2B, T) long: the next token where it is a reply token, else −1
     margins: Tensor  # (B,)
 
+    def to(self, device: torch.device) -> PairBatch:
+        return PairBatch(self.ids.to(device), self.pad_mask.to(device), self.targets.to(device),
+                         self.margins.to(device))
+
 
 def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Token sequences as (ids (B, T) long, pad_mask (B, T) bool, True on real tokens), right-padded."""
@@ -143,7 +148,23 @@ def context_length(model) -> int:
     return getattr(hf.config.get_text_config(), "max_position_embeddings", 0) if hf is not None else 0
 
 
-def train_on_pairs(run: Run, parts: Parts, bar, optimizer, step: int, n_pairs: int, config,
+def pair_step(engine: ModelEngine, n_pairs: int, micro_batches, gate) -> dict[str, float]:
+    """One optimizer step of a pair loss: ``micro_batches`` yields (per-pair losses (m,), per-pair statistics
+    {name: (m,)}) under the engine's autocast; each micro-batch's loss sum / ``n_pairs`` is backpropagated
+    (the gradient of the mean over all pairs), then the update is applied when ``gate(loss, grad_norm)``
+    allows. Returns the mean loss and statistics, the grad norm and ``health/skipped_update``."""
+    total, stats = 0.0, {}
+    for loss, parts in micro_batches:
+        engine.backward(loss.sum() / n_pairs)
+        total += loss.sum().item() / n_pairs
+        for k, v in parts.items():
+            stats[k] = stats.get(k, 0.0) + v.sum().item() / n_pairs
+    version = engine.version
+    grad_norm, _ = engine.optim_step(lambda g: gate(total, g))
+    return {"loss": total, "grad_norm": grad_norm, "health/skipped_update": float(engine.version == version), **stats}
+
+
+def train_on_pairs(run: Run, parts: Parts, bar, engine: ModelEngine, step: int, n_pairs: int, config,
                    update: Callable[[list[int], Callable], dict], evaluate: Callable[[], dict],
                    eval_every: int) -> None:
     """The loop the reward-model and DPO trainers share, from ``step`` to ``config.steps``: schedule the
@@ -153,9 +174,10 @@ def train_on_pairs(run: Run, parts: Parts, bar, optimizer, step: int, n_pairs: i
         t0 = time.perf_counter()
         parts.model.train()
         lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
-        set_lr(optimizer, lr)
+        engine.set_lr(lr)
         events: list = []
         rows = batches(n_pairs, config.batch_size, step, config.seed)
-        stats = update(rows, health_gate(run.monitor, step + 1, events))
+        with out_of_memory(step + 1, "update"):
+            stats = update(rows, health_gate(run.monitor, step + 1, events))
         metrics = {"step": step + 1, **stats, "learning_rate": lr, "timing_s/step": time.perf_counter() - t0}
         step = end_step(run, parts, bar, step, metrics, events, evaluate, eval_every)

@@ -22,10 +22,18 @@ from posttrain.checkpoint import load_policy, restore_module
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, RewardModelConfig
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import RewardModel
-from posttrain.optim import clip_grad, make_optimizer
 from posttrain.preference_config import RMConfig
-from posttrain.trainers.pairs import EncodedPair, context_length, pair_batch, prepare_pairs, right_pad, train_on_pairs
-from posttrain.trainers.run import Parts, Run, nothing_to_do
+from posttrain.trainers.model_engine import ModelEngine, resolve_device, resolve_precision
+from posttrain.trainers.pairs import (
+    EncodedPair,
+    context_length,
+    pair_batch,
+    pair_step,
+    prepare_pairs,
+    right_pad,
+    train_on_pairs,
+)
+from posttrain.trainers.run import Parts, Run, TrainerState, nothing_to_do
 
 HEAD = "reward_head"  # the head's file stem in a reward-model checkpoint
 
@@ -43,27 +51,29 @@ def pair_metrics(r_chosen: Tensor, r_rejected: Tensor, prefix: str = "") -> dict
     return out
 
 
-def score_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, micro_batch: int) -> tuple[Tensor, Tensor]:
-    """(r_chosen (N,), r_rejected (N,)) of ``pairs`` under no grad, ``micro_batch`` pairs per forward."""
+def score_pairs(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, micro_batch: int) -> tuple[Tensor, Tensor]:
+    """(r_chosen (N,), r_rejected (N,)) of ``pairs`` under no grad on the CPU, ``micro_batch`` pairs per forward."""
     chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(pairs), micro_batch):
-            batch = pair_batch(pairs[start : start + micro_batch], pad_id)
-            scores = model(batch.ids, batch.pad_mask)  # (2m,)
+            batch = pair_batch(pairs[start : start + micro_batch], pad_id).to(engine.device)
+            with engine.autocast():
+                scores = engine.module(batch.ids, batch.pad_mask).cpu()  # (2m,)
             chosen.append(scores[: len(batch.margins)])
             rejected.append(scores[len(batch.margins) :])
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, micro_batch: int,
+def evaluate_pairs(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, micro_batch: int,
                    use_margin: bool) -> dict[str, float]:
     """Held-out ``eval/`` metrics: loss, accuracy, margin, score stats, and the accuracy per kind of
     rejected reply when the data names kinds (``eval/accuracy/slip`` …)."""
     if not pairs:
         return {}
+    model = engine.module
     was_training = model.training
     model.eval()
-    rc, rr = score_pairs(model, pairs, pad_id, micro_batch)
+    rc, rr = score_pairs(engine, pairs, pad_id, micro_batch)
     model.train(was_training)
     margins = torch.tensor([p.margin for p in pairs]) if use_margin else None
     out = {"eval/loss": losses.bradley_terry_loss(rc, rr, margins).item(), **pair_metrics(rc, rr, "eval/")}
@@ -73,29 +83,26 @@ def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, mi
     return out
 
 
-def bt_step(model: RewardModel, optimizer, pairs: list[EncodedPair], config: RMConfig, pad_id: int,
-            gate) -> dict[str, float]:
+def bt_step(engine: ModelEngine, pairs: list[EncodedPair], config: RMConfig, pad_id: int, gate) -> dict[str, float]:
     """One optimizer step on ``pairs``: the Bradley–Terry loss over micro-batches (weighted by their share of
     the pairs, so the gradient is the whole batch's), clipped; ``gate(loss, grad_norm)`` decides whether
     it is applied (the health checks)."""
-    optimizer.zero_grad(set_to_none=True)
-    chosen, rejected, total = [], [], 0.0
-    for start in range(0, len(pairs), config.micro_batch):
-        batch = pair_batch(pairs[start : start + config.micro_batch], pad_id)
-        m = len(batch.margins)
-        scores = model(batch.ids, batch.pad_mask)  # (2m,)
-        loss = losses.bradley_terry_loss(scores[:m], scores[m:], batch.margins if config.use_margin else None,
-                                         config.center_coef)
-        (loss * m / len(pairs)).backward()
-        total += loss.item() * m / len(pairs)
-        chosen.append(scores[:m].detach())
-        rejected.append(scores[m:].detach())
-    grad_norm = clip_grad(model, config.optim.grad_clip)
-    applied = gate(total, grad_norm)
-    if applied:
-        optimizer.step()
-    return {"loss": total, "grad_norm": grad_norm, "health/skipped_update": float(not applied),
-            **pair_metrics(torch.cat(chosen), torch.cat(rejected))}
+    chosen, rejected = [], []
+
+    def micro_batches():
+        for start in range(0, len(pairs), config.micro_batch):
+            batch = pair_batch(pairs[start : start + config.micro_batch], pad_id).to(engine.device)
+            m = len(batch.margins)
+            with engine.autocast():
+                scores = engine.module(batch.ids, batch.pad_mask).float()  # (2m,)
+            loss = losses.bradley_terry_loss(scores[:m], scores[m:], batch.margins if config.use_margin else None,
+                                             config.center_coef)
+            chosen.append(scores[:m].detach().cpu())
+            rejected.append(scores[m:].detach().cpu())
+            yield loss.expand(m), {}  # the micro-batch's mean loss for each of its m pairs
+
+    out = pair_step(engine, len(pairs), micro_batches(), gate)
+    return out | pair_metrics(torch.cat(chosen), torch.cat(rejected))
 
 
 def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, float]:
@@ -106,10 +113,12 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
     run = Run(config, "rm")
     if nothing_to_do(run, print):
         return run.state["extra"].get("last_eval", {})
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device, config.model.dtype)
     trunk, tokenizer = load_policy(config.model, config.lora)
-    model = RewardModel.from_policy(trunk)
-    optimizer = make_optimizer(model, config.optim)
-    parts = Parts(trunk, tokenizer, modules={HEAD: model.head}, optimizers={"rm": optimizer}, extra={"last_eval": {}})
+    rm = ModelEngine(RewardModel.from_policy(trunk), config.optim, device, precision, config.activation_checkpointing)
+    state = TrainerState()
+    parts = Parts(trunk, tokenizer, state, engines={"rm": rm}, modules={HEAD: rm.module.head})
     with StepProgress("rm", config.steps, ("loss", "accuracy", "eval/accuracy"), progress,
                       initial=run.start_step) as bar:
         run.check_config(bar.print)
@@ -120,14 +129,14 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
             run.save(0, parts)
 
         def evaluate() -> dict:
-            return evaluate_pairs(model, test, tokenizer.pad_id, config.micro_batch, config.use_margin)
+            return evaluate_pairs(rm, test, tokenizer.pad_id, config.micro_batch, config.use_margin)
 
         def update(rows: list[int], gate) -> dict:
-            return bt_step(model, optimizer, [train[i] for i in rows], config, tokenizer.pad_id, gate)
+            return bt_step(rm, [train[i] for i in rows], config, tokenizer.pad_id, gate)
 
-        train_on_pairs(run, parts, bar, optimizer, step, len(train), config, update, evaluate, config.eval_every)
+        train_on_pairs(run, parts, bar, rm, step, len(train), config, update, evaluate, config.eval_every)
     run.close()
-    return parts.extra["last_eval"]
+    return state.last_eval
 
 
 def load_reward_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
@@ -167,8 +176,9 @@ class RewardScorer:
         self.same_vocab = policy_tokenizer is not None and vocabulary(policy_tokenizer) == vocabulary(tokenizer)
 
     @classmethod
-    def from_config(cls, config: RewardModelConfig, policy_tokenizer=None) -> RewardScorer:
-        model, tokenizer = load_reward_model(config.path)
+    def from_config(cls, config: RewardModelConfig, policy_tokenizer=None,
+                    device: str | torch.device = "cpu") -> RewardScorer:
+        model, tokenizer = load_reward_model(config.path, device=device)
         return cls(model, tokenizer, config.batch_size, config.clamp, policy_tokenizer)
 
     def _ids(self, prompt: str | dict, completion: str) -> list[int]:

@@ -21,6 +21,16 @@
 
 Rows whose loss is exactly zero (advantage 0 everywhere, no KL or entropy term) skip the forward and
 backward, but still count in the loss normaliser, so skipping changes cost and nothing else.
+
+The trainer trains the distribution it sampled from: every log-prob, KL and entropy is of
+softmax(logits / T) at the sampling temperature T. The sampler's own (behaviour) log-probs are of the
+distribution it drew from, after top-k / top-p truncation; ``mismatch/logprob_diff_max`` and
+``mismatch/kl`` compare the two on the rows the step already runs, and on every row each
+``mismatch_every`` steps (truncation makes them differ by design).
+
+Structure: :func:`setup` builds the models (each in a :class:`ModelEngine`: device, precision,
+optimizer), :func:`generate` makes a step's rollout and :func:`rl_step` learns from it; the resumable
+values between steps are an :class:`RLState`. :func:`train_rl` is the driver.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import dataclasses
 import math
 import random
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -37,20 +48,82 @@ from torch import Tensor
 from posttrain.algorithms import advantages as adv_fns
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
-from posttrain.config import RLConfig
+from posttrain.config import OptimConfig, RLConfig
 from posttrain.engine import Engine
 from posttrain.metrics import StepProgress
-from posttrain.models.gpt import token_logprobs
 from posttrain.models.heads import ValueModel
 from posttrain.monitor import Monitor
-from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
+from posttrain.optim import lr_at
 from posttrain.prompt_sampling import make_sampler
 from posttrain.rewards import overlong_penalty
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
+from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_device, resolve_precision
+from posttrain.trainers.objectives import Mismatch, PolicyLoss, PolicyObjective, ValueLoss, ValueObjective
 from posttrain.trainers.reward_model import RewardScorer
-from posttrain.trainers.rollout import Scorer, TrainBatch, collect, last_token, layout, rollout_metrics
+from posttrain.trainers.rl_state import RLState
+from posttrain.trainers.rollout import Rollout, Scorer, collect, rollout_metrics
 from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
+from posttrain.trainers.train_batch import TrainBatch, last_token, layout
+
+
+@dataclass
+class StepOut:
+    """What one RL update leaves: its metrics, and per row the shaped reward and advantages (samples log)."""
+
+    metrics: dict
+    rewards: Tensor  # (B,) on the CPU
+    advantages: Tensor  # (B, L) on the CPU
+    mask: Tensor  # (B, L) on the CPU
+
+
+@dataclass
+class RLSetup:
+    """What an RL run is built from once (models on their device, the task, rewards, prompt sampler); the
+    step-to-step values live in :class:`RLState`."""
+
+    config: RLConfig
+    task: object
+    tokenizer: object
+    scorer: Scorer
+    sampler: object  # posttrain.prompt_sampling: which prompts a step draws
+    rollout: Engine  # generation (the local KV-cache engine)
+    policy: ModelEngine
+    objective: PolicyObjective
+    reference: ModelEngine | None  # the frozen initial policy (kl_coef > 0)
+    critic: ModelEngine | None  # PPO's value model (advantage: gae)
+    critic_objective: ValueObjective | None
+    critic_optim: OptimConfig  # the critic's schedule (its own peak lr)
+
+
+def setup(config: RLConfig) -> RLSetup:
+    """Load the policy on the configured device and precision, and build everything around it."""
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device, config.model.dtype)
+    task = make_task(config.task)
+    model, tokenizer = load_policy(config.model, config.lora)
+    learned = "reward_model" in config.rewards
+    sources = {"reward_model": RewardScorer.from_config(config.reward_model, tokenizer, device)} if learned else {}
+    scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources)
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, config.micro_batch)
+    reference = None
+    if config.kl_coef > 0:  # LoRA: the same weights with the adapter off
+        reference = ModelEngine(model.reference(), None, device, precision, micro_batch=config.micro_batch)
+    critic = critic_objective = None
+    critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
+    if config.advantage == "gae":
+        critic = ModelEngine(ValueModel.from_policy(model), critic_optim, device, precision,
+                             config.activation_checkpointing, config.micro_batch)
+        critic_objective = ValueObjective(ValueLoss(config.loss_agg, config.sampling.max_new_tokens,
+                                                    config.critic.value_clip or None))
+    objective = PolicyObjective(PolicyLoss(
+        agg=config.loss_agg, max_len=config.sampling.max_new_tokens, clip_low=config.clip_low,
+        clip_high=config.clip_high, dual_clip=config.dual_clip or None, ratio_level=config.ratio_level,
+        kl_kind=config.kl_kind, kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
+        entropy_coef=config.entropy_coef, temperature=config.sampling.temperature))
+    return RLSetup(config, task, tokenizer, scorer, make_sampler(config.prompt_sampling, task),
+                   Engine(model, tokenizer, default_registry()), policy, objective, reference, critic,
+                   critic_objective, critic_optim)
 
 
 def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None) -> dict[str, dict[str, float]]:
@@ -62,162 +135,190 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     if nothing_to_do(run, print):
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     torch.manual_seed(config.seed)
-    task = make_task(config.task)
-    model, tokenizer = load_policy(config.model, config.lora)
-    learned = "reward_model" in config.rewards
-    sources = {"reward_model": RewardScorer.from_config(config.reward_model, tokenizer)} if learned else {}
-    scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources)
-    reference = model.reference() if config.kl_coef > 0 else None  # LoRA: the same weights, adapter off
-    critic = ValueModel.from_policy(model) if config.advantage == "gae" else None
-    engine = Engine(model, tokenizer, default_registry())
-    sampler = make_sampler(config.prompt_sampling, task)
-    critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
-    parts = Parts(model, tokenizer, optimizers={"policy": make_optimizer(model, config.optim)},
-                  rngs={"prompts": random.Random(config.seed)},
-                  extra={"kl_coef": config.kl_coef, "before": before or {}, "last_eval": before or {},
-                         "prompt_sampling": sampler.state_dict()})
-    if critic is not None:
-        parts.modules["critic"] = critic
-        parts.optimizers["critic"] = make_optimizer(critic, critic_optim)
-    optimizer, critic_optimizer = parts.optimizers["policy"], parts.optimizers.get("critic")
+    rl = setup(config)
+    state = RLState(kl_coef=config.kl_coef, before=before or {}, last_eval=before or {},
+                    prompt_sampling=rl.sampler.state_dict())
+    parts = Parts(rl.policy.module, rl.tokenizer, state, engines={"policy": rl.policy},
+                  rngs={"prompts": random.Random(config.seed)})
+    if rl.critic is not None:
+        parts.modules["critic"] = rl.critic.module
+        parts.engines["critic"] = rl.critic
     reported: set[str] = set()  # reward functions whose first failure was printed
-    P, G = config.prompts_per_step, config.samples_per_prompt
-    multi_update = config.ppo_epochs * config.minibatches > 1
 
     with StepProgress("rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress,
                       initial=run.start_step) as bar:
         run.check_config(bar.print)
         run.open(bar.print)
         step = run.restore(parts) if run.resume_from else 0
-        model.eval()
         if run.resume_from is None:  # a fresh run (a resumed one has these in its checkpoint and logs)
             if config.eval_before:
-                parts.extra["before"] = parts.extra["last_eval"] = task.evaluate(engine, config.eval)
-                run.write({"step": 0, **parts.extra["before"]})
-            if parts.extra["before"]:
-                bar.print_metrics("before RL", parts.extra["before"])
+                state.before = state.last_eval = evaluate(rl)
+                run.write({"step": 0, **state.before})
+            if state.before:
+                bar.print_metrics("before RL", state.before)
             if run.needs_start_checkpoint:
                 run.save(0, parts)
         while step < config.steps:
             t0 = time.perf_counter()
-            kl_coef = parts.extra["kl_coef"]
             lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
-            set_lr(optimizer, lr)
-            if critic_optimizer is not None:
-                set_lr(critic_optimizer, lr_at(step, config.steps, critic_optim) * run.monitor.lr_scale)
-
-            # 1. rollout: P prompts × G samples (more rounds with dynamic sampling); the sampler's state is the
-            # checkpoint's (parts.extra, also after a resume or rollback) and learns every group drawn
-            model.eval()
-            train_progress = step / config.steps  # p of the curriculum
-            sampler.load_state_dict(parts.extra["prompt_sampling"])
-            ro = collect(engine, task, scorer, parts.rngs["prompts"], P, G, config.sampling,
-                         seed=(config.seed * 1_000_003 + step) * 64, dynamic=config.dynamic_sampling,
-                         max_rounds=config.max_sampling_rounds, draw=partial(sampler.draw, progress=train_progress))
-            sampler.update(ro.pool_ids, ro.success)
-            parts.extra["prompt_sampling"] = sampler.state_dict()
-            metrics = {"step": step + 1, **rollout_metrics(ro), **sampler.metrics(train_progress), "learning_rate": lr}
-            for name, line in scorer.failures(config.reward_fallback).items():
+            rl.policy.set_lr(lr)
+            if rl.critic is not None:
+                rl.critic.set_lr(lr_at(step, config.steps, rl.critic_optim) * run.monitor.lr_scale)
+            with out_of_memory(step + 1, "generation"):
+                ro = generate(rl, state, parts.rngs["prompts"], step)
+            for name, line in rl.scorer.failures(config.reward_fallback).items():
                 if name not in reported:
                     bar.print(f"[yellow]{line}")
                     reported.add(name)
-            t_gen = time.perf_counter()
+            t_gen = time.perf_counter() - t0
+            metrics = {"step": step + 1, **rollout_metrics(ro), **rl.sampler.metrics(step / config.steps),
+                       "learning_rate": lr, "timing_s/gen": t_gen}
             events = run.monitor.check_rollout(step + 1, metrics)  # lengths, signal (KL below, once scored)
-            if len(ro.rewards) == 0:  # dynamic sampling found no group with signal: nothing to learn
-                metrics |= {"timing_s/gen": t_gen - t0, "timing_s/step": t_gen - t0}
-                step = finish_step(run, parts, task, engine, config, bar, step, metrics, events)
-                continue
-
-            # 2. reward: the reward functions (scored in the rollout), plus the soft overlong penalty (DAPO)
-            rewards = ro.rewards.clone()  # (B,)
-            if config.overlong == "penalty":
-                penalty = overlong_penalty(ro.batch.lengths, config.sampling.max_new_tokens,
-                                           config.overlong_buffer, config.overlong_factor)  # (B,)
-                rewards += penalty
-                metrics["rewards/overlong_penalty/mean"] = penalty.mean().item()
-            data = layout(ro.batch, tokenizer.pad_id)  # (B, L)
-            if config.overlong == "mask":  # truncated completions get no loss (DAPO overlong filtering)
-                data.mask *= ro.batch.finished[:, None].to(data.mask.dtype)
-            t_reward = time.perf_counter()
-
-            # 3. score: old policy, reference and critic, no grad; the health checks on KL
-            old_logp = score(model, data, config.micro_batch) if multi_update or reference is not None else None
-            ref_logp = score(reference, data, config.micro_batch) if reference is not None else None
-            values = score(critic, data, config.micro_batch) if critic is not None else None
-            kl_tok = torch.zeros_like(data.mask)  # (B, L)
-            if reference is not None:
-                kl_tok = losses.kl(old_logp, ref_logp, config.kl_kind) * data.mask
-                metrics["kl"] = losses.token_mean(kl_tok, data.mask).item()
-                events += run.monitor.check_rollout(step + 1, {"kl": metrics["kl"]})
-            t_score = time.perf_counter()
-
-            # 4. advantage: per token (B, L); sequence-level estimators broadcast over the completion
-            beta_r = kl_coef if config.kl_in == "reward" else 0.0
-            seq_rewards, token_rewards = kl_shaped_rewards(rewards, kl_tok, data.mask, beta_r)  # (B,), (B, L)
-            advantages, returns = estimate_advantages(config, seq_rewards, token_rewards, ro.batch.group_ids,
-                                                      data.mask, values)  # (B, L), (B, L) | None
-            metrics.update(advantage_metrics(advantages, data.mask, values, returns))
-
-            # 5. update: ppo_epochs × minibatches optimizer steps, each gated by the health checks; an action
-            # stronger than warn (before or during the update) stops this batch's updates
-            healthy = Monitor.worst(events) in (None, "warn")
-            if healthy:
-                model.train()
-                update_actor = critic is None or step >= config.critic.warmup_steps
-                needs_all = (config.kl_in == "loss" and kl_coef > 0) or config.entropy_coef > 0
-                live = needs_all | (advantages.abs().sum(-1) > 0)  # (B,) rows whose loss is not 0
-                gen = torch.Generator().manual_seed(config.seed * 7919 + step)
-                gate = health_gate(run.monitor, step + 1, events)
-                critic_gate = health_gate(run.monitor, step + 1, events, spikes=False)
-                sums: dict[str, float] = {}
-                counts: dict[str, int] = {}
-                for rows in minibatch_rows(len(rewards), config.ppo_epochs, config.minibatches, gen):
-                    part: dict[str, float] = {}
-                    if critic is not None:
-                        part |= critic_step(critic, critic_optimizer, data, rows, values, returns, config,
-                                            critic_gate)
-                    if update_actor and bool(live[rows].any()):
-                        part |= policy_step(model, optimizer, data, rows, live, old_logp, ref_logp, advantages,
-                                            config, kl_coef, gate)
-                    for k, v in part.items():
-                        sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
-                    healthy = Monitor.worst(events) in (None, "warn") and all(e.check != "nonfinite" for e in events)
-                    if not healthy:
-                        break
-                metrics.update({k: v / counts[k] for k, v in sums.items()})
-                observed_kl = kl_tok.sum(-1).mean().item()
-                if config.kl_controller != "fixed" and reference is not None and healthy and math.isfinite(observed_kl):
-                    parts.extra["kl_coef"] = losses.update_kl_coef(
-                        config.kl_controller, kl_coef, observed_kl, len(rewards), config.kl_target, config.kl_horizon)
-            metrics["health/skipped_update"] = float(not healthy)
-            t_end = time.perf_counter()
-
-            gen_tokens = int(ro.batch.mask.sum())
-            metrics.update({
-                "kl_coef": kl_coef,
-                "timing_s/gen": t_gen - t0,
-                "timing_s/reward": t_reward - t_gen,
-                "timing_s/ref": t_score - t_reward,
-                "timing_s/update": t_end - t_score,
-                "timing_s/step": t_end - t0,
-                "throughput/gen_tokens_per_s": gen_tokens / max(t_gen - t0, 1e-9),
-            })
-            if config.log_samples_every and step % config.log_samples_every == 0:
-                log_samples(run, step + 1, ro, rewards, advantages, data.mask, G)
-            step = finish_step(run, parts, task, engine, config, bar, step, metrics, events)
+            if len(ro.rewards):  # else dynamic sampling found no group with signal: nothing to learn
+                out = rl_step(rl, state, ro, step, run.monitor, events)
+                metrics |= out.metrics | {"throughput/gen_tokens_per_s": float(ro.batch.mask.sum()) / max(t_gen, 1e-9)}
+                if config.log_samples_every and step % config.log_samples_every == 0:
+                    log_samples(run, step + 1, ro, out.rewards, out.advantages, out.mask, config.samples_per_prompt)
+            metrics["timing_s/step"] = time.perf_counter() - t0
+            step = end_step(run, parts, bar, step, metrics, events, partial(evaluate, rl), config.eval.every)
     run.close()
-    return {"before": parts.extra["before"], "after": parts.extra["last_eval"]}
+    return {"before": state.before, "after": state.last_eval}
 
 
-def finish_step(run: Run, parts: Parts, task, engine: Engine, config: RLConfig, bar, step: int, metrics: dict,
-                events: list) -> int:
-    """Act on the step's health events, evaluate when due, log, checkpoint; returns the next step index
-    (after a rollback: the restored checkpoint's)."""
-    def evaluate() -> dict:
-        parts.model.eval()
-        return task.evaluate(engine, config.eval)
+def evaluate(rl: RLSetup) -> dict:
+    """The task's held-out evaluation of the current policy."""
+    rl.policy.module.eval()
+    with rl.policy.autocast():
+        return rl.task.evaluate(rl.rollout, rl.config.eval)
 
-    return end_step(run, parts, bar, step, metrics, events, evaluate, config.eval.every)
+
+def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) -> Rollout:
+    """The step's rollout: P prompts × G samples (more rounds with dynamic sampling), scored. The prompt
+    sampler starts from the state's copy (also after a resume or rollback) and learns every group drawn."""
+    config = rl.config
+    rl.policy.module.eval()
+    rl.sampler.load_state_dict(state.prompt_sampling)
+    with rl.policy.autocast():
+        ro = collect(rl.rollout, rl.task, rl.scorer, prompt_rng, config.prompts_per_step, config.samples_per_prompt,
+                     config.sampling, seed=(config.seed * 1_000_003 + step) * 64, dynamic=config.dynamic_sampling,
+                     max_rounds=config.max_sampling_rounds,
+                     draw=partial(rl.sampler.draw, progress=step / config.steps))
+    rl.sampler.update(ro.pool_ids, ro.success)
+    state.prompt_sampling = rl.sampler.state_dict()
+    return ro
+
+
+def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monitor, events: list) -> StepOut:
+    """One RL update from rollout ``ro``: reward → score → advantage → update. Appends health events to
+    ``events`` (an action stronger than warn stops the step's updates) and moves the adaptive KL
+    coefficient in ``state``."""
+    config, device = rl.config, rl.policy.device
+    t0 = time.perf_counter()
+    metrics: dict = {"kl_coef": state.kl_coef}  # the β this step uses (the controller moves it after the update)
+    rl.objective.config.kl_coef = state.kl_coef if config.kl_in == "loss" else 0.0
+
+    # 1. reward: the reward functions (scored in the rollout), plus the soft overlong penalty (DAPO)
+    rewards = ro.rewards.clone().to(device)  # (B,)
+    if config.overlong == "penalty":
+        penalty = overlong_penalty(ro.batch.lengths.to(device), config.sampling.max_new_tokens,
+                                   config.overlong_buffer, config.overlong_factor)  # (B,)
+        rewards += penalty
+        metrics["rewards/overlong_penalty/mean"] = penalty.mean().item()
+    data = layout(ro.batch, rl.tokenizer.pad_id).to(device)  # (B, L)
+    if config.overlong == "mask":  # truncated completions get no loss (DAPO overlong filtering)
+        data.mask *= ro.batch.finished.to(device)[:, None].to(data.mask.dtype)
+    t_reward = time.perf_counter()
+
+    # 2. score: old policy (for several updates per batch, the KL, or the periodic mismatch check), reference
+    # and critic under no grad; the health checks on KL
+    multi_update = config.ppo_epochs * config.minibatches > 1
+    check_all = config.mismatch_every > 0 and step % config.mismatch_every == 0
+    with out_of_memory(step + 1, "scoring"):
+        old_logp = None
+        if multi_update or rl.reference is not None or check_all:
+            old_logp = rl.policy.score(data, rl.objective)
+            metrics |= mismatch(data, old_logp)
+        data.ref_logp = rl.reference.score(data, rl.objective) if rl.reference is not None else None
+        data.values = rl.critic.score(data, rl.critic_objective) if rl.critic is not None else None
+    data.old_logp = old_logp if multi_update else None  # one on-policy update: the ratio is exactly 1
+    kl_tok = torch.zeros_like(data.mask)  # (B, L)
+    if data.ref_logp is not None:
+        kl_tok = losses.kl(old_logp, data.ref_logp, config.kl_kind) * data.mask
+        metrics["kl"] = losses.token_mean(kl_tok, data.mask).item()
+        events += monitor.check_rollout(step + 1, {"kl": metrics["kl"]})
+    t_score = time.perf_counter()
+
+    # 3. advantage: per token (B, L); sequence-level estimators broadcast over the completion
+    beta_r = state.kl_coef if config.kl_in == "reward" else 0.0
+    seq_rewards, token_rewards = kl_shaped_rewards(rewards, kl_tok, data.mask, beta_r)  # (B,), (B, L)
+    data.advantages, data.returns = estimate_advantages(config, seq_rewards, token_rewards,
+                                                        ro.batch.group_ids.to(device), data.mask, data.values)
+    metrics.update(advantage_metrics(data.advantages, data.mask, data.values, data.returns))
+
+    # 4. update: ppo_epochs × minibatches optimizer steps, each gated by the health checks
+    healthy = Monitor.worst(events) in (None, "warn")
+    if healthy:
+        with out_of_memory(step + 1, "update"):
+            healthy, update_metrics = update(rl, state, data, step, monitor, events, track_mismatch=old_logp is None)
+        metrics |= update_metrics
+        observed_kl = kl_tok.sum(-1).mean().item()
+        if (config.kl_controller != "fixed" and rl.reference is not None and healthy
+                and math.isfinite(observed_kl)):
+            state.kl_coef = losses.update_kl_coef(config.kl_controller, state.kl_coef, observed_kl, len(rewards),
+                                                  config.kl_target, config.kl_horizon)
+    metrics["health/skipped_update"] = float(not healthy)
+    t_end = time.perf_counter()
+    metrics |= {
+        "timing_s/reward": t_reward - t0,
+        "timing_s/ref": t_score - t_reward,
+        "timing_s/update": t_end - t_score,
+        "rollout/policy_version": rl.policy.version,
+    }
+    return StepOut(metrics, rewards.cpu(), data.advantages.cpu(), data.mask.cpu())
+
+
+def update(rl: RLSetup, state: RLState, data: TrainBatch, step: int, monitor: Monitor, events: list,
+           track_mismatch: bool) -> tuple[bool, dict]:
+    """``ppo_epochs`` × ``minibatches`` optimizer steps of the policy (and the critic), each gated by the
+    health checks; an action stronger than warn stops the batch's updates. ``track_mismatch``: compare
+    behaviour and trainer log-probs on the first minibatch's forward (the policy that sampled: no extra
+    pass). Returns (healthy, the mean of each statistic over the steps)."""
+    config = rl.config
+    rl.policy.module.train()
+    update_actor = rl.critic is None or step >= config.critic.warmup_steps
+    needs_all = (config.kl_in == "loss" and state.kl_coef > 0) or config.entropy_coef > 0
+    live = needs_all | (data.advantages.abs().sum(-1) > 0)  # (B,) rows whose loss is not 0
+    gen = torch.Generator().manual_seed(config.seed * 7919 + step)
+    gate = health_gate(monitor, step + 1, events)
+    critic_gate = health_gate(monitor, step + 1, events, spikes=False)
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    healthy = True
+    rl.objective.mismatch = Mismatch() if track_mismatch else None
+    for rows in minibatch_rows(len(data.mask), config.ppo_epochs, config.minibatches, gen):
+        rows = rows.to(rl.policy.device)
+        part: dict[str, float] = {}
+        if rl.critic is not None:
+            part |= critic_update(rl.critic, rl.critic_objective, data, rows, critic_gate)
+        if update_actor and bool(live[rows].any()):
+            part |= policy_update(rl.policy, rl.objective, data, rows, live, gate)
+        if rl.objective.mismatch is not None:
+            part |= rl.objective.mismatch.metrics()
+            rl.objective.mismatch = None  # the policy has moved: later minibatches are not the sampler's
+        for k, v in part.items():
+            sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
+        healthy = Monitor.worst(events) in (None, "warn") and all(e.check != "nonfinite" for e in events)
+        if not healthy:
+            break
+    rl.objective.mismatch = None
+    return healthy, {k: v / counts[k] for k, v in sums.items()}
+
+
+def mismatch(data: TrainBatch, logp: Tensor) -> dict[str, float]:
+    """Behaviour vs trainer log-probs over every row (see :class:`posttrain.trainers.objectives.Mismatch`)."""
+    found = Mismatch()
+    found.add(data.behaviour, logp, data.mask)
+    return found.metrics()
 
 
 def log_samples(run: Run, step: int, ro, rewards: Tensor, advantages: Tensor, mask: Tensor, group_size: int) -> None:
@@ -270,19 +371,6 @@ def advantage_metrics(advantages: Tensor, mask: Tensor, values: Tensor | None, r
     return out
 
 
-@torch.no_grad()
-def score(model: torch.nn.Module, data: TrainBatch, micro_batch: int) -> Tensor:
-    """Per-token log-probs of the targets (a policy) or values (a critic), (B, L), in micro-batches."""
-    was_training = model.training
-    model.eval()
-    out = torch.zeros_like(data.mask)  # (B, L)
-    for rows in torch.arange(len(data.mask)).split(micro_batch):
-        inputs, targets, _, w = data.take(rows)
-        out[rows, :w] = model(inputs) if isinstance(model, ValueModel) else model(inputs, targets)
-    model.train(was_training)
-    return out * data.mask
-
-
 def minibatch_rows(n: int, epochs: int, minibatches: int, gen: torch.Generator):
     """Row indices of each optimizer step: ``epochs`` shuffles of range(n), each cut into ``minibatches``
     (fewer when there are fewer rows than minibatches: no empty step)."""
@@ -290,75 +378,29 @@ def minibatch_rows(n: int, epochs: int, minibatches: int, gen: torch.Generator):
         yield from (rows for rows in torch.randperm(n, generator=gen).tensor_split(minibatches) if len(rows))
 
 
-def _share(mask: Tensor, agg: str) -> Tensor:
-    """A micro-batch's share of the loss normaliser: its tokens for token-mean, its rows otherwise."""
-    return mask.sum() if agg == "token-mean" else torch.tensor(float(mask.shape[0]))
+def policy_update(engine: ModelEngine, objective: PolicyObjective, data: TrainBatch, rows: Tensor, live: Tensor,
+                  gate=None) -> dict[str, float]:
+    """One optimizer step of the policy on minibatch ``rows`` (only its ``live`` rows run forward and backward).
 
-
-def policy_step(model, optimizer, data: TrainBatch, rows: Tensor, live: Tensor, old_logp: Tensor | None,
-                ref_logp: Tensor | None, advantages: Tensor, config: RLConfig, kl_coef: float, gate=None) -> dict:
-    """One optimizer step of the policy on minibatch ``rows`` (only its ``live`` rows run).
-
-    Loss = policy_loss (+ β·KL to the reference when ``kl_in`` is loss) − entropy_coef·entropy, each
-    aggregated with ``loss_agg`` over the whole minibatch: micro-batch losses are weighted by their
-    share of its tokens (token-mean) or rows (other modes), so the gradient equals the full batch's.
-    ``gate(loss, grad_norm, entropy) -> bool`` (the health checks) decides whether the step is applied.
-    """
-    total = _share(data.mask[rows], config.loss_agg)
-    max_len = config.sampling.max_new_tokens
-    kl_in_loss = config.kl_in == "loss" and ref_logp is not None
-    optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, float] = {}
-    total_loss = 0.0
-    for micro in rows[live[rows]].split(config.micro_batch):
-        inputs, targets, m, w = data.take(micro)  # (r, w)
-        logits = model(inputs)  # (r, w, V)
-        logp = token_logprobs(logits, targets)  # (r, w)
-        old = old_logp[micro, :w] if old_logp is not None else logp.detach()
-        loss, stats = losses.policy_loss(
-            logp, old, advantages[micro, :w], m, config.clip_low, config.clip_high,
-            dual_clip=config.dual_clip or None, agg=config.loss_agg, max_len=max_len, ratio_level=config.ratio_level,
-        )
-        stats["policy_loss"] = loss.detach()
-        if kl_in_loss:
-            kl = losses.kl(logp, ref_logp[micro, :w], config.kl_kind)  # (r, w)
-            loss = loss + kl_coef * losses.aggregate(kl, m, config.loss_agg, max_len)
-        entropy = losses.entropy_from_logits(logits if config.entropy_coef > 0 else logits.detach())  # (r, w)
-        if config.entropy_coef > 0:
-            loss = loss - config.entropy_coef * losses.aggregate(entropy, m, config.loss_agg, max_len)
-        stats["entropy"] = losses.token_mean(entropy.detach(), m)
-        weight = _share(m, config.loss_agg) / total
-        (loss * weight).backward()
-        total_loss += float(loss.detach()) * float(weight)
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * float(weight)
-    grad_norm = clip_grad(model, config.optim.grad_clip)
-    # sums are over live rows weighted by their share of the minibatch: the loss is already the full
-    # minibatch's (other rows add 0); diagnostics are rescaled to means over the live rows
-    live_share = float(_share(data.mask[rows[live[rows]]], config.loss_agg) / total)
-    stats = {k: v if k == "policy_loss" else v / max(live_share, 1e-12) for k, v in sums.items()}
-    if gate is None or gate(total_loss, grad_norm, stats.get("entropy")):
-        optimizer.step()
+    The loss is aggregated over the whole minibatch (``objective.share`` of its rows is the normaliser), so
+    leaving out rows whose loss is 0 changes nothing but the cost. ``gate(loss, grad_norm, entropy) -> bool``
+    (the health checks) decides whether the step is applied. Statistics are means over the live rows
+    (``policy_loss``: the minibatch's loss)."""
+    normaliser = objective.share(data.mask[rows])
+    running = rows[live[rows]]
+    sums = engine.forward_backward(data, running, normaliser, objective)
+    total_loss = float(sums.pop("loss"))
+    live_share = max(float(objective.share(data.mask[running]) / normaliser), 1e-12)
+    stats = {k: float(v) if k == "policy_loss" else float(v) / live_share for k, v in sums.items()}
+    grad_norm, _ = engine.optim_step(None if gate is None else lambda g: gate(total_loss, g, stats.get("entropy")))
     return stats | {"grad_norm": grad_norm}
 
 
-def critic_step(critic: ValueModel, optimizer, data: TrainBatch, rows: Tensor, old_values: Tensor,
-                returns: Tensor, config: RLConfig, gate=None) -> dict:
-    """One optimizer step of the critic on minibatch ``rows``: clipped value loss (PPO2) against the GAE
-    returns, aggregated like the policy loss; ``gate`` as in :func:`policy_step`."""
-    total = _share(data.mask[rows], config.loss_agg)
-    optimizer.zero_grad(set_to_none=True)
-    sums = {"value_loss": 0.0, "vf_clipfrac": 0.0}
-    for micro in rows.split(config.micro_batch):
-        inputs, _, m, w = data.take(micro)
-        loss, stats = losses.value_loss(critic(inputs), old_values[micro, :w], returns[micro, :w], m,
-                                        config.critic.value_clip or None, config.loss_agg,
-                                        config.sampling.max_new_tokens)
-        weight = _share(m, config.loss_agg) / total
-        (loss * weight).backward()
-        sums["value_loss"] += float(loss.detach()) * float(weight)
-        sums["vf_clipfrac"] += float(stats["vf_clipfrac"]) * float(weight)
-    sums["critic/grad_norm"] = clip_grad(critic, config.optim.grad_clip)
-    if gate is None or gate(sums["value_loss"], sums["critic/grad_norm"]):
-        optimizer.step()
-    return sums
+def critic_update(engine: ModelEngine, objective: ValueObjective, data: TrainBatch, rows: Tensor,
+                  gate=None) -> dict[str, float]:
+    """One optimizer step of the critic on minibatch ``rows``: the clipped value loss against the returns,
+    aggregated like the policy loss; ``gate`` as in :func:`policy_update`."""
+    sums = engine.forward_backward(data, rows, objective.share(data.mask[rows]), objective)
+    value_loss = float(sums["loss"])
+    grad_norm, _ = engine.optim_step(None if gate is None else lambda g: gate(value_loss, g))
+    return {"value_loss": value_loss, "vf_clipfrac": float(sums["vf_clipfrac"]), "critic/grad_norm": grad_norm}

@@ -176,49 +176,6 @@ def completion_text(tokenizer, batch: RolloutBatch, row: int) -> str:
     return tokenizer.decode(ids[:-1] if batch.finished[row] else ids)
 
 
-@dataclass
-class TrainBatch:
-    """Prompt + completion of every row, right-padded, aligned for a forward pass.
-
-    ``inputs[b, t]`` predicts ``targets[b, t]``; ``mask`` is 1 on sampled completion tokens (forced
-    tool outputs and padding stay 0), so per-token log-probs, values and advantages all share the
-    (B, L) layout of ``mask``.
-    """
-
-    inputs: Tensor  # (B, L) long
-    targets: Tensor  # (B, L) long, −1 outside completions
-    mask: Tensor  # (B, L) float
-    widths: Tensor  # (B,) positions that hold real tokens
-
-    def take(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-        """inputs, targets, mask of ``rows``, cut to their widest real length w (less padding to run)."""
-        w = int(self.widths[rows].max())
-        return self.inputs[rows, :w], self.targets[rows, :w], self.mask[rows, :w], w
-
-
-def layout(batch: RolloutBatch, pad_id: int) -> TrainBatch:
-    """The rollout as (B, L) training tensors (see :class:`TrainBatch`)."""
-    full = [batch.prompt_ids[r] + batch.completion_tokens(r) for r in range(len(batch.prompt_ids))]
-    width = max(len(s) for s in full)
-    ids = torch.full((len(full), width), pad_id, dtype=torch.long)  # (B, L+1)
-    targets = torch.full((len(full), width - 1), -1, dtype=torch.long)  # (B, L)
-    mask = torch.zeros(len(full), width - 1)  # (B, L)
-    for r, seq in enumerate(full):
-        start, n = len(batch.prompt_ids[r]), int(batch.lengths[r])
-        ids[r, : len(seq)] = torch.tensor(seq)
-        targets[r, start - 1 : start - 1 + n] = batch.completion_ids[r, :n]
-        mask[r, start - 1 : start - 1 + n] = batch.mask[r, :n]
-    widths = torch.tensor([len(s) - 1 for s in full])
-    return TrainBatch(ids[:, :-1], targets, mask, widths)
-
-
-def last_token(mask: Tensor) -> Tensor:
-    """One-hot (B, L) of each row's last valid token (all zero for an all-masked row)."""
-    positions = torch.arange(mask.shape[1]).expand_as(mask)  # (B, L)
-    last = torch.where(mask > 0, positions, -1).max(dim=1).values  # (B,)
-    return (positions == last[:, None]).to(mask.dtype) * (last[:, None] >= 0)
-
-
 def rollout_metrics(ro: Rollout) -> dict:
     """TRL-named metrics of the rollout. ``reward``/``reward_std`` are over the first round as drawn (with
     dynamic sampling the kept groups are a biased sample; their mean is ``sampling/kept_reward``);

@@ -10,6 +10,7 @@ rows and ends with the same weights as a run that was never interrupted (timings
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -34,6 +35,7 @@ from posttrain.checkpoint import (
 from posttrain.config import ConfigError, save_config, to_dict
 from posttrain.metrics import JsonlWriter, eval_due, open_sinks
 from posttrain.monitor import Event, Monitor
+from posttrain.trainers.model_engine import ModelEngine
 
 LOGS = ("metrics", "samples", "events")
 # Config keys a resumed run may not change: they decide what the checkpoint's tensors are.
@@ -46,15 +48,36 @@ class RunStopped(RuntimeError):
 
 
 @dataclass
+class TrainerState:
+    """A trainer's JSON-able values that the next step depends on (checkpointed as ``extra``); each trainer
+    adds its own fields in a subclass."""
+
+    last_eval: dict = field(default_factory=dict)  # the latest held-out evaluation's metrics
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Fields the saved state has (a checkpoint from before a field existed keeps its default)."""
+        for f in dataclasses.fields(self):
+            if f.name in state:
+                setattr(self, f.name, state[f.name])
+
+
+@dataclass
 class Parts:
     """What a checkpoint must hold for an exact resume, besides the run's own bookkeeping."""
 
     model: torch.nn.Module  # the policy (saved with save_pretrained, so the checkpoint loads as a model)
     tokenizer: object
+    state: TrainerState  # the trainer's own values
+    engines: dict[str, ModelEngine] = field(default_factory=dict)  # trained modules' optimizers and versions
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # other trained modules (the critic)
-    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     rngs: dict[str, random.Random] = field(default_factory=dict)  # the trainer's own RNGs (data order)
-    extra: dict = field(default_factory=dict)  # JSON-able trainer values (KL coefficient, last evaluation)
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {name: e.optimizer for name, e in self.engines.items() if e.optimizer is not None}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -157,10 +180,12 @@ class Run:
             restore_module(module, path, name)
         for name, optimizer in parts.optimizers.items():
             restore_optimizer(optimizer, path, name)
+        for name, engine in parts.engines.items():
+            engine.load_state_dict(state.get("engines", {}).get(name, {"version": 0}))
         for name, rng in parts.rngs.items():
             set_random_state(rng, state["rngs"][name])
         self.monitor.load_state_dict(state["monitor"])
-        parts.extra.update(state["extra"])
+        parts.state.load_state_dict(state["extra"])
         restore_rng(state["rng"], load_file(path / "rng.safetensors"))  # last: loading may draw random numbers
         return state["step"]
 
@@ -169,7 +194,8 @@ class Run:
         rng_json, rng_tensors = rng_state()
         state = {"step": step, "stage": self.stage, "rng": rng_json,
                  "rngs": {name: random_state(rng) for name, rng in parts.rngs.items()},
-                 "monitor": self.monitor.state_dict(), "extra": parts.extra,
+                 "monitor": self.monitor.state_dict(), "extra": parts.state.state_dict(),
+                 "engines": {name: engine.state_dict() for name, engine in parts.engines.items()},
                  "logs": {name: writer.position for name, writer in self.logs.items()}}
         return self.checkpoints.save(step, final=final, model=parts.model, tokenizer=parts.tokenizer, state=state,
                                      modules=parts.modules, optimizers=parts.optimizers, config=self.config,
@@ -258,7 +284,7 @@ def health_gate(monitor: Monitor, step: int, events: list[Event], spikes: bool =
 def end_step(run: Run, parts: Parts, bar, step: int, metrics: dict, events: list[Event],
              evaluate: Callable[[], dict], eval_every: int) -> int:
     """The end of a training step: act on its health events (a rollback returns the restored checkpoint's
-    step), evaluate when due (``evaluate()`` → metrics, kept in ``parts.extra['last_eval']``), log, and
+    step), evaluate when due (``evaluate()`` → metrics, kept in ``parts.state.last_eval``), log, and
     checkpoint (the last step's checkpoint is the final one). Returns the next step index."""
     action = run.record(events, bar.print)
     metrics["health/events"] = len(events)
@@ -268,9 +294,9 @@ def end_step(run: Run, parts: Parts, bar, step: int, metrics: dict, events: list
         return run.rollback(step + 1, parts, bar.print)
     step += 1
     if eval_due(step, run.config.steps, eval_every):
-        parts.extra["last_eval"] = evaluate()
-        metrics.update(parts.extra["last_eval"])
-        bar.print_metrics(f"step {step}", parts.extra["last_eval"])
+        parts.state.last_eval = evaluate()
+        metrics.update(parts.state.last_eval)
+        bar.print_metrics(f"step {step}", parts.state.last_eval)
     run.write(metrics)
     bar.update(metrics)
     if run.save_due(step) or step == run.config.steps:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,13 +33,14 @@ from posttrain.config import SFTConfig
 from posttrain.engine import Engine
 from posttrain.metrics import StepProgress
 from posttrain.models.gpt import GPT
-from posttrain.optim import clip_grad, lr_at, make_optimizer, set_lr
+from posttrain.optim import lr_at
 from posttrain.sft_data import check_packing, draw_examples, make_rows, resolve_max_length, sft_loss
 from posttrain.tasks import make_task
 from posttrain.tokenizer import Tokenizer
 from posttrain.tools import default_registry
+from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_device, resolve_precision
 from posttrain.trainers.pairs import context_length
-from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
+from posttrain.trainers.run import Parts, Run, TrainerState, end_step, health_gate, nothing_to_do
 
 
 def build_policy(config: SFTConfig, task, resume_from: Path | None = None):
@@ -54,6 +57,13 @@ def build_policy(config: SFTConfig, task, resume_from: Path | None = None):
     return model, tokenizer
 
 
+@dataclass
+class SFTState(TrainerState):
+    """Checkpointed besides the weights: the data counts (truncated, skipped, empty steps)."""
+
+    data: dict = field(default_factory=lambda: {"truncated": 0, "skipped": 0, "empty_steps": 0})
+
+
 def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     """Run SFT as configured (resuming per ``config.resume``); returns the last held-out evaluation's metrics."""
     if config.threads > 0:
@@ -62,19 +72,22 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     run = Run(config, "sft")
     if nothing_to_do(run, print):
         return run.state["extra"].get("last_eval", {})
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device, config.model.dtype)
     task = make_task(config.task)
     model, tokenizer = build_policy(config, task, run.resume_from)
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)
     limit = resolve_max_length(config.max_length, context_length(model))
     if config.packing:
         check_packing(model)
     engine = Engine(model, tokenizer, default_registry())
-    optimizer = make_optimizer(model, config.optim)
-    parts = Parts(model, tokenizer, optimizers={"policy": optimizer}, rngs={"data": random.Random(config.seed + 1)},
-                  extra={"last_eval": {}, "data": {"truncated": 0, "skipped": 0, "empty_steps": 0}})
+    state = SFTState()
+    parts = Parts(model, tokenizer, state, engines={"policy": policy}, rngs={"data": random.Random(config.seed + 1)})
 
     def evaluate() -> dict:
         model.eval()
-        return task.evaluate(engine, config.eval)
+        with policy.autocast():
+            return task.evaluate(engine, config.eval)
 
     with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress,
                       initial=run.start_step) as bar:
@@ -88,22 +101,22 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             t0 = time.perf_counter()
             model.train()
             lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
-            set_lr(optimizer, lr)
-            counts = parts.extra["data"]
+            policy.set_lr(lr)
+            counts = state.data
             examples = draw_examples(lambda: task.sft_example(parts.rngs["data"]), tokenizer, config.batch_size,
                                      config.loss, limit, config.overlong, counts)
             announce_overlong(counts, announced, limit, config.overlong, bar.print)
-            rows = make_rows(examples, tokenizer.pad_id, config.packing, config.max_length).to(model.device)
+            rows = make_rows(examples, tokenizer.pad_id, config.packing, config.max_length).to(device)
             events: list = []
             n_tokens, applied, trained = rows.counted, False, {}
             if n_tokens:
-                loss, _ = sft_loss(model, rows)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                trained = {"loss": loss.item(), "grad_norm": clip_grad(model, config.optim.grad_clip)}
-                applied = health_gate(run.monitor, step + 1, events)(trained["loss"], trained["grad_norm"])
-                if applied:
-                    optimizer.step()
+                with out_of_memory(step + 1, "update"):
+                    with policy.autocast():
+                        loss, _ = sft_loss(model, rows)
+                    policy.backward(loss)
+                version = policy.version
+                grad_norm, _ = policy.optim_step(partial(health_gate(run.monitor, step + 1, events), loss.item()))
+                trained, applied = {"loss": loss.item(), "grad_norm": grad_norm}, policy.version > version
             else:  # no loss (none logged) and no AdamW step: its momentum and weight decay would move the weights
                 counts["empty_steps"] = counts.get("empty_steps", 0) + 1  # .get: checkpoints from before the count
                 announce_empty(announced, config.loss, config.overlong, bar.print)
@@ -123,7 +136,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             }
             step = end_step(run, parts, bar, step, metrics, events, evaluate, config.eval.every)
     run.close()
-    return parts.extra["last_eval"]
+    return state.last_eval
 
 
 def announce_overlong(counts: dict[str, int], announced: set[str], limit: int, overlong: str, notice) -> None:

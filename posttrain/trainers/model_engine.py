@@ -1,0 +1,202 @@
+"""The model engine: the one owner of a trained module's device, precision, optimizer and version.
+
+Every trainer drives its models through a :class:`ModelEngine` (the computation flow), so nothing else
+moves a module or a batch to a device, opens an autocast region or scales a loss:
+
+* ``device``: ``auto`` (CUDA when available) | ``cpu`` | ``cuda`` | ``cuda:N``;
+* ``precision``: ``fp32``; ``bf16-mixed`` / ``fp16-mixed`` (autocast for forward and backward, fp32
+  master weights and optimizer state; fp16 with a gradient scaler); ``bf16-true`` (bf16 weights and
+  optimizer state, no autocast). ``auto`` is fp32 on CPU and bf16-mixed on CUDA.
+
+:meth:`ModelEngine.optim_step` clips the gradient, asks the caller's health gate, steps the optimizer
+and counts applied updates in ``version`` (the policy version that tags rollouts). The RL losses that
+:meth:`ModelEngine.forward_backward` computes live in :mod:`posttrain.trainers.objectives`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from posttrain.config import ConfigError, OptimConfig
+from posttrain.optim import clip_grad, make_optimizer, set_lr
+
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message names the step, the phase and what to lower."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → ``cuda`` when CUDA is available, else ``cpu``; a CUDA device this machine does not have
+    is a :class:`ConfigError` (raised before any model loads)."""
+    if not _DEVICE.match(name):
+        raise ConfigError(f"config key 'device' must be auto | cpu | cuda | cuda:N, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"config key 'device' is {name}, but torch finds no CUDA device on this machine "
+                              f"(torch {torch.__version__}); use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"config key 'device' is {name}, but this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device, model_dtype: str = "float32") -> str:
+    """The precision to train in: ``auto`` → bf16-true for weights loaded in bfloat16, else fp32 on CPU and
+    bf16-mixed on CUDA (fp16-mixed on a GPU without bf16). A precision the device cannot do, or one that
+    contradicts ``model.dtype``, is a :class:`ConfigError`."""
+    if name not in PRECISIONS:
+        from posttrain.config import suggest
+
+        raise ConfigError(f"config key 'precision' has unknown value '{name}'{suggest(name, list(PRECISIONS))}")
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if name == "auto":
+        if model_dtype == "bfloat16":
+            name = "bf16-true"
+        elif model_dtype == "float16":
+            raise ConfigError("config key 'model.dtype' is float16: fp16 weights cannot train without fp32 master "
+                              "weights; use model.dtype=float32 with precision=fp16-mixed")
+        elif device.type == "cuda":
+            name = "bf16-mixed" if bf16_ok else "fp16-mixed"
+        else:
+            name = "fp32"
+    if name.startswith("bf16") and not bf16_ok:
+        raise ConfigError(f"config key 'precision' is {name}, but {torch.cuda.get_device_name(device)} has no "
+                          "bfloat16 support; use precision=fp16-mixed or fp32")
+    if model_dtype != "float32" and name != "bf16-true":
+        raise ConfigError(f"config key 'model.dtype' is {model_dtype} but precision is {name} (fp32 weights): "
+                          "use model.dtype=float32, or precision=bf16-true for bf16 weights")
+    return name
+
+
+class ModelEngine:
+    """A trained module on its device, in its precision, with its optimizer (``optim`` None: a frozen module
+    that is only scored, e.g. the reference policy).
+
+    ``forward_backward`` / ``score`` run a :class:`posttrain.trainers.objectives.Objective` over a batch in
+    micro-batches; trainers with their own loss call :meth:`autocast` and :meth:`backward` directly.
+    """
+
+    def __init__(self, module: nn.Module, optim: OptimConfig | None, device: torch.device, precision: str,
+                 activation_checkpointing: bool = False, micro_batch: int = 64):
+        if precision == "bf16-true":
+            module.to(dtype=torch.bfloat16)
+        self.module = module.to(device)
+        if activation_checkpointing:
+            module.enable_activation_checkpointing()
+        self.device, self.precision, self.micro_batch = device, precision, micro_batch
+        self.grad_clip = optim.grad_clip if optim is not None else 0.0
+        self.optimizer = make_optimizer(module, optim) if optim is not None else None
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
+        self.version = 0  # optimizer updates applied so far (the policy version)
+        self.overflows = 0  # fp16-mixed: updates the gradient scaler skipped for an inf/NaN gradient
+
+    def autocast(self):
+        """The forward passes' autocast region (mixed precisions; a no-op otherwise)."""
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` (scaled by the gradient scaler in fp16-mixed)."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def optim_step(self, allowed: Callable[[float], bool] | None = None) -> tuple[float, int]:
+        """Clip the accumulated gradient and apply it when ``allowed(grad_norm)`` (the health gate) says so;
+        gradients are cleared either way. Returns (grad norm before clipping, version after the step).
+
+        fp16-mixed: the gradient is unscaled first; an inf/NaN gradient is the scaler's overflow signal
+        (the scale halves, the update is skipped, ``overflows`` counts it) and never reaches the gate."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad(self.module, self.grad_clip)
+        if self.scaler is not None and not math.isfinite(grad_norm):
+            self.overflows += 1
+            self.scaler.update()
+        elif allowed is None or allowed(grad_norm):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.version += 1
+        elif self.scaler is not None:
+            self.scaler.update()
+        self.zero_grad()
+        return grad_norm, self.version
+
+    @torch.no_grad()
+    def score(self, batch, objective) -> torch.Tensor:
+        """``objective.score`` of every row of ``batch`` under no grad, (B, L), in micro-batches of rows."""
+        was_training = self.module.training
+        self.module.eval()
+        out = torch.zeros_like(batch.mask)  # (B, L)
+        for rows in torch.arange(len(batch.mask), device=batch.mask.device).split(self.micro_batch):
+            micro = batch.take(rows)
+            with self.autocast():
+                out[rows, : micro.width] = objective.score(self.module, micro).float()
+        self.module.train(was_training)
+        return out * batch.mask
+
+    def forward_backward(self, batch, rows: torch.Tensor, normaliser: torch.Tensor,
+                         objective) -> dict[str, torch.Tensor]:
+        """Accumulate the gradient of ``objective``'s loss over ``rows`` of ``batch``, micro-batch by micro-batch.
+
+        ``normaliser`` is the loss's global denominator (the minibatch's tokens for token-mean, its rows
+        otherwise: see ``objective.share``), so Σ over micro-batches of loss_m · share_m / normaliser is
+        the loss of the whole minibatch and the gradient equals the full batch's. Returns the weighted sums
+        of the objective's statistics (tensors, no host synchronisation)."""
+        sums: dict[str, torch.Tensor] = {}
+        for micro_rows in rows.split(self.micro_batch):
+            micro = batch.take(micro_rows)
+            with self.autocast():
+                loss, stats = objective.loss(self.module, micro)
+            weight = objective.share(micro.mask) / normaliser
+            self.backward(loss * weight)
+            for k, v in {"loss": loss.detach(), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * weight
+        return sums
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The module's weights by name, detached (what a weight sync sends to the rollout engine)."""
+        for name, tensor in self.module.state_dict().items():
+            yield name, tensor.detach()
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps besides the weights and the optimizer: the version and the scaler."""
+        scaler = self.scaler.state_dict() if self.scaler is not None else None
+        return {"version": self.version, "overflows": self.overflows, "scaler": scaler}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version, self.overflows = state["version"], state.get("overflows", 0)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+@contextmanager
+def out_of_memory(step: int, phase: str):
+    """Turn a device out-of-memory error inside ``phase`` of ``step`` into one :class:`OutOfMemory` line."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        hint = {"generation": "prompts_per_step, samples_per_prompt or sampling.max_new_tokens",
+                "scoring": "micro_batch", "update": "micro_batch, or set activation_checkpointing=true or "
+                "precision=bf16-true"}.get(phase, "micro_batch")
+        raise OutOfMemory(f"out of device memory at step {step} during {phase}: lower {hint}") from None
