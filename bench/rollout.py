@@ -5,7 +5,8 @@ same ``SamplingParams`` (temperature 1, top-k 50, stop at ``<|assistant_end|>``,
 
 * **full recompute** (the baseline): no KV cache. Each step runs the model on the whole sequence so far
   (prompt + sampled tokens) of every row still going and samples from the last position with the
-  engine's own ``sample_tokens``; finished rows leave the batch, as in the engine. Prompts are done one
+  engine's own ``sample_tokens`` and random streams (prompt i's group seed is ``group_seed(seed, i)``, as in
+  ``Engine.generate(..., seed)``); finished rows leave the batch, as in the engine. Prompts are done one
   group at a time (16 identical rows), so no padding is needed: the model's no-cache forward has no
   padding mask.
 * **engine, no prefix sharing**: ``Engine.generate(..., share_prefix=False)``; all rows are left-padded
@@ -36,6 +37,7 @@ import torch
 
 from posttrain.engine import Engine, SamplingParams, sample_tokens
 from posttrain.models.gpt import GPT, GPTConfig
+from posttrain.random_streams import group_seed, row_streams, uniforms
 from posttrain.tasks.arithmetic import ArithmeticTask
 from posttrain.tokenizer import Tokenizer
 
@@ -44,13 +46,13 @@ from posttrain.tokenizer import Tokenizer
 def full_recompute(model: GPT, prompts: list[list[int]], n: int, params: SamplingParams, seed: int,
                    stop_id: int) -> list[list[int]]:
     """``n`` completions per prompt without a KV cache; returns the completions (stop token included)."""
-    gen = torch.Generator().manual_seed(seed)
     completions: list[list[int]] = []
-    for prompt in prompts:  # one group at a time: its rows share the prompt, so no padding
+    for i, prompt in enumerate(prompts):  # one group at a time: its rows share the prompt, so no padding
         seqs = torch.tensor([prompt], dtype=torch.long).repeat(n, 1)  # (rows still going, T)
+        streams = row_streams([group_seed(seed, i)], n)  # (rows still going, 2)
         for step in range(params.max_new_tokens):
             logits = model(seqs)[:, -1]  # whole sequence, every step
-            tokens, _ = sample_tokens(logits, params, gen)
+            tokens, _ = sample_tokens(logits, params, uniforms(streams, step))
             seqs = torch.cat([seqs, tokens[:, None]], dim=1)
             done = tokens == stop_id
             if step == params.max_new_tokens - 1:
@@ -58,7 +60,7 @@ def full_recompute(model: GPT, prompts: list[list[int]], n: int, params: Samplin
             completions += [row[len(prompt):].tolist() for row in seqs[done]]
             if bool(done.all()):
                 break
-            seqs = seqs[~done]
+            seqs, streams = seqs[~done], streams[~done]
     return completions
 
 

@@ -1,6 +1,6 @@
 """Rollout engine: batched KV-cache sampling with prefix sharing, per-row stops and tool calls.
 
-``Engine.generate(prompts, n, params, seed)`` samples ``n`` completions for each prompt:
+``Engine.generate(prompts, n, params, seed | seeds)`` samples ``n`` completions for each prompt:
 
 1. the distinct prompts are left-padded into one batch and prefilled once;
 2. each prompt's KV cache is replicated ``n`` times, so a group shares its prefix;
@@ -10,7 +10,11 @@
 4. when a row closes a tool call (``<|tool_start|> expr <|tool_end|>``), the engine runs the tool
    and forces ``<|output_start|> result <|output_end|>`` into that row, with loss mask 0.
 
-Sampling uses an explicit ``torch.Generator`` seeded by the caller: same seed, same samples.
+Sampling is counter-based (posttrain/random_streams.py): row j of the group of a prompt with seed s draws
+step t from a uniform that is a hash of (s, j, t), so a group's samples depend on its seed alone, not on
+the other prompts of the batch, its padding or its position. The decode loop keeps every tensor on the
+model's device and makes one device→host transfer per step (which rows stopped, with the tokens when the
+tokenizer has tools); the batch comes back on the CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from posttrain.random_streams import group_seed, row_streams, uniforms
 from posttrain.tokenizer import Tokenizer
 from posttrain.tools import ToolRegistry
 
@@ -100,33 +105,46 @@ class RolloutBatch:
         )
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):
-    """Sample one token per row from ``logits`` (B, V) → (tokens (B,), logprobs (B,)).
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
+    """Sample one token per row of ``logits`` (B, V) by inverse CDF with the float64 uniforms ``u`` (B,)
+    in [0, 1) → (tokens (B,), logprobs (B,) float32).
 
-    The returned log-prob is that of the token under softmax(logits / temperature) before top-k /
-    top-p truncation: the distribution a trainer recomputes. Greedy rows get their argmax. Top-k and
-    top-p act on the k best (or the sorted) candidates only, so no (B, V) mask or second softmax over
-    the whole vocabulary is built; the distribution is the same as masking the rest to −inf.
+    The distribution sampled is the tempered policy p_T = softmax(logits / T) truncated to the candidates
+    C and renormalised: q(v) = p_T(v) / Σ_{c ∈ C} p_T(c) on C, 0 elsewhere. C is the vocabulary, or its k
+    most likely tokens (top-k); top-p then keeps the smallest best-first prefix of C whose mass under the
+    softmax over C reaches p. With the candidates in order (best first under top-k / top-p, else vocabulary
+    order) the token is the first c whose cumulative mass Σ_{c' ≤ c} q(c') exceeds u (float64 sums; a
+    uniform u takes candidate c with probability q(c)).
+
+    The returned log-prob is log q(token), the behaviour policy actually sampled (vLLM's "processed"
+    log-probs). A trainer recomputes log p_T, the tempered *untruncated* policy, so with top-k / top-p the
+    two differ by design (log q ≥ log p_T); without truncation they agree. Greedy rows (T = 0) get the
+    argmax and log-prob 0: they are drawn from a point mass (and top-k 1 gives the same).
+
+    Top-k works on its k candidates only (no (B, V) softmax); top-p without top-k sorts the vocabulary;
+    truncation renormalises by the kept mass, never by a second softmax.
     """
     if params.temperature <= 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        return logits.argmax(-1), torch.zeros(logits.shape[0], device=logits.device)
     scaled = logits.float() / params.temperature  # (B, V)
     top_p = params.top_p is not None and params.top_p < 1.0
     if params.top_k is not None and params.top_k < scaled.shape[-1]:
-        cand, index = torch.topk(scaled, params.top_k, dim=-1)  # (B, k), best first
+        cand, index = torch.topk(scaled, params.top_k, dim=-1)  # (B, K = k), best first
     elif top_p:
-        cand, index = torch.sort(scaled, descending=True, dim=-1)  # (B, V)
+        cand, index = torch.sort(scaled, descending=True, dim=-1)  # (B, K = V)
     else:
-        cand, index = scaled, None
+        cand, index = scaled, None  # (B, K = V)
+    lse = torch.logsumexp(cand, -1, keepdim=True)  # (B, 1)
+    q = (cand - lse).exp_()  # (B, K) softmax over the candidates
     if top_p:
-        probs = torch.softmax(cand, -1)
-        drop = probs.cumsum(-1) - probs >= params.top_p  # mass before the candidate already reaches top_p
-        cand = cand.masked_fill(drop, float("-inf"))
-    choice = torch.multinomial(torch.softmax(cand, -1), 1, generator=generator)  # (B, 1)
+        drop = q.cumsum(-1) - q >= params.top_p  # mass before the candidate already reaches top_p
+        q = q.masked_fill_(drop, 0.0)
+    cdf = torch.cumsum(q, -1, dtype=torch.float64)  # (B, K), unnormalised: the last column is the kept mass
+    mass = cdf[:, -1:]  # (B, 1)
+    choice = torch.searchsorted(cdf, u.unsqueeze(-1) * mass, right=True)  # (B, 1); u · mass < mass
+    logq = cand.gather(-1, choice) - lse - mass.log().float()  # (B, 1) log softmax over C − log kept mass
     tokens = index.gather(-1, choice) if index is not None else choice  # (B, 1)
-    logp = scaled.gather(-1, tokens) - torch.logsumexp(scaled, -1, keepdim=True)  # (B, 1)
-    return tokens.squeeze(-1), logp.squeeze(-1)
+    return tokens.squeeze(-1), logq.squeeze(-1)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,36 +158,46 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, real
 
 
-class _ToolState:
-    """Per-row tool-call bookkeeping: where an open call began and what must be forced next."""
+def _upload(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` as a long tensor on ``device``, copied without waiting for the device (pinned memory)."""
+    host = torch.as_tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
-    def __init__(self, tokenizer: Tokenizer, registry: ToolRegistry):
+
+class _ToolState:
+    """Per-row tool-call bookkeeping on the host: the tokens seen, where an open call began and what must
+    be forced next."""
+
+    def __init__(self, tokenizer: Tokenizer, registry: ToolRegistry, rows: int, steps: int):
         self.tok, self.registry = tokenizer, registry
+        self.seen = torch.full((rows, steps), tokenizer.pad_id, dtype=torch.long)  # (B, T) on the host
         self.call_start: dict[int, int] = {}  # row -> step of its <|tool_start|>
         self.forced: dict[int, deque[int]] = {}  # row -> tokens still to force
         self.calls = self.failures = 0
 
-    def force(self, active: torch.Tensor, tokens, logp, sampled) -> None:
-        """Overwrite this step's samples with pending tool-output tokens (logprob 0, mask 0)."""
+    def force(self, left: torch.Tensor, tokens, logp, sampled) -> None:
+        """Overwrite this step's samples (on the device) with pending tool-output tokens (log-prob 0,
+        mask 0); ``left`` (b,) holds the original row of each batch row."""
         if not self.forced:
             return
-        where = {row: j for j, row in enumerate(active.tolist())}
-        for row, queue in list(self.forced.items()):
-            j = where[row]
-            tokens[j], logp[j], sampled[j] = queue.popleft(), 0.0, 0.0
-            if not queue:
-                del self.forced[row]
+        where = {row: j for j, row in enumerate(left.tolist())}
+        at = _upload([where[row] for row in self.forced], tokens.device)
+        tokens[at] = _upload([queue.popleft() for queue in self.forced.values()], tokens.device)
+        logp[at], sampled[at] = 0.0, 0.0
+        self.forced = {row: queue for row, queue in self.forced.items() if queue}
 
-    def observe(self, active: torch.Tensor, tokens, sampled, step: int, out: torch.Tensor) -> None:
-        """Open calls on <|tool_start|>; on <|tool_end|> run the tool and queue its output."""
+    def observe(self, left: torch.Tensor, tokens: torch.Tensor, sampled: torch.Tensor, step: int) -> None:
+        """Open calls on <|tool_start|>; on <|tool_end|> run the tool and queue its output. ``tokens`` and
+        ``sampled`` (b,): this step's tokens on the host, and whether each was sampled (not forced)."""
         tok, was_sampled = self.tok, sampled.bool()
+        self.seen[left, step] = tokens
         for j in torch.nonzero(was_sampled & (tokens == tok.tool_start_id)).flatten().tolist():
-            self.call_start[int(active[j])] = step
+            self.call_start[int(left[j])] = step
         for j in torch.nonzero(was_sampled & (tokens == tok.tool_end_id)).flatten().tolist():
-            row = int(active[j])
+            row = int(left[j])
             if row not in self.call_start:
                 continue  # a stray <|tool_end|> is just a token
-            expr = tok.decode(out[row, self.call_start.pop(row) + 1 : step].tolist())
+            expr = tok.decode(self.seen[row, self.call_start.pop(row) + 1 : step].tolist())
             result = self.registry.run(expr)
             self.calls += 1
             self.failures += result.startswith("error")
@@ -193,58 +221,72 @@ class Engine:
         prompts: list[list[int]],
         n: int,
         params: SamplingParams,
-        seed: int,
+        seed: int | None = None,
         share_prefix: bool = True,
+        seeds: list[int] | None = None,
     ) -> RolloutBatch:
-        """``n`` completions per prompt; ``share_prefix=False`` prefills every row (for benchmarks)."""
+        """``n`` completions per prompt, returned on the CPU. Give ``seeds`` (one group seed per prompt)
+        or ``seed`` (then prompt i's group seed is ``group_seed(seed, i)``): row j of prompt i draws from
+        the stream (seeds[i], j), whatever else is in the batch. ``share_prefix=False`` prefills every
+        row (for benchmarks)."""
+        if (seed is None) == (seeds is None):
+            raise ValueError("generate needs exactly one of seed and seeds")
+        seeds = [group_seed(seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate needs one seed per prompt: {len(seeds)} seeds, {len(prompts)} prompts")
         tok = self.tokenizer
         device = self.model.device
-        gen = torch.Generator(device=device).manual_seed(seed)  # on the logits' device
-        rows = len(prompts) * n
+        rows, steps = len(prompts) * n, params.max_new_tokens
         prefill = prompts if share_prefix else [p for p in prompts for _ in range(n)]
         ids, real = left_pad(prefill, tok.pad_id)
-        cache = self.model.new_cache(len(prefill), ids.shape[1] + params.max_new_tokens)
+        cache = self.model.new_cache(len(prefill), ids.shape[1] + steps)
         logits = self.model(ids.to(device), cache=cache, pad_mask=real.to(device))[:, -1]  # (P, V)
         if share_prefix and n > 1:
             expand = torch.arange(len(prompts), device=device).repeat_interleave(n)
             cache.select(expand)
             logits = logits[expand]  # (B, V)
 
-        out = torch.full((rows, params.max_new_tokens), tok.pad_id, dtype=torch.long)
-        out_logp = torch.zeros(rows, params.max_new_tokens)
-        out_mask = torch.zeros(rows, params.max_new_tokens)
-        lengths = torch.zeros(rows, dtype=torch.long)
-        finished = torch.zeros(rows, dtype=torch.bool)
-        active = torch.arange(rows)  # original row of each cache row
-        tools = _ToolState(tok, self.tools) if self.tools is not None else None
-        stop_ids = torch.tensor(sorted(self.stop_ids))
-        for step in range(params.max_new_tokens):
-            tokens, logp = sample_tokens(logits, params, gen)
-            tokens, logp = tokens.cpu(), logp.float().cpu()
-            sampled = torch.ones(len(active))  # 0 where a tool output is forced instead
+        out = torch.full((rows, steps), tok.pad_id, dtype=torch.long, device=device)  # (B, T)
+        out_logp = torch.zeros(rows, steps, device=device)  # (B, T)
+        out_mask = torch.zeros(rows, steps, device=device)  # (B, T)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)  # (B,)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)  # (B,)
+        active = torch.arange(rows, device=device)  # (b,) original row of each batch (cache) row
+        left = torch.arange(rows)  # (b,) the same on the host
+        streams = row_streams(seeds, n, device)  # (b, 2) each batch row's random stream
+        tools = _ToolState(tok, self.tools, rows, steps) if self.tools is not None else None
+        stop_ids = torch.tensor(sorted(self.stop_ids), device=device)
+        for step in range(steps):
+            tokens, logp = sample_tokens(logits, params, uniforms(streams, step))  # (b,), (b,)
+            sampled = torch.ones(len(active), device=device)  # 0 where a tool output is forced instead
             if tools is not None:
-                tools.force(active, tokens, logp, sampled)
+                tools.force(left, tokens, logp, sampled)
             out[active, step], out_logp[active, step], out_mask[active, step] = tokens, logp, sampled
             lengths[active] = step + 1
-            if tools is not None:
-                tools.observe(active, tokens, sampled, step, out)
-            done = torch.isin(tokens, stop_ids) & sampled.bool()
-            finished[active[done]] = True
-            if step == params.max_new_tokens - 1 or bool(done.all()):
+            done = torch.isin(tokens, stop_ids) & sampled.bool()  # (b,)
+            finished[active] = done  # a row still in the batch has not finished before
+            if tools is None:  # the step's one device→host transfer
+                done_host = done.cpu()
+            else:
+                tokens_host, sampled_host, done_host = torch.stack([tokens, sampled.long(), done.long()]).cpu()
+                tools.observe(left, tokens_host, sampled_host, step)
+                done_host = done_host.bool()
+            if step == steps - 1 or bool(done_host.all()):
                 break
-            keep = torch.nonzero(~done).flatten()
-            if len(keep) < len(active):  # compact: finished rows leave the batch
-                cache.select(keep.to(device))
-                active, tokens = active[keep], tokens[keep]
-            logits = self.model(tokens[:, None].to(device), cache=cache)[:, -1]
-        width = int(lengths.max()) if rows else 0
+            if done_host.any():  # compact: finished rows leave the batch
+                keep = torch.nonzero(~done_host).flatten()
+                left, keep = left[keep], _upload(keep, device)
+                cache.select(keep)
+                active, streams, tokens = active[keep], streams[keep], tokens[keep]
+            logits = self.model(tokens[:, None], cache=cache)[:, -1]
+        width = step + 1  # the longest rows ran to the last step
         return RolloutBatch(
             prompt_ids=[p for p in prompts for _ in range(n)],
-            completion_ids=out[:, :width],
-            logprobs=out_logp[:, :width],
-            mask=out_mask[:, :width],
-            lengths=lengths,
-            finished=finished,
+            completion_ids=out[:, :width].cpu(),
+            logprobs=out_logp[:, :width].cpu(),
+            mask=out_mask[:, :width].cpu(),
+            lengths=lengths.cpu(),
+            finished=finished.cpu(),
             group_ids=torch.arange(len(prompts)).repeat_interleave(n),
             tool_calls=tools.calls if tools is not None else 0,
             tool_failures=tools.failures if tools is not None else 0,

@@ -28,6 +28,7 @@ from posttrain.config import LoraConfig, ModelConfig, TaskConfig, suggest
 from posttrain.engine import Engine, SamplingParams
 from posttrain.evaluation import maj_at_k, pass_at_k
 from posttrain.metrics import StepProgress
+from posttrain.random_streams import group_seed
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
 from posttrain.trainers.model_engine import resolve_device
@@ -149,8 +150,8 @@ def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: Sam
     """Sample ``samples`` completions per problem, ``batch`` problems per engine call (a problem's
     samples share its prefilled prompt), grade them with ``task.grade`` (completions decoded without
     their stop token), write one problem_record per line to ``out`` (overwritten, flushed per line)
-    and return ``summarize`` of the records. The call starting at problem i is seeded ``seed + i``, so
-    the same seed and batch give the same samples."""
+    and return ``summarize`` of the records. Problem p samples its group from ``group_seed(seed, p)``, so
+    the same seed gives the same samples whatever ``batch``."""
     tok = engine.tokenizer
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +163,8 @@ def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: Sam
             chunk = problems[start : start + batch]
             convs = [task.prompt(p) for p in chunk]
             prompts = [tok.render_for_completion(c) for c in convs]
-            rollout = engine.generate(prompts, samples, params, seed=seed + start)
+            seeds = [group_seed(seed, start + i) for i in range(len(prompts))]
+            rollout = engine.generate(prompts, samples, params, seeds=seeds)
             for i, (problem, conv) in enumerate(zip(chunk, convs, strict=True)):
                 rows = range(i * samples, (i + 1) * samples)  # problem i's samples, in row order
                 texts = [completion_text(tok, rollout, j) for j in rows]

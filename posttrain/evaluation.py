@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from posttrain.engine import SamplingParams
+from posttrain.random_streams import group_seed
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -59,7 +60,8 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64) -> 
 
     Returns ``eval/pass@k`` for each k in ``config.ks`` (unbiased estimator; a completion counts as
     correct when its reward is ≥ 1), ``eval/reward`` (mean reward per completion) and
-    ``eval/mean_length`` (completion tokens). Problems go through the engine ``chunk`` at a time.
+    ``eval/mean_length`` (completion tokens). Problems go through the engine ``chunk`` at a time; problem
+    p samples its group from ``group_seed(config.seed, p)``, so its samples do not depend on ``chunk``.
     """
     params = SamplingParams(config.temperature, config.top_k, None, config.max_new_tokens)
     tok = engine.tokenizer
@@ -69,7 +71,8 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64) -> 
     for start in range(0, len(problems), chunk):
         convs = [task.prompt(p) for p in problems[start : start + chunk]]
         prompts = [tok.render_for_completion(c) for c in convs]
-        batch = engine.generate(prompts, config.samples, params, seed=config.seed + start)
+        seeds = [group_seed(config.seed, start + i) for i in range(len(prompts))]
+        batch = engine.generate(prompts, config.samples, params, seeds=seeds)
         for i, conv in enumerate(convs):
             rows = range(i * config.samples, (i + 1) * config.samples)
             r = [task.reward(conv, tok.decode(batch.completion_tokens(j))) for j in rows]

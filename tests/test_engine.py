@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from posttrain.engine import Engine, RolloutBatch, SamplingParams, left_pad, sample_tokens
+from posttrain.random_streams import group_seed, row_streams, uniforms
 from posttrain.tools import calculate, default_registry
 
 RANDOM = SamplingParams(temperature=1.0, top_k=None, max_new_tokens=8)
@@ -28,7 +29,8 @@ class _ScriptCache:
 
 
 class ScriptedModel:
-    """A model that makes greedy decoding emit ``scripts[prompt][k]`` at completion step ``k``.
+    """A model that makes greedy decoding emit ``scripts[prompt][k]`` at completion step ``k`` (its logit
+    is ``margin``, every other one 0).
 
     Every row advances one step per call, so the step is the number of calls since the prefill.
     At steps where the engine must force a tool output, the script holds a filler token: the
@@ -37,9 +39,10 @@ class ScriptedModel:
 
     device = torch.device("cpu")
 
-    def __init__(self, vocab_size: int, scripts: dict[tuple[int, ...], list[int]]):
+    def __init__(self, vocab_size: int, scripts: dict[tuple[int, ...], list[int]], margin: float = 5.0):
         self.vocab_size = vocab_size
         self.scripts = scripts
+        self.margin = margin
         self.batch_sizes: list[int] = []  # rows in each call (prefill first)
         self.fed: list[list[int]] = []  # tokens fed at each decode call
         self.step = 0
@@ -58,12 +61,12 @@ class ScriptedModel:
             self.step += 1
         logits = torch.zeros(B, T, self.vocab_size)
         for row, script in enumerate(cache.scripts):
-            logits[row, -1, script[min(self.step, len(script) - 1)]] = 5.0
+            logits[row, -1, script[min(self.step, len(script) - 1)]] = self.margin
         return logits
 
 
-def _scripted_engine(tok, scripts, tools=None):
-    model = ScriptedModel(tok.vocab_size, {tuple(p): s for p, s in scripts.items()})
+def _scripted_engine(tok, scripts, tools=None, margin=5.0):
+    model = ScriptedModel(tok.vocab_size, {tuple(p): s for p, s in scripts.items()}, margin)
     return model, Engine(model, tok, tools)
 
 
@@ -73,6 +76,15 @@ def _prompt(tok, text):
 
 def _greedy(max_new_tokens):
     return SamplingParams(temperature=0.0, top_k=None, max_new_tokens=max_new_tokens)
+
+
+SHARP = 12.0  # a script margin under which _sharp sampling follows the script (1 − e⁻¹² per token)
+
+
+def _sharp(max_new_tokens):
+    """Sampling from the top 2 (the script's token and a 0 logit): a sampled token's log-prob is
+    −log(1 + e⁻¹²) < 0, unlike greedy's point mass (0, as forced tokens)."""
+    return SamplingParams(temperature=1.0, top_k=2, max_new_tokens=max_new_tokens)
 
 
 # --- stops, truncation and compaction ------------------------------------------------------------
@@ -110,8 +122,8 @@ def test_finished_rows_leave_the_batch_and_rest_is_pad(tok):
         b: [word] * 5 + [end, word, word],  # stops at step 5
         c: [word] * 8,  # runs out of budget
     }
-    model, engine = _scripted_engine(tok, scripts)
-    batch = engine.generate([list(a), list(b), list(c)], 1, _greedy(8), seed=0)
+    model, engine = _scripted_engine(tok, scripts, margin=SHARP)
+    batch = engine.generate([list(a), list(b), list(c)], 1, _sharp(8), seed=0)
     # prefill 3 rows; decode calls after steps 0..6 (the last step needs no call)
     assert model.batch_sizes == [3, 3, 3, 2, 2, 2, 1, 1]
     assert batch.finished.tolist() == [True, True, False]
@@ -150,8 +162,8 @@ def test_tool_call_output_is_forced_with_mask_zero(tok):
     forced = [tok.output_start_id, *tok.encode("5"), tok.output_end_id]
     tail = tok.encode(" #### 5")
     call, script = _tool_script(tok, "2+3", len(forced), tail)
-    model, engine = _scripted_engine(tok, {p: script}, default_registry())
-    batch = engine.generate([list(p)], 1, _greedy(32), seed=0)
+    model, engine = _scripted_engine(tok, {p: script}, default_registry(), margin=SHARP)
+    batch = engine.generate([list(p)], 1, _sharp(32), seed=0)
     expected = [*call, *forced, *tail, tok.assistant_end_id]
     assert batch.completion_tokens(0) == expected
     assert tok.decode(expected[len(call) :]) == "<|output_start|>5<|output_end|> #### 5<|assistant_end|>"
@@ -235,6 +247,63 @@ def test_different_seeds_give_different_samples(gpt, tok):
     assert not torch.equal(a.completion_ids, b.completion_ids)
 
 
+def test_seed_gives_prompt_i_the_group_seed_of_seed_and_i(gpt, tok):
+    engine = Engine(gpt, tok)
+    a = engine.generate(_prompts(tok), 3, RANDOM, seed=7)
+    b = engine.generate(_prompts(tok), 3, RANDOM, seeds=[group_seed(7, 0), group_seed(7, 1)])
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.logprobs, b.logprobs)
+
+
+def test_a_groups_rows_are_a_function_of_its_seed(gpt, tok):
+    """The same prompt twice in one batch: equal group seeds give equal groups, different ones not."""
+    engine = Engine(gpt, tok)
+    prompt = tok.encode("Ann has 3 pens.")
+    same = engine.generate([prompt, prompt], 4, RANDOM, seeds=[1, 1])
+    assert torch.equal(same.completion_ids[:4], same.completion_ids[4:])
+    assert torch.equal(same.logprobs[:4], same.logprobs[4:])
+    other = engine.generate([prompt, prompt], 4, RANDOM, seeds=[1, 2])
+    assert torch.equal(other.completion_ids[:4], same.completion_ids[:4])
+    assert not torch.equal(other.completion_ids[:4], other.completion_ids[4:])
+
+
+def test_generate_needs_one_seed_per_prompt(gpt, tok):
+    engine = Engine(gpt, tok)
+    with pytest.raises(ValueError, match="exactly one of seed and seeds"):
+        engine.generate(_prompts(tok), 1, RANDOM)
+    with pytest.raises(ValueError, match="exactly one of seed and seeds"):
+        engine.generate(_prompts(tok), 1, RANDOM, seed=0, seeds=[1, 2])
+    with pytest.raises(ValueError, match="one seed per prompt: 1 seeds, 2 prompts"):
+        engine.generate(_prompts(tok), 1, RANDOM, seeds=[1])
+
+
+def assert_same_group(a: RolloutBatch, ga: int, b: RolloutBatch, gb: int, n: int) -> None:
+    """Group ``ga`` of ``a`` and group ``gb`` of ``b`` (n rows each) hold the same samples: tokens,
+    lengths, stops and log-probs (to float rounding: batches of other shapes may sum in another order)."""
+    for j in range(n):
+        ra, rb = ga * n + j, gb * n + j
+        assert a.completion_tokens(ra) == b.completion_tokens(rb)
+        assert bool(a.finished[ra]) == bool(b.finished[rb])
+        length = int(a.lengths[ra])
+        torch.testing.assert_close(a.logprobs[ra, :length], b.logprobs[rb, :length], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_a_groups_samples_do_not_depend_on_the_rest_of_the_batch(make_gpt, tok, top_k):
+    """A prompt alone, then between a shorter and a longer one (so it is left-padded), then with the
+    longer one only, and prefilled row by row: its group draws the same samples every time."""
+    engine = Engine(make_gpt(seed=1), tok)
+    params = SamplingParams(temperature=1.0, top_k=top_k, max_new_tokens=10)
+    short, mid = tok.encode("Ann has 3 pens."), tok.encode("How many apples does Ben have now?")
+    long = tok.encode("A farm has 3 cows and 4 hens. How many legs do the animals have in all?")
+    assert len(short) < len(mid) < len(long)
+    alone = engine.generate([mid], 4, params, seeds=[11])
+    assert len({tuple(alone.completion_tokens(j)) for j in range(4)}) > 1  # the rows do differ
+    assert_same_group(alone, 0, engine.generate([short, mid, long], 4, params, seeds=[5, 11, 6]), 1, 4)
+    assert_same_group(alone, 0, engine.generate([long, mid], 4, params, seeds=[6, 11]), 1, 4)
+    assert_same_group(alone, 0, engine.generate([long, mid], 4, params, seeds=[6, 11], share_prefix=False), 1, 4)
+
+
 def test_samples_within_a_group_differ_from_the_first_token(gpt, tok):
     batch = Engine(gpt, tok).generate([tok.encode("Eve has 5 cards.")], 16, RANDOM, seed=0)
     first = batch.completion_ids[:, 0].tolist()
@@ -257,20 +326,25 @@ def test_batch_layout(gpt, tok):
         assert (batch.completion_ids[row, n:] == tok.pad_id).all()
 
 
-def test_logprobs_match_the_model_under_temperature(gpt, tok):
-    """The recorded log-prob is log softmax(logits / T) of the sampled token, as a trainer recomputes
-    it from the unpadded prompt + completion (prompts of different lengths: left padding is exact)."""
-    params = SamplingParams(temperature=0.7, top_k=20, max_new_tokens=6)
+@pytest.mark.parametrize("top_k", [None, 20])
+def test_logprobs_are_the_sampled_distribution_as_a_trainer_recomputes_it(gpt, tok, top_k):
+    """The recorded log-prob is log softmax(logits / T) of the sampled token, as a trainer recomputes it
+    from the unpadded prompt + completion (prompts of different lengths: left padding is exact); with
+    top-k it is renormalised over the k best: log p_T(token) − log Σ_top-k p_T."""
+    params = SamplingParams(temperature=0.7, top_k=top_k, max_new_tokens=6)
     prompts = _prompts(tok)
     batch = Engine(gpt, tok).generate(prompts, 2, params, seed=3)
     for row in range(4):
         prompt, completion = batch.prompt_ids[row], batch.completion_tokens(row)
         with torch.no_grad():
-            logits = gpt(torch.tensor([prompt + completion]))[0, len(prompt) - 1 : -1]
-        expected = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(completion)[:, None])
-        torch.testing.assert_close(
-            batch.logprobs[row, : len(completion)], expected.squeeze(-1), atol=1e-4, rtol=0
-        )
+            logits = gpt(torch.tensor([prompt + completion]))[0, len(prompt) - 1 : -1]  # (n, V)
+        logp = torch.log_softmax(logits / 0.7, -1)  # (n, V)
+        if top_k is not None:
+            best = logp.topk(top_k, -1)
+            assert (best.indices == torch.tensor(completion)[:, None]).any(-1).all()
+            logp = logp - torch.logsumexp(best.values, -1, keepdim=True)
+        expected = logp.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        torch.testing.assert_close(batch.logprobs[row, : len(completion)], expected, atol=1e-4, rtol=0)
 
 
 class _StopAfterToken:
@@ -371,18 +445,53 @@ def _logits(seed=0, rows=4, vocab=50):
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 2
 
 
+def _u(rows, seed=0):
+    """(rows,) float64 uniforms in [0, 1) for sample_tokens."""
+    return torch.rand(rows, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _truncated(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(B, V) the distribution sample_tokens must draw from, token by token best first (float64):
+    p = softmax(logits / T); keep the top_k best; of those keep each while the renormalised mass before
+    it is below top_p; q = p on the kept tokens, renormalised."""
+    p = torch.softmax(logits.double() / params.temperature, -1)
+    q = torch.zeros_like(p)
+    for b in range(len(p)):
+        kept = p[b].argsort(descending=True).tolist()[: params.top_k]  # [:None] keeps all
+        if params.top_p is not None:
+            mass_k, before, nucleus = sum(p[b, v] for v in kept), 0.0, []
+            for v in kept:
+                if before >= params.top_p:
+                    break
+                nucleus.append(v)
+                before += p[b, v] / mass_k
+            kept = nucleus
+        total = sum(p[b, v] for v in kept)
+        for v in kept:
+            q[b, v] = p[b, v] / total
+    return q
+
+
+TRUNCATED = [
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(temperature=0.5, top_k=None, top_p=0.9),
+    SamplingParams(temperature=1.0, top_k=10, top_p=0.8),
+]
+
+
 def test_small_top_p_keeps_only_the_argmax():
     logits = _logits().repeat(50, 1)  # 50 draws of each row
     params = SamplingParams(temperature=1.0, top_k=None, top_p=1e-6)
-    tokens, _ = sample_tokens(logits, params, torch.Generator().manual_seed(0))
+    tokens, logp = sample_tokens(logits, params, _u(len(logits)))
     assert torch.equal(tokens, logits.argmax(-1))
+    torch.testing.assert_close(logp, torch.zeros(len(logits)), atol=1e-6, rtol=0)  # a point mass
 
 
 def test_top_k_restricts_samples_to_the_k_best():
     logits = _logits(vocab=30).repeat(50, 1)  # 50 draws of each row
     best3 = logits.topk(3, -1).indices
     params = SamplingParams(temperature=2.0, top_k=3)
-    tokens, _ = sample_tokens(logits, params, torch.Generator().manual_seed(0))
+    tokens, _ = sample_tokens(logits, params, _u(len(logits)))
     assert (best3 == tokens[:, None]).any(-1).all()
     assert len(set(tokens[0::4].tolist())) > 1  # but not only the best one
 
@@ -391,38 +500,66 @@ def test_top_p_keeps_the_smallest_set_with_that_mass():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 0.5, 0.3 | 0.15, 0.05 (0.8 ≥ 0.7 after two)
     logits = probs.log().repeat(200, 1)
     params = SamplingParams(temperature=1.0, top_k=None, top_p=0.7)
-    tokens, _ = sample_tokens(logits, params, torch.Generator().manual_seed(0))
+    tokens, logp = sample_tokens(logits, params, _u(len(logits)))
     assert set(tokens.tolist()) == {1, 3}
+    torch.testing.assert_close(logp, torch.where(tokens == 1, 0.5 / 0.8, 0.3 / 0.8).log())
 
 
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(temperature=0.7, top_k=None),
-        SamplingParams(temperature=1.3, top_k=5),
-        SamplingParams(temperature=0.5, top_k=None, top_p=0.9),
-    ],
-)
-def test_sample_logprob_is_log_softmax_of_scaled_logits(params):
+def test_untruncated_logprob_is_log_softmax_of_scaled_logits():
     logits = _logits(seed=1)
-    tokens, logp = sample_tokens(logits, params, torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=0.7, top_k=None)
+    tokens, logp = sample_tokens(logits, params, _u(len(logits)))
     expected = torch.log_softmax(logits / params.temperature, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    torch.testing.assert_close(logp, expected)
+    torch.testing.assert_close(logp, expected, atol=1e-6, rtol=0)
 
 
-def test_greedy_sample_is_argmax_with_its_logprob():
+@pytest.mark.parametrize("params", TRUNCATED)
+def test_truncated_logprob_is_the_log_of_the_renormalised_probability(params):
+    logits = _logits(seed=1)
+    tokens, logp = sample_tokens(logits, params, _u(len(logits)))
+    expected = _truncated(logits, params).gather(-1, tokens[:, None]).squeeze(-1).log()
+    torch.testing.assert_close(logp.double(), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=None), *TRUNCATED])
+def test_inverse_cdf_gives_each_candidate_its_share_of_u(params):
+    """N evenly spaced u = (i + ½) / N: each token is drawn N · q(token) times, up to rounding."""
+    n = 10_000
+    logits = _logits(seed=4, rows=1, vocab=20)
+    tokens, _ = sample_tokens(logits.repeat(n, 1), params, (torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    counts = torch.bincount(tokens, minlength=20).double()  # (V,)
+    assert (counts - n * _truncated(logits, params)[0]).abs().max() <= 1.001
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=None), *TRUNCATED])
+def test_draws_from_the_random_streams_follow_the_truncated_distribution(params):
+    """20 000 rows of one group at step 0: never a token outside the candidates, and Pearson's χ² over
+    the candidates below its 99.9% quantile (at most 19 degrees of freedom: 43.8)."""
+    n = 20_000
+    logits = _logits(seed=5, rows=1, vocab=20)
+    u = uniforms(row_streams([group_seed(5)], n), step=0)
+    tokens, _ = sample_tokens(logits.repeat(n, 1), params, u)
+    counts = torch.bincount(tokens, minlength=20).double()  # (V,)
+    expected = n * _truncated(logits, params)[0]  # (V,)
+    assert (counts[expected == 0] == 0).all()
+    kept = expected > 0
+    assert ((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum() < 43.8
+
+
+def test_greedy_sample_is_argmax_with_log_prob_zero():
     logits = _logits(seed=2)
-    tokens, logp = sample_tokens(logits, SamplingParams(temperature=0.0), torch.Generator())
+    tokens, logp = sample_tokens(logits, SamplingParams(temperature=0.0), _u(len(logits)))
     assert torch.equal(tokens, logits.argmax(-1))
-    torch.testing.assert_close(logp, torch.log_softmax(logits, -1).max(-1).values)
+    assert logp.tolist() == [0.0] * len(logits)
 
 
-def test_sample_tokens_is_seeded():
+def test_sample_tokens_is_a_function_of_u():
     logits = _logits(seed=3, vocab=1000)
     params = SamplingParams(temperature=1.0, top_k=None)
-    a, _ = sample_tokens(logits, params, torch.Generator().manual_seed(11))
-    b, _ = sample_tokens(logits, params, torch.Generator().manual_seed(11))
-    assert torch.equal(a, b)
+    a, _ = sample_tokens(logits, params, _u(len(logits), seed=11))
+    b, _ = sample_tokens(logits, params, _u(len(logits), seed=11))
+    c, _ = sample_tokens(logits, params, _u(len(logits), seed=12))
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_left_pad_exact_layout():
@@ -438,7 +575,7 @@ def test_left_pad_exact_layout():
 def test_zero_top_p_keeps_the_argmax_or_is_rejected():
     logits = _logits()
     try:
-        tokens, _ = sample_tokens(logits, SamplingParams(top_k=None, top_p=0.0), torch.Generator())
+        tokens, _ = sample_tokens(logits, SamplingParams(top_k=None, top_p=0.0), _u(len(logits)))
     except ValueError as err:
         assert "top_p" in str(err)
     else:

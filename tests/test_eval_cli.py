@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from posttrain.checkpoint import save_checkpoint
 from posttrain.cli import app
-from posttrain.eval_report import problem_record, report_ks, report_table, summarize
+from posttrain.engine import Engine, SamplingParams
+from posttrain.eval_report import problem_record, report_ks, report_table, run_eval, summarize
 from posttrain.metrics import read_jsonl
 from posttrain.tasks.arithmetic import ArithmeticTask
 from posttrain.tasks.gsm8k import GSM8KTask, normalize_number
@@ -189,6 +190,17 @@ def test_arithmetic_on_a_builtin_checkpoint_writes_the_default_file(gpt_checkpoi
     assert json.loads(result.stdout.strip().splitlines()[-1]) == summarize(records)
     assert invoke(*args).exit_code == 0
     assert read_jsonl(tmp_path / "eval_arithmetic_test.jsonl") == records  # same seed, same samples; overwritten
+
+
+def test_a_problems_samples_do_not_depend_on_the_batch(gpt, tok, tmp_path):
+    """Problem p samples from group_seed(seed, p): the records are the same one problem per call or five."""
+    task, engine = ArithmeticTask(test_size=5), Engine(gpt, tok)
+    params = SamplingParams(temperature=1.0, top_k=10, max_new_tokens=8)
+    for batch in (1, 5):
+        run_eval(engine, task, task.test, 3, params, batch, seed=4, out=tmp_path / f"{batch}.jsonl", progress=False)
+    by_one = read_jsonl(tmp_path / "1.jsonl")
+    assert len({c for r in by_one for c in r["completions"]}) > 3  # samples do differ
+    assert read_jsonl(tmp_path / "5.jsonl") == by_one
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,13 @@
-"""Specs for posttrain.evaluation: pass@k and maj@k."""
+"""Specs for posttrain.evaluation: pass@k, maj@k and the task evaluation's sampling."""
 
 import math
 
 import pytest
 
-from posttrain.evaluation import maj_at_k, mean_pass_at_k, pass_at_k
+from posttrain.config import EvalConfig
+from posttrain.engine import Engine
+from posttrain.evaluation import evaluate_task, maj_at_k, mean_pass_at_k, pass_at_k
+from posttrain.tasks.arithmetic import ArithmeticTask
 
 
 @pytest.mark.parametrize(
@@ -60,3 +63,13 @@ def test_maj_at_k_ties_and_no_answers():
     assert maj_at_k([None, None], "3", 2) == 0.0
     with pytest.raises(ValueError):
         maj_at_k(["3"], "3", 0)
+
+
+def test_evaluate_task_samples_do_not_depend_on_the_chunk(gpt, tok):
+    """Problem p samples from group_seed(seed, p): one problem per engine call or four, same result."""
+    task, engine = ArithmeticTask(test_size=5), Engine(gpt, tok)
+    config = EvalConfig(problems=5, samples=3, ks=(1, 3), max_new_tokens=8)
+    by_one = evaluate_task(engine, task, task.test, config, chunk=1)
+    assert evaluate_task(engine, task, task.test, config, chunk=4) == by_one
+    assert evaluate_task(engine, task, task.test, EvalConfig(problems=5, samples=3, ks=(1, 3), max_new_tokens=8,
+                                                             seed=1), chunk=1) != by_one

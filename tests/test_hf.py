@@ -11,6 +11,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from test_engine import assert_same_group  # noqa: E402
+
 from posttrain.checkpoint import load_policy, save_checkpoint  # noqa: E402
 from posttrain.config import LoraConfig, ModelConfig, RLConfig, SFTConfig, load_config  # noqa: E402
 from posttrain.engine import Engine, SamplingParams  # noqa: E402
@@ -69,9 +71,10 @@ def test_engine_cache_matches_full_recompute_with_left_padding(llama_dir):
     prompts = [tok.render_for_completion(c) for c in convs]
     prompts[1] = prompts[1][:-7] + prompts[1][-4:]  # different lengths: real left padding
     engine = Engine(policy, tok)
-    first = engine.generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
+    params = SamplingParams(top_k=None, max_new_tokens=12)  # untruncated: the policy's own log-probs
+    first = engine.generate(prompts, 3, params, seed=5)
     engine.stop_ids = {int(first.completion_ids[0, 2])}  # a token rows do sample: some stop early
-    batch = engine.generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
+    batch = engine.generate(prompts, 3, params, seed=5)
     assert len({len(p) for p in prompts}) > 1 and 0 < int(batch.finished.sum()) < len(batch.finished)
     for row in range(len(batch.prompt_ids)):
         seq = torch.tensor([batch.prompt_ids[row] + batch.completion_tokens(row)])
@@ -79,8 +82,27 @@ def test_engine_cache_matches_full_recompute_with_left_padding(llama_dir):
             full = policy(seq[:, :-1], seq[:, 1:])[0, len(batch.prompt_ids[row]) - 1:]  # (n,)
         n = int(batch.lengths[row])
         torch.testing.assert_close(batch.logprobs[row, :n], full, atol=2e-5, rtol=0)
-    again = engine.generate(prompts, 3, SamplingParams(max_new_tokens=12), seed=5)
+    again = engine.generate(prompts, 3, params, seed=5)
     assert torch.equal(again.completion_ids, batch.completion_ids)  # same seed, same samples
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_an_hf_groups_samples_do_not_depend_on_the_rest_of_the_batch(llama_dir, top_k):
+    """As for the built-in GPT: a prompt alone and left-padded among longer and shorter ones draws the
+    same group (HF attention masks and position ids under left padding)."""
+    torch.manual_seed(0)
+    policy, tok = load(llama_dir)
+    with torch.no_grad():  # sharper than the default init, so padding slips would show
+        for p in policy.parameters():
+            p.mul_(4.0)
+    prompts = [tok.render_for_completion(problem_conv(s)) for s in (2, 1, 8)]
+    assert len(prompts[0]) < len(prompts[1]) < len(prompts[2])  # 46, 48, 51 tokens
+    engine = Engine(policy, tok)
+    params = SamplingParams(temperature=1.0, top_k=top_k, max_new_tokens=8)
+    alone = engine.generate([prompts[1]], 3, params, seeds=[11])
+    assert len({tuple(alone.completion_tokens(j)) for j in range(3)}) > 1
+    assert_same_group(alone, 0, engine.generate(prompts, 3, params, seeds=[5, 11, 6]), 1, 3)
+    assert_same_group(alone, 0, engine.generate(prompts[1:][::-1], 3, params, seeds=[6, 11]), 1, 3)
 
 
 def test_lora_reference_is_the_same_weights_with_the_adapter_off(llama_dir):

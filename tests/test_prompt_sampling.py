@@ -214,7 +214,7 @@ def test_gsm8k_pool_is_the_train_split_or_a_seeded_subset_and_its_label_counts_a
 def test_dynamic_sampling_reports_every_group_drawn_to_the_sampler():
     sampler = UniformSampler(list(range(10)), PromptSamplingConfig(), [])  # the toy task's problems 0..9
     ro = collect(_Engine(), _Task(), scorer(_Task()), random.Random(1), prompts=4, group_size=3, sampling=None,
-                 seed=0, dynamic=True, max_rounds=10, draw=sampler.draw)
+                 seed=0, step=0, dynamic=True, max_rounds=10, draw=sampler.draw)
     assert ro.rounds > 1 and len(ro.pool_ids) == ro.rounds * 4
     # even problems: sample 0 of 3 is right; odd ones (dropped: zero variance) are reported too, with 0
     assert ro.success == [1 / 3 if i % 2 == 0 else 0.0 for i in ro.pool_ids]

@@ -11,6 +11,7 @@ import torch
 from posttrain.config import RLConfig
 from posttrain.engine import RolloutBatch
 from posttrain.models.gpt import GPT, GPTConfig
+from posttrain.random_streams import group_seed
 from posttrain.trainers.model_engine import ModelEngine
 from posttrain.trainers.objectives import PolicyLoss, PolicyObjective
 from posttrain.trainers.rl import estimate_advantages, kl_shaped_rewards, minibatch_rows, policy_update
@@ -73,16 +74,16 @@ class _Tok:
 
 
 class _Engine:
-    """Sample j of every group completes with token j + 1, then the stop token 99; records the seeds it was
-    called with."""
+    """Sample j of every group completes with token j + 1, then the stop token 99; records the group seeds of
+    each call."""
 
     tokenizer = _Tok()
 
     def __init__(self):
         self.seeds = []
 
-    def generate(self, prompts, n, params, seed):
-        self.seeds.append(seed)
+    def generate(self, prompts, n, params, seeds):
+        self.seeds.append(seeds)
         return rollout_batch(prompts, [[j + 1, 99] for _ in prompts for j in range(n)], n)
 
 
@@ -109,18 +110,20 @@ def scorer(task, weights=None) -> Scorer:
 def test_dynamic_sampling_keeps_only_groups_with_signal():
     engine = _Engine()
     ro = collect(engine, _Task(), scorer(_Task()), random.Random(1), prompts=4, group_size=3, sampling=None, seed=100,
-                 dynamic=True, max_rounds=10)
+                 step=7, dynamic=True, max_rounds=10)
     assert len(ro.convs) == 4 and all(c["p"] % 2 == 0 for c in ro.convs)
     assert ro.rewards.tolist() == [1, 0, 0] * 4
     assert ro.batch.group_ids.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    assert ro.rounds == len(engine.seeds) > 1 and engine.seeds == list(range(100, 100 + ro.rounds))
+    assert ro.rounds == len(engine.seeds) > 1
+    assert engine.seeds == [[group_seed(100, 7, i, r) for i in range(4)] for r in range(ro.rounds)]
     assert ro.drawn == ro.rounds * 4 * 3
     assert len(ro.first_rewards) == 12 and ro.first_rewards.sum() < 4  # round 1 as drawn, odd problems too
     assert 0 < ro.frac_zero_std < 1
 
 
 def test_without_dynamic_sampling_one_round_keeps_everything():
-    ro = collect(_Engine(), _Task(), scorer(_Task()), random.Random(0), prompts=4, group_size=3, sampling=None, seed=0)
+    ro = collect(_Engine(), _Task(), scorer(_Task()), random.Random(0), prompts=4, group_size=3, sampling=None, seed=0,
+                 step=0)
     assert ro.rounds == 1 and len(ro.convs) == 4 and len(ro.rewards) == 12
 
 
@@ -130,7 +133,7 @@ def test_dynamic_sampling_gives_up_after_max_rounds():
             return 0.0
 
     ro = collect(_Engine(), Never(), scorer(Never()), random.Random(0), prompts=2, group_size=2, sampling=None, seed=0,
-                 dynamic=True, max_rounds=3)
+                 step=0, dynamic=True, max_rounds=3)
     assert ro.rounds == 3 and len(ro.rewards) == 0 and ro.frac_zero_std == 1.0
 
 

@@ -200,7 +200,7 @@ def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) 
     rl.sampler.load_state_dict(state.prompt_sampling)
     with rl.policy.autocast():
         ro = collect(rl.rollout, rl.task, rl.scorer, prompt_rng, config.prompts_per_step, config.samples_per_prompt,
-                     config.sampling, seed=(config.seed * 1_000_003 + step) * 64, dynamic=config.dynamic_sampling,
+                     config.sampling, seed=config.seed, step=step, dynamic=config.dynamic_sampling,
                      max_rounds=config.max_sampling_rounds,
                      draw=partial(rl.sampler.draw, progress=step / config.steps))
     rl.sampler.update(ro.pool_ids, ro.success)

@@ -14,6 +14,7 @@ from torch import Tensor
 from posttrain.algorithms.advantages import group_stats
 from posttrain.engine import Engine, RolloutBatch, SamplingParams
 from posttrain.prompt_sampling import TaskStream
+from posttrain.random_streams import group_seed
 from posttrain.rewards import RewardSet
 
 
@@ -111,6 +112,7 @@ def collect(
     group_size: int,
     sampling: SamplingParams,
     seed: int,
+    step: int,
     dynamic: bool = False,
     max_rounds: int = 1,
     draw: Callable[[random.Random], tuple[int, object]] | None = None,
@@ -121,7 +123,10 @@ def collect(
     signal, so they are dropped and fresh prompts are drawn, round after round, until ``prompts``
     groups with signal are in hand or ``max_rounds`` rounds ran (then the step trains on what it has,
     possibly nothing; DAPO instead keeps drawing without a bound). Extra groups from the last round
-    are cut. Round r samples with seed ``seed + r``. ``scorer`` gives each completion its reward.
+    are cut. ``scorer`` gives each completion its reward.
+
+    Prompt i of round r (both from 0) samples its group from ``group_seed(seed, step, i, r)``: ``seed`` is
+    the run's seed, ``step`` the training step; a group's random numbers depend on nothing else.
 
     ``draw(prompt_rng)`` gives each prompt as (pool index, problem): a prompt sampler's draw (see
     posttrain/prompt_sampling.py); default a fresh ``task.train_problem(prompt_rng)`` (index −1). Every
@@ -140,7 +145,8 @@ def collect(
     for rounds in range(1, (max_rounds if dynamic else 1) + 1):
         picked = [draw(prompt_rng) for _ in range(prompts)]
         drawn = [task.prompt(problem) for _, problem in picked]
-        batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seed=seed + rounds - 1)
+        seeds = [group_seed(seed, step, i, rounds - 1) for i in range(prompts)]
+        batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seeds=seeds)
         done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
         row_convs = [drawn[i // G] for i in range(len(drawn) * G)]
         r, reward_metrics, parts_r = scorer(row_convs, done, batch)  # (B,)
