@@ -1,0 +1,42 @@
+"""The prepared GPU check's CPU twin: bench/gpu_check.py's GRPO and decode-roofline parts run here at toy
+sizes (on a GPU machine the same code runs at SmolLM2-135M's shape), and without CUDA the script says so
+and exits 0."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+BENCH = Path(__file__).parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import gpu_check  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_without_cuda_it_says_so_and_exits_0():
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("no CUDA device")
+
+
+def test_grpo_and_roofline_parts_run_on_the_cpu_twin(tmp_path):
+    threads = torch.get_num_threads()
+    model_dir = gpu_check.random_smollm2(tmp_path / "model", gpu_check.TINY, 512)
+    try:
+        grpo = gpu_check.check_grpo(model_dir, "cpu", tmp_path, steps=2, tiny=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert grpo["updates"] == 2  # the parity reward has signal: every step updated the policy
+    assert grpo["s_per_step"] > 0 and grpo["gen_tokens_per_s"] > 0
+    roof = gpu_check.check_roofline(model_dir, torch.device("cpu"), batch=4, context=16)
+    assert roof["weight_bytes"] > 0 and roof["kv_bytes"] == 2 * 2 * 2 * 16 * 17 * 4 * 2
+    assert 0 < roof["roofline_fraction"]
+
+
+def test_token_parity_reads_the_completion_ids_only():
+    assert gpu_check.token_parity(["p"], ["c"], token_ids=[[1, 3, 2, 4, 5]], lengths=[3]) == [2 / 3]
