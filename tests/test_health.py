@@ -68,19 +68,19 @@ def test_a_reward_paying_for_repetition_collapses_entropy_and_the_run_stops(poli
 
 def test_a_huge_learning_rate_blows_up_the_kl_and_rolls_back_with_a_lower_lr(policy, tmp_path):
     config = rl_config(policy, tmp_path, "steps=6", "optim.lr=1.0", "kl_coef=0.04", "monitor.kl_max=0.5",
-                       "monitor.kl_action=rollback", "monitor.max_rollbacks=2", "monitor.rollback_lr_factor=0.1",
+                       "monitor.kl_action=rollback", "monitor.max_rollbacks=2", "monitor.rollback_lr_factor=0.5",
                        "monitor.entropy_drop=0", "monitor.clipped_ratio_max=1")
     with pytest.raises(RunStopped, match="rollbacks|stop"):
         train_rl(config, progress=False)
     kl = [e for e in events(tmp_path) if e["check"] == "kl"]
     rollbacks = [e for e in events(tmp_path) if e["check"] == "rollback"]
-    assert [e["values"]["lr_scale"] for e in rollbacks] == pytest.approx([0.1, 0.01])
+    assert [e["values"]["lr_scale"] for e in rollbacks] == pytest.approx([0.5, 0.25])
     # step 2's rollout shows step 1's update, which checkpoint 1 holds: go back to step 0, before it
     assert (kl[0]["step"], rollbacks[0]["values"]["restored_step"]) == (2, 0)
     assert all(e["values"]["value"] > 0.5 for e in kl) and len(kl) == 3
     assert [e["action"] for e in kl] == ["rollback", "rollback", "stop"]  # past max_rollbacks: stop
     lrs = [r["learning_rate"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["step"] == 1]
-    assert lrs == pytest.approx([1.0, 0.1])  # step 1 re-run after the first rollback with the lower lr
+    assert lrs[:2] == pytest.approx([1.0, 0.5])  # step 1 re-run after the first rollback with the lower lr
 
 
 def scale_training_batch(monkeypatch, at: int, factor: float) -> None:
