@@ -259,6 +259,10 @@ class GPT(nn.Module):
         mask = mask | (keys.unsqueeze(0) == idx.unsqueeze(1))  # a pad query sees itself: no NaN
         return pos, mask.unsqueeze(1)  # (B, 1, T, S)
 
+    def packing_problem(self) -> str | None:
+        """None: packed rows (``doc_ids``) always compute what each example computes alone."""
+        return None
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -208,12 +208,17 @@ class HFPolicy(nn.Module):
         final normalised hidden states and computes no logits."""
         return (self.hf.get_base_model() if self.is_lora else self.hf).get_decoder()
 
-    def hidden_states(self, idx, pad_mask=None) -> torch.Tensor:
+    def hidden_states(self, idx, pad_mask=None, doc_ids=None) -> torch.Tensor:
         """The final normalised hidden states (B, T, C) the LM head reads (for value/reward heads).
-        ``pad_mask`` (B, T): real tokens (pads anywhere are masked out, positions count real tokens)."""
+        ``pad_mask`` (B, T): real tokens (pads anywhere are masked out, positions count real tokens);
+        ``doc_ids`` (B, T): packed rows, as in :meth:`forward` (not with ``pad_mask``)."""
+        if pad_mask is not None and doc_ids is not None:
+            raise ValueError("doc_ids (packed rows) cannot be combined with a pad_mask")
         kwargs = {}
         if pad_mask is not None:
             kwargs = {"attention_mask": pad_mask.long(), "position_ids": (pad_mask.long().cumsum(-1) - 1).clamp(min=0)}
+        elif doc_ids is not None:
+            kwargs = {"position_ids": doc_positions(doc_ids)}
         return self._decoder()(input_ids=idx, use_cache=False, **kwargs).last_hidden_state
 
     def enable_activation_checkpointing(self) -> None:
@@ -295,6 +300,9 @@ class _AdapterOff(nn.Module):
         policy = self._policy[0]
         with torch.no_grad(), policy.hf.disable_adapter():
             return policy.logprobs(idx, targets, temperature, entropy, doc_ids, chunk_tokens)
+
+    def packing_problem(self) -> str | None:
+        return self._policy[0].packing_problem()
 
     def train(self, mode: bool = True):  # the view has no state of its own; scoring toggles eval()
         return self
