@@ -86,7 +86,8 @@ def check_grpo(model_dir: Path, device: str, run_dir: Path, steps: int, tiny: bo
                  "eval_before=false", "eval.every=0", "eval.problems=1", "eval.samples=1", "eval.ks=[1]",
                  "eval.max_new_tokens=8", "save_every=0", "log_samples_every=0", "monitor.enabled=false",
                  f"prompts_per_step={2 if tiny else 16}", f"samples_per_prompt={2 if tiny else 8}",
-                 f"sampling.max_new_tokens={8 if tiny else 256}", "micro_batch=32", "reward_timeout=300"]
+                 f"sampling.max_new_tokens={8 if tiny else 256}", "max_tokens_per_micro_batch=8192",
+                 "reward_timeout=300"]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train_rl(load_config(RLConfig, None, overrides), progress=False)

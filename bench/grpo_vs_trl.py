@@ -253,7 +253,8 @@ def run_pair(model_dir: Path, run_dir: Path, trl: TRLProcess, args) -> tuple[dic
         f"steps={args.warmup + args.steps}",
         f"prompts_per_step={args.prompts}", f"samples_per_prompt={args.group}",
         "sampling.temperature=1.0", "sampling.top_k=null", "sampling.top_p=null",
-        f"sampling.max_new_tokens={args.max_new_tokens}", f"micro_batch={args.prompts * args.group}",
+        f"sampling.max_new_tokens={args.max_new_tokens}",
+        f"max_tokens_per_micro_batch={args.prompts * args.group * (128 + args.max_new_tokens)}",  # one micro-batch
         f"optim.lr={args.lr}", "optim.warmup_steps=0", "optim.schedule=constant", "optim.betas=[0.9, 0.95]",
         "optim.weight_decay=0.0", "optim.grad_clip=1.0",
         "rewards={'bench.grpo_vs_trl:digit_share': 1.0}", "log_samples_every=0", "eval_before=false",

@@ -49,7 +49,7 @@ def main() -> None:
         f"model={args.gguf}", "task=arithmetic", "task.format=hash", f"lora.rank={args.rank}",
         f"lora.alpha={2 * args.rank}", f"algorithm={args.algorithm}", "rewards={task: 1.0, integer_answer: 1.0}",
         f"steps={args.steps}", f"prompts_per_step={args.prompts}", f"samples_per_prompt={args.samples}",
-        "micro_batch=8", f"sampling.max_new_tokens={args.max_new_tokens}", "sampling.temperature=1.0",
+        "max_tokens_per_micro_batch=1024", f"sampling.max_new_tokens={args.max_new_tokens}", "sampling.temperature=1.0",
         f"optim.lr={args.lr}", "optim.warmup_steps=0", "optim.schedule=constant", f"threads={args.threads}",
         f"run_dir={args.run_dir}", "eval.every=0", f"eval.problems={args.eval_problems}", "eval.samples=1",
         "eval.ks=[1]", "eval.temperature=0", f"eval.max_new_tokens={args.max_new_tokens}", "log_samples_every=4",

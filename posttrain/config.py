@@ -264,7 +264,7 @@ class RLConfig(RunOptions):
     overlong: str | None = None  # truncated completions: none | mask (no loss) | penalty (DAPO soft penalty)
     overlong_buffer: int = 16  # soft penalty ramps over the last this-many tokens of the budget
     overlong_factor: float = 1.0  # soft penalty at the budget
-    micro_batch: int = 64  # rows per forward/backward chunk
+    max_tokens_per_micro_batch: int = 4096  # real tokens per forward of the scoring passes and update (packed rows)
     mismatch_every: int = 10  # compare behaviour and trainer log-probs over all rows every N steps (0: never)
     critic: CriticConfig = field(default_factory=CriticConfig)  # PPO critic (advantage: gae)
     sampling: SamplingParams = field(default_factory=SamplingParams)  # rollout sampling
@@ -300,7 +300,8 @@ class RLConfig(RunOptions):
             ("overlong", ["none", "mask", "penalty"]),
         ):
             check_choice(key, getattr(self, key), list(valid))
-        for key in ("ppo_epochs", "minibatches", "max_sampling_rounds", "micro_batch", "overlong_buffer"):
+        for key in ("ppo_epochs", "minibatches", "max_sampling_rounds", "max_tokens_per_micro_batch",
+                    "overlong_buffer"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(self, key)}")
         from posttrain.rewards import REWARDS

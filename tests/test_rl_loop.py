@@ -192,7 +192,7 @@ def test_minibatch_rows_are_permutations_split_evenly():
     assert sorted(torch.cat(chunks[3:]).tolist()) == list(range(10))
 
 
-def _tiny_setup(agg: str, micro_batch: int = 1):
+def _tiny_setup(agg: str, max_tokens: int = 1):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, max_seq_len=16))
     inputs = torch.randint(1, 11, (4, 6))
@@ -200,7 +200,7 @@ def _tiny_setup(agg: str, micro_batch: int = 1):
     mask = torch.tensor([[0.0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]])
     adv = torch.tensor([0.7, 0.0, -1.2, 0.0])[:, None] * mask  # rows 1 and 3 carry no signal
     data = TrainBatch(inputs, torch.where(mask > 0, targets, -1), mask, torch.tensor([6, 6, 3, 5]), advantages=adv)
-    engine = ModelEngine(model, RLConfig().optim, torch.device("cpu"), "fp32", micro_batch=micro_batch)
+    engine = ModelEngine(model, RLConfig().optim, torch.device("cpu"), "fp32", max_tokens_per_micro_batch=max_tokens)
     return engine, data, PolicyObjective(PolicyLoss(agg=agg, max_len=6))
 
 
@@ -221,8 +221,8 @@ def test_skipping_zero_advantage_rows_leaves_the_gradient_exact(agg):
 
 def test_micro_batches_give_the_full_batch_gradient():
     grads = []
-    for micro in (1, 4):
-        engine, data, objective = _tiny_setup("token-mean", micro)
+    for max_tokens in (1, 20):  # a micro-batch per row; all 20 tokens in one
+        engine, data, objective = _tiny_setup("token-mean", max_tokens)
         stats = engine.forward_backward(data, torch.arange(4), objective.share(data.mask), objective)
         grads.append(_grads(engine))
         assert float(stats["ratio_mean"]) == pytest.approx(1.0)  # on-policy: ρ = 1

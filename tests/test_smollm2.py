@@ -66,9 +66,9 @@ def test_three_grpo_steps_with_lora(gguf, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "posttrain", "rl", str(Path(__file__).parents[1] / "configs" / "demo_rl.yaml"),
          "--no-progress", f"model={gguf}", "task=gsm8k", f"task.data={GSM8K}", "lora.rank=16", "algorithm=grpo",
-         f"run_dir={tmp_path}", "steps=3", "prompts_per_step=2", "samples_per_prompt=4", "micro_batch=4",
-         "sampling.max_new_tokens=96", "eval_before=false", "eval.problems=2", "eval.samples=2", "eval.ks=[1]",
-         "eval.max_new_tokens=96", "optim.lr=1e-4", "optim.warmup_steps=0"],
+         f"run_dir={tmp_path}", "steps=3", "prompts_per_step=2", "samples_per_prompt=4",
+         "max_tokens_per_micro_batch=1024", "sampling.max_new_tokens=96", "eval_before=false", "eval.problems=2",
+         "eval.samples=2", "eval.ks=[1]", "eval.max_new_tokens=96", "optim.lr=1e-4", "optim.warmup_steps=0"],
         capture_output=True, text=True, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -57,8 +57,10 @@ def test_preset_raises_mean_reward(sft_run, tmp_path, preset):
     assert late > early + 0.05, (early, late)  # teacher slips get unlearned
     assert result["after"]["eval/reward"] > result["before"]["eval/reward"]
     for key in ("frac_reward_zero_std", "entropy", "grad_norm", "completions/mean_length", "kl_coef",
-                "tools/call_frequency", "timing_s/gen", "timing_s/update", "throughput/gen_tokens_per_s"):
+                "tools/call_frequency", "timing_s/gen", "timing_s/update", "throughput/gen_tokens_per_s",
+                "data/pad_fraction"):
         assert key in steps[-1], key
+    assert 0 <= steps[-1]["data/pad_fraction"] < 0.5  # packed rows: little padding left
     if preset != "rloo":  # grpo (KL in loss) and ppo (KL in reward) keep a reference model
         assert 0 < steps[-1]["kl"] < 1
     if preset == "ppo":  # the critic learns: its loss falls once it tracks the returns

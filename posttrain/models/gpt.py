@@ -4,7 +4,9 @@ Rotary position embeddings, RMSNorm (no learned scale, as in nanochat), grouped-
 (``n_kv_head`` ≤ ``n_head``), a ReLU² MLP and an untied LM head. One forward serves three callers:
 
 * training / scoring: ``model(idx)`` → logits ``(B, T, V)``; ``model(idx, targets)`` → per-token
-  log-probs of ``targets`` ``(B, T)`` (positions whose target is ``-1`` get 0);
+  log-probs of ``targets`` ``(B, T)`` (positions whose target is ``-1`` get 0), computed in chunks from
+  the hidden states without the full logits (:mod:`posttrain.models.logprobs`); ``model.logprobs`` adds
+  a sampling temperature and the entropy;
 * generation: ``model(idx, cache=cache)`` appends to a :class:`KVCache` and returns logits of the
   new positions only. Rows may be left-padded (``pad_mask``); each row's rotary positions start at
   its first real token, so a padded row decodes exactly as it would alone;
@@ -24,6 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+from posttrain.models.logprobs import token_logprobs_from_hidden
 
 
 @dataclass
@@ -148,6 +153,7 @@ class GPT(nn.Module):
         cos, sin = _rotary_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # see enable_activation_checkpointing
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -170,7 +176,8 @@ class GPT(nn.Module):
         return KVCache(self.config, batch, max_len, self.device, self.wte.weight.dtype)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, pad_mask=None, doc_ids=None):
-        """``idx`` (B, T) → logits (B, T, V), or log-probs of ``targets`` (B, T) when given.
+        """``idx`` (B, T) → logits (B, T, V), or log-probs of ``targets`` (B, T) when given (chunked, as
+        :meth:`logprobs` at temperature 1: no (B, T, V) tensor).
 
         With ``cache``: the tokens are appended after ``cache.length`` positions; ``pad_mask``
         (B, T) marks real tokens (False = left pad) and is only allowed on the first call. Without a
@@ -179,10 +186,25 @@ class GPT(nn.Module):
         ``doc_ids`` (B, T) (no cache, no ``pad_mask``): packed rows, each example a contiguous run of one
         id; a token attends causally within its run only and its position counts from the run's start.
         """
-        logits = self.lm_head(self.hidden_states(idx, cache, pad_mask, doc_ids)).float()  # (B, T, V)
+        h = self.hidden_states(idx, cache, pad_mask, doc_ids)  # (B, T, C)
         if targets is None:
-            return logits
-        return token_logprobs(logits, targets)
+            return self.lm_head(h).float()  # (B, T, V)
+        return token_logprobs_from_hidden(h, self.lm_head, targets)[0]  # (B, T)
+
+    def logprobs(self, idx, targets, temperature: float = 1.0, entropy: bool = False, doc_ids=None,
+                 chunk_tokens: int = 1024):
+        """log softmax(logits/τ)[target] (B, T) and, with ``entropy``, the entropy of softmax(logits/τ)
+        (B, T) (else None); target −1 → 0 in both. Computed in chunks from the hidden states
+        (:func:`~posttrain.models.logprobs.token_logprobs_from_hidden`), never the full (B, T, V) logits.
+        ``doc_ids``: packed rows, as in :meth:`forward`; ``chunk_tokens``: positions per head call."""
+        h = self.hidden_states(idx, doc_ids=doc_ids)  # (B, T, C)
+        return token_logprobs_from_hidden(h, self.lm_head, targets, temperature, entropy, chunk_tokens)
+
+    def enable_activation_checkpointing(self) -> None:
+        """From now on, in training mode with grad enabled (no cache), each block runs under non-reentrant
+        ``torch.utils.checkpoint``: backward keeps only the blocks' inputs (B, T, C) and recomputes each
+        block's activations, one more forward of the blocks for a fraction of the memory."""
+        self.activation_checkpointing = True
 
     def hidden_states(self, idx, cache: KVCache | None = None, pad_mask=None, doc_ids=None) -> torch.Tensor:
         """The final normalised hidden states (B, T, C) that the LM head reads (value and reward heads
@@ -209,8 +231,12 @@ class GPT(nn.Module):
         cos = self.rope_cos[pos].unsqueeze(1)  # (B, 1, T, D/2)
         sin = self.rope_sin[pos].unsqueeze(1)
         x = _rms_norm(self.wte(idx))
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, i, cache, attn_mask)
+            if recompute:
+                x = checkpoint(block, x, cos, sin, i, None, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, i, cache, attn_mask)
         if cache is not None:
             cache.length += T
         return _rms_norm(x)  # (B, T, C)
@@ -232,6 +258,10 @@ class GPT(nn.Module):
         mask = causal.unsqueeze(0) & cache.valid[:, None, : start + T]  # (B, T, S)
         mask = mask | (keys.unsqueeze(0) == idx.unsqueeze(1))  # a pad query sees itself: no NaN
         return pos, mask.unsqueeze(1)  # (B, 1, T, S)
+
+    def packing_problem(self) -> str | None:
+        """None: packed rows (``doc_ids``) always compute what each example computes alone."""
+        return None
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,7 +1,8 @@
 """Scalar heads on a language-model trunk: the PPO critic (one value per token) and the reward model
 (one score per sequence).
 
-The trunk is any module with ``hidden_states(idx) -> (B, T, C)`` (the built-in GPT has it). The
+The trunk is any module with ``hidden_states(idx) -> (B, T, C)`` (``doc_ids=`` for packed rows, ``pad_mask=``
+for padded ones) and ``packing_problem()``: the built-in GPT and :class:`~posttrain.models.hf.HFPolicy`. The
 critic starts as a copy of the policy's trunk, as in RLHF practice (InstructGPT, verl, OpenRLHF
 initialise the critic from the policy or reward model), so it reads the same features the policy
 learned; its LM head is dropped and a zero-initialised linear head gives V = 0 at the start. The
@@ -34,12 +35,17 @@ class ScalarHead(nn.Module):
     def enable_activation_checkpointing(self) -> None:
         self.trunk.enable_activation_checkpointing()
 
+    def packing_problem(self) -> str | None:
+        """The trunk's: why packed rows (``doc_ids``) would not compute what each example computes alone."""
+        return self.trunk.packing_problem()
+
 
 class ValueModel(ScalarHead):
     """V(s_t) for every position: ``model(idx)`` (B, T) → values (B, T), fp32.
 
     Position t's value is the expected return from the state whose next token is predicted at t, so
-    values line up with the per-token log-probs and the loss mask of the same forward.
+    values line up with the per-token log-probs and the loss mask of the same forward. ``doc_ids`` (B, T):
+    packed rows, as the trunk's ``hidden_states`` takes them (each example attends only to itself).
     """
 
     @classmethod
@@ -49,8 +55,8 @@ class ValueModel(ScalarHead):
         trunk.lm_head = nn.Identity()  # unused by hidden_states; frees its weights
         return cls(trunk, policy.hidden_size)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.scalar(self.trunk.hidden_states(idx))  # (B, T, C) -> (B, T)
+    def forward(self, idx: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scalar(self.trunk.hidden_states(idx, doc_ids=doc_ids))  # (B, T, C) -> (B, T)
 
 
 class RewardModel(ScalarHead):

@@ -2,7 +2,9 @@
 drive either one.
 
 * :class:`HFPolicy` wraps an ``AutoModelForCausalLM`` (optionally with a peft LoRA adapter):
-  ``policy(idx)`` → logits (B, T, V) fp32, ``policy(idx, targets)`` → per-token log-probs (B, T),
+  ``policy(idx)`` → logits (B, T, V) fp32, ``policy(idx, targets)`` → per-token log-probs (B, T) and
+  ``policy.logprobs(idx, targets, temperature, entropy)`` → (log-probs, entropy), both computed in
+  chunks from the decoder's last hidden states, never the full logits (:mod:`posttrain.models.logprobs`),
   ``policy(idx, cache=..., pad_mask=...)`` → logits of the last position, appending to an
   :class:`HFCache` (the model's own ``DynamicCache`` plus the attention mask and positions of
   left-padded rows, so the engine's prefix sharing and row compaction work unchanged).
@@ -18,12 +20,14 @@ With LoRA on, the reference policy is the same module with the adapter disabled
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from posttrain.models.gpt import doc_positions, token_logprobs
+from posttrain.models.gpt import doc_positions
+from posttrain.models.logprobs import token_logprobs_from_hidden
 
 TOOL_TOKENS = ("<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>")
 # Used only when a tokenizer has no chat template of its own (base models): plain role-tagged turns.
@@ -35,6 +39,9 @@ FALLBACK_TEMPLATE = (
 # Attention implementations whose masks keep packed examples apart (transformers' create_causal_mask).
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config attributes by which some families scale the LM head's output, each its own way (Cohere
+# logit_scale ×, Granite logits_scaling ÷, HyperCLOVAX logits_scaling ×, Muse output_multiplier ×).
+LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
 
 
 def _require_hf():
@@ -144,15 +151,17 @@ class HFPolicy(nn.Module):
         return HFCache(self.hf.config, max_len)
 
     def forward(self, idx, targets=None, cache: HFCache | None = None, pad_mask=None, doc_ids=None):
-        """``idx`` (B, T) → logits (B, T, V) fp32 or log-probs of ``targets`` (B, T); with ``cache``
-        the tokens are appended to it and only the last position's logits (B, 1, V) come back.
+        """``idx`` (B, T) → logits (B, T, V) fp32 or log-probs of ``targets`` (B, T) (chunked, as
+        :meth:`logprobs` at temperature 1); with ``cache`` the tokens are appended to it and only the
+        last position's logits (B, 1, V) come back.
         ``doc_ids`` (B, T) (no cache): packed rows, as the built-in GPT takes them. They become position
         ids that restart at each example and no attention mask, from which transformers builds the
         block-diagonal causal mask (check :meth:`packing_problem` first)."""
+        if cache is None and targets is not None:
+            return self.logprobs(idx, targets, doc_ids=doc_ids)[0]
         if cache is None:
             packed = {} if doc_ids is None else {"position_ids": doc_positions(doc_ids)}
-            logits = self.hf(input_ids=idx, use_cache=False, **packed).logits.float()  # (B, T, V)
-            return logits if targets is None else token_logprobs(logits, targets)
+            return self.hf(input_ids=idx, use_cache=False, **packed).logits.float()  # (B, T, V)
         B, T = idx.shape
         if pad_mask is not None:  # prefill of left-padded rows: positions start at each row's first token
             cache.attention_mask = pad_mask.long()
@@ -168,14 +177,58 @@ class HFPolicy(nn.Module):
         cache.kv = out.past_key_values
         return out.logits.float()  # (B, 1, V)
 
-    def hidden_states(self, idx, pad_mask=None) -> torch.Tensor:
+    def logprobs(self, idx, targets, temperature: float = 1.0, entropy: bool = False, doc_ids=None,
+                 chunk_tokens: int = 1024):
+        """log softmax(logits/τ)[target] (B, T) and, with ``entropy``, the entropy of softmax(logits/τ)
+        (B, T) (else None); target −1 → 0 in both. The decoder's last hidden states go through
+        :meth:`logits_head` in chunks of completion positions only: no (B, T, V) tensor, in forward or
+        backward. ``doc_ids``: packed rows, as in :meth:`forward`; ``chunk_tokens``: positions per head call."""
+        head = self.logits_head()
+        packed = {} if doc_ids is None else {"position_ids": doc_positions(doc_ids)}
+        h = self._decoder()(input_ids=idx, use_cache=False, **packed).last_hidden_state  # (B, T, C)
+        return token_logprobs_from_hidden(h, head, targets, temperature, entropy, chunk_tokens)
+
+    def logits_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The map hidden states (..., C) → logits (..., V) that the model's own forward applies: its
+        output embeddings, then c·tanh(x / c) when the config has ``final_logit_softcapping`` c (Gemma).
+        Families that scale their logits otherwise (the attributes in ``LOGIT_SCALES``; Cohere multiplies,
+        Granite divides, …) raise a ValueError rather than give the log-probs of other logits."""
+        text = self.hf.config.get_text_config()
+        for name in LOGIT_SCALES:
+            if getattr(text, name, None) not in (None, 1, 1.0):
+                raise ValueError(f"this model ({text.model_type}) scales its logits by config.{name}="
+                                 f"{getattr(text, name)}, which the chunked log-probs do not reproduce (they "
+                                 f"support a plain LM head and final_logit_softcapping)")
+        out = self.hf.get_output_embeddings()
+        cap = getattr(text, "final_logit_softcapping", None)
+        return out if cap is None else lambda h: cap * torch.tanh(out(h) / cap)
+
+    def _decoder(self) -> nn.Module:
+        """The transformer under the LM head (with LoRA: its layers carry the adapter); it returns the
+        final normalised hidden states and computes no logits."""
+        return (self.hf.get_base_model() if self.is_lora else self.hf).get_decoder()
+
+    def hidden_states(self, idx, pad_mask=None, doc_ids=None) -> torch.Tensor:
         """The final normalised hidden states (B, T, C) the LM head reads (for value/reward heads).
-        ``pad_mask`` (B, T): real tokens (pads anywhere are masked out, positions count real tokens)."""
+        ``pad_mask`` (B, T): real tokens (pads anywhere are masked out, positions count real tokens);
+        ``doc_ids`` (B, T): packed rows, as in :meth:`forward` (not with ``pad_mask``)."""
+        if pad_mask is not None and doc_ids is not None:
+            raise ValueError("doc_ids (packed rows) cannot be combined with a pad_mask")
         kwargs = {}
         if pad_mask is not None:
             kwargs = {"attention_mask": pad_mask.long(), "position_ids": (pad_mask.long().cumsum(-1) - 1).clamp(min=0)}
-        out = self.hf(input_ids=idx, use_cache=False, output_hidden_states=True, logits_to_keep=1, **kwargs)
-        return out.hidden_states[-1]
+        elif doc_ids is not None:
+            kwargs = {"position_ids": doc_positions(doc_ids)}
+        return self._decoder()(input_ids=idx, use_cache=False, **kwargs).last_hidden_state
+
+    def enable_activation_checkpointing(self) -> None:
+        """transformers' activation checkpointing, non-reentrant (``use_reentrant=False``, which works
+        with LoRA's frozen base): in training mode each decoder layer recomputes its activations in backward."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.hf, "activation_checkpointing_enable"):  # the current name
+            self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # older transformers
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def packing_problem(self) -> str | None:
         """Why packed rows (``doc_ids``) would not compute what the examples compute alone, or None.
@@ -240,6 +293,16 @@ class _AdapterOff(nn.Module):
         policy = self._policy[0]
         with torch.no_grad(), policy.hf.disable_adapter():
             return policy(idx, targets)
+
+    def logprobs(self, idx, targets, temperature: float = 1.0, entropy: bool = False, doc_ids=None,
+                 chunk_tokens: int = 1024):
+        """:meth:`HFPolicy.logprobs` of the base model (adapter off), without grad."""
+        policy = self._policy[0]
+        with torch.no_grad(), policy.hf.disable_adapter():
+            return policy.logprobs(idx, targets, temperature, entropy, doc_ids, chunk_tokens)
+
+    def packing_problem(self) -> str | None:
+        return self._policy[0].packing_problem()
 
     def train(self, mode: bool = True):  # the view has no state of its own; scoring toggles eval()
         return self

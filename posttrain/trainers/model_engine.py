@@ -10,7 +10,9 @@ moves a module or a batch to a device, opens an autocast region or scales a loss
 
 :meth:`ModelEngine.optim_step` clips the gradient, asks the caller's health gate, steps the optimizer
 and counts applied updates in ``version`` (the policy version that tags rollouts). The RL losses that
-:meth:`ModelEngine.forward_backward` computes live in :mod:`posttrain.trainers.objectives`.
+:meth:`ModelEngine.forward_backward` computes live in :mod:`posttrain.trainers.objectives`; it and
+:meth:`ModelEngine.score` run micro-batches of at most ``max_tokens_per_micro_batch`` tokens, packed
+(:mod:`posttrain.trainers.packing`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from posttrain.config import ConfigError, OptimConfig
 from posttrain.optim import clip_grad, make_optimizer, set_lr
+from posttrain.trainers.packing import PackedModule, Packing, group_by_tokens, packing_problem
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
@@ -86,17 +89,24 @@ class ModelEngine:
     that is only scored, e.g. the reference policy).
 
     ``forward_backward`` / ``score`` run a :class:`posttrain.trainers.objectives.Objective` over a batch in
-    micro-batches; trainers with their own loss call :meth:`autocast` and :meth:`backward` directly.
+    micro-batches of at most ``max_tokens_per_micro_batch`` tokens (:func:`~posttrain.trainers.packing.
+    group_by_tokens`), each run packed when the module can (``packing`` on and its ``packing_problem()``
+    None) and padded to its widest row otherwise; trainers with their own loss call :meth:`autocast` and
+    :meth:`backward` directly.
     """
 
     def __init__(self, module: nn.Module, optim: OptimConfig | None, device: torch.device, precision: str,
-                 activation_checkpointing: bool = False, micro_batch: int = 64):
+                 activation_checkpointing: bool = False, max_tokens_per_micro_batch: int = 4096,
+                 packing: bool = True):
         if precision == "bf16-true":
             module.to(dtype=torch.bfloat16)
         self.module = module.to(device)
         if activation_checkpointing:
             module.enable_activation_checkpointing()
-        self.device, self.precision, self.micro_batch = device, precision, micro_batch
+        self.device, self.precision, self.max_tokens = device, precision, max_tokens_per_micro_batch
+        self.packing_problem = packing_problem(module)  # why this module runs padded (None: it packs)
+        self.packing = packing and self.packing_problem is None
+        self.tokens_run = self.tokens_real = 0  # forward_backward's input positions so far, and the real ones
         self.grad_clip = optim.grad_clip if optim is not None else 0.0
         self.optimizer = make_optimizer(module, optim) if optim is not None else None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
@@ -142,16 +152,33 @@ class ModelEngine:
         self.zero_grad()
         return grad_norm, self.version
 
+    def micro_batches(self, batch, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, object, nn.Module, int, int]]:
+        """(micro-batch rows, the micro-batch cut to its widest row, the module to run it with, the input
+        positions it runs, its real tokens) for ``rows`` of ``batch`` in order. A packed micro-batch runs
+        through a :class:`~posttrain.trainers.packing.PackedModule`: what the module returns for its (r, w)
+        rows is computed on the packed sequences."""
+        widths = batch.widths[rows].tolist()  # the one host sync
+        groups = group_by_tokens(widths, self.max_tokens, padded=not self.packing)
+        for micro_rows, group in zip(rows.split([len(g) for g in groups]), groups, strict=True):
+            micro = batch.take(micro_rows)
+            group_widths = [widths[i] for i in group]
+            if self.packing:
+                packing = Packing.of(group_widths, micro.width, self.device)
+                module, ran = PackedModule(self.module, packing), packing.doc_ids.numel()
+            else:
+                module, ran = self.module, len(group) * micro.width
+            yield micro_rows, micro, module, ran, sum(group_widths)
+
     @torch.no_grad()
     def score(self, batch, objective) -> torch.Tensor:
-        """``objective.score`` of every row of ``batch`` under no grad, (B, L), in micro-batches of rows."""
+        """``objective.score`` of every row of ``batch`` under no grad, (B, L), micro-batch by micro-batch."""
         was_training = self.module.training
         self.module.eval()
         out = torch.zeros_like(batch.mask)  # (B, L)
-        for rows in torch.arange(len(batch.mask), device=batch.mask.device).split(self.micro_batch):
-            micro = batch.take(rows)
+        everything = torch.arange(len(batch.mask), device=batch.mask.device)
+        for rows, micro, module, _, _ in self.micro_batches(batch, everything):
             with self.autocast():
-                out[rows, : micro.width] = objective.score(self.module, micro).float()
+                out[rows, : micro.width] = objective.score(module, micro).float()
         self.module.train(was_training)
         return out * batch.mask
 
@@ -162,12 +189,12 @@ class ModelEngine:
         ``normaliser`` is the loss's global denominator (the minibatch's tokens for token-mean, its rows
         otherwise: see ``objective.share``), so Σ over micro-batches of loss_m · share_m / normaliser is
         the loss of the whole minibatch and the gradient equals the full batch's. Returns the weighted sums
-        of the objective's statistics (tensors, no host synchronisation)."""
+        of the objective's statistics (tensors; the one host synchronisation reads the rows' widths)."""
         sums: dict[str, torch.Tensor] = {}
-        for micro_rows in rows.split(self.micro_batch):
-            micro = batch.take(micro_rows)
+        for _, micro, module, ran, real in self.micro_batches(batch, rows):
+            self.tokens_run, self.tokens_real = self.tokens_run + ran, self.tokens_real + real
             with self.autocast():
-                loss, stats = objective.loss(self.module, micro)
+                loss, stats = objective.loss(module, micro)
             weight = objective.share(micro.mask) / normaliser
             self.backward(loss * weight)
             for k, v in {"loss": loss.detach(), **stats}.items():
@@ -191,12 +218,12 @@ class ModelEngine:
 
 
 @contextmanager
-def out_of_memory(step: int, phase: str):
-    """Turn a device out-of-memory error inside ``phase`` of ``step`` into one :class:`OutOfMemory` line."""
+def out_of_memory(step: int, phase: str, knob: str = "micro_batch"):
+    """Turn a device out-of-memory error inside ``phase`` of ``step`` into one :class:`OutOfMemory` line;
+    ``knob``: the config key that sizes the micro-batches (RL: max_tokens_per_micro_batch)."""
     try:
         yield
     except torch.OutOfMemoryError:
         hint = {"generation": "prompts_per_step, samples_per_prompt or sampling.max_new_tokens",
-                "scoring": "micro_batch", "update": "micro_batch, or set activation_checkpointing=true or "
-                "precision=bf16-true"}.get(phase, "micro_batch")
+                "update": f"{knob}, or set activation_checkpointing=true or precision=bf16-true"}.get(phase, knob)
         raise OutOfMemory(f"out of device memory at step {step} during {phase}: lower {hint}") from None

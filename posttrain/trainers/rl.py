@@ -22,6 +22,12 @@
 Rows whose loss is exactly zero (advantage 0 everywhere, no KL or entropy term) skip the forward and
 backward, but still count in the loss normaliser, so skipping changes cost and nothing else.
 
+Scoring and update run in micro-batches of at most ``max_tokens_per_micro_batch`` real tokens, each
+packed into a few sequences without padding (:mod:`posttrain.trainers.packing`); the losses see the
+same (B, L) tensors as with padded rows. A model that cannot keep packed rows apart (an HF model whose
+attention implementation does not) runs them padded, with one notice at the start of the run;
+``data/pad_fraction`` is the padding share of the positions the update ran.
+
 The trainer trains the distribution it sampled from: every log-prob, KL and entropy is of
 softmax(logits / T) at the sampling temperature T. The sampler's own (behaviour) log-probs are of the
 distribution it drew from, after top-k / top-p truncation; ``mismatch/logprob_diff_max`` and
@@ -105,15 +111,16 @@ def setup(config: RLConfig) -> RLSetup:
     learned = "reward_model" in config.rewards
     sources = {"reward_model": RewardScorer.from_config(config.reward_model, tokenizer, device)} if learned else {}
     scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources)
-    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, config.micro_batch)
+    tokens = config.max_tokens_per_micro_batch
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, tokens)
     reference = None
     if config.kl_coef > 0:  # LoRA: the same weights with the adapter off
-        reference = ModelEngine(model.reference(), None, device, precision, micro_batch=config.micro_batch)
+        reference = ModelEngine(model.reference(), None, device, precision, max_tokens_per_micro_batch=tokens)
     critic = critic_objective = None
     critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
     if config.advantage == "gae":
         critic = ModelEngine(ValueModel.from_policy(model), critic_optim, device, precision,
-                             config.activation_checkpointing, config.micro_batch)
+                             config.activation_checkpointing, tokens)
         critic_objective = ValueObjective(ValueLoss(config.loss_agg, config.sampling.max_new_tokens,
                                                     config.critic.value_clip or None))
     objective = PolicyObjective(PolicyLoss(
@@ -149,6 +156,8 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                       initial=run.start_step) as bar:
         run.check_config(bar.print)
         run.open(bar.print)
+        if rl.policy.packing_problem is not None:
+            bar.print(f"[yellow]scoring and updates run on padded rows, not packed: {rl.policy.packing_problem}")
         step = run.restore(parts) if run.resume_from else 0
         if run.resume_from is None:  # a fresh run (a resumed one has these in its checkpoint and logs)
             if config.eval_before:
@@ -233,7 +242,7 @@ def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monito
     # and critic under no grad; the health checks on KL
     multi_update = config.ppo_epochs * config.minibatches > 1
     check_all = config.mismatch_every > 0 and step % config.mismatch_every == 0
-    with out_of_memory(step + 1, "scoring"):
+    with out_of_memory(step + 1, "scoring", knob="max_tokens_per_micro_batch"):
         old_logp = None
         if multi_update or rl.reference is not None or check_all:
             old_logp = rl.policy.score(data, rl.objective)
@@ -258,7 +267,7 @@ def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monito
     # 4. update: ppo_epochs × minibatches optimizer steps, each gated by the health checks
     healthy = Monitor.worst(events) in (None, "warn")
     if healthy:
-        with out_of_memory(step + 1, "update"):
+        with out_of_memory(step + 1, "update", knob="max_tokens_per_micro_batch"):
             healthy, update_metrics = update(rl, state, data, step, monitor, events, track_mismatch=old_logp is None)
         metrics |= update_metrics
         observed_kl = kl_tok.sum(-1).mean().item()
@@ -282,7 +291,8 @@ def update(rl: RLSetup, state: RLState, data: TrainBatch, step: int, monitor: Mo
     """``ppo_epochs`` × ``minibatches`` optimizer steps of the policy (and the critic), each gated by the
     health checks; an action stronger than warn stops the batch's updates. ``track_mismatch``: compare
     behaviour and trainer log-probs on the first minibatch's forward (the policy that sampled: no extra
-    pass). Returns (healthy, the mean of each statistic over the steps)."""
+    pass). Returns (healthy, the mean of each statistic over the steps, and ``data/pad_fraction``: the
+    padding share of the input positions the policy's and critic's forwards ran)."""
     config = rl.config
     rl.policy.module.train()
     update_actor = rl.critic is None or step >= config.critic.warmup_steps
@@ -295,6 +305,8 @@ def update(rl: RLSetup, state: RLState, data: TrainBatch, step: int, monitor: Mo
     counts: dict[str, int] = {}
     healthy = True
     rl.objective.mismatch = Mismatch() if track_mismatch else None
+    engines = [e for e in (rl.policy, rl.critic) if e is not None]
+    ran, real = sum(e.tokens_run for e in engines), sum(e.tokens_real for e in engines)
     for rows in minibatch_rows(len(data.mask), config.ppo_epochs, config.minibatches, gen):
         rows = rows.to(rl.policy.device)
         part: dict[str, float] = {}
@@ -311,7 +323,9 @@ def update(rl: RLSetup, state: RLState, data: TrainBatch, step: int, monitor: Mo
         if not healthy:
             break
     rl.objective.mismatch = None
-    return healthy, {k: v / counts[k] for k, v in sums.items()}
+    ran, real = sum(e.tokens_run for e in engines) - ran, sum(e.tokens_real for e in engines) - real
+    padding = {"data/pad_fraction": 1.0 - real / ran} if ran else {}
+    return healthy, {k: v / counts[k] for k, v in sums.items()} | padding
 
 
 def mismatch(data: TrainBatch, logp: Tensor) -> dict[str, float]:
