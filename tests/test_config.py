@@ -120,8 +120,8 @@ def test_section_given_a_scalar_sets_its_first_field():
     config = load_config(RLConfig, overrides=["model=runs/x", "model.dtype=bfloat16", "task=gsm8k"])
     assert (config.model.path, config.model.dtype, config.task.name) == ("runs/x", "bfloat16", "gsm8k")
     # after a YAML-style section, the scalar replaces only the first field
-    config = load_config(RLConfig, overrides=["model.dtype=float16", "model=runs/y"])
-    assert (config.model.path, config.model.dtype) == ("runs/y", "float16")
+    config = load_config(RLConfig, overrides=["model.tool_tokens=true", "model=runs/y"])
+    assert (config.model.path, config.model.tool_tokens) == ("runs/y", True)
 
 
 def test_section_given_a_list_is_an_error():
