@@ -261,7 +261,8 @@ def test_a_groups_rows_are_a_function_of_its_seed(gpt, tok):
     prompt = tok.encode("Ann has 3 pens.")
     same = engine.generate([prompt, prompt], 4, RANDOM, seeds=[1, 1])
     assert torch.equal(same.completion_ids[:4], same.completion_ids[4:])
-    assert torch.equal(same.logprobs[:4], same.logprobs[4:])
+    torch.testing.assert_close(same.logprobs[:4], same.logprobs[4:], atol=1e-5, rtol=0)  # rows of one batch may
+    # sum in another order on several threads
     other = engine.generate([prompt, prompt], 4, RANDOM, seeds=[1, 2])
     assert torch.equal(other.completion_ids[:4], same.completion_ids[:4])
     assert not torch.equal(other.completion_ids[:4], other.completion_ids[4:])
