@@ -14,16 +14,20 @@ policy, i.e. −A·logp in its gradient) minus 0.01 × the token-mean entropy, o
 Each variant runs in a fresh process (the script re-invokes itself with ``--variant X``). Memory on CPU: the
 resident high-water mark during the first update minus the RSS just before it. The high-water mark
 (VmHWM) is reset to the current RSS just before the update (writing 5 to /proc/self/clear_refs), so
-building the model does not count, and freed heap memory is handed back first (malloc_trim). The first
+building the model does not count, and freed heap memory is handed back first (malloc_trim). The
+children run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB: every tensor is then its own mapping,
+returned to the OS when freed, so RSS follows the live tensors (as ``max_memory_allocated`` does on CUDA).
+With glibc's default adaptive threshold (``--keep-malloc``), tensors up to 32 MiB come from the heap, whose
+freed pages stay resident, and the high-water mark also counts that fragmentation. The first
 full-size update is the measured one: a full-size warm-up would leave its freed memory resident in the
 allocator's pools, where the measured update would reuse it unseen; the only warm-up is an update of 8
 tokens (lazy imports and kernel set-up, which would otherwise count). The gradients count (zeroed with
 set_to_none, as policy_step does): every variant allocates them. On CUDA: ``torch.cuda.max_memory_allocated``
 during a second update minus the memory allocated before it (the first update is a warm-up). Time: the
-wall time of a second update. Prints each variant's peak MiB and time, and last
-``RESULT memory_ratio=<full peak ÷ chunked+ckpt peak>``.
+wall time of a second update, and its process CPU time (less sensitive to other load on the machine).
+Prints each variant's peak MiB and times, and last ``RESULT memory_ratio=<full peak ÷ chunked+ckpt peak>``.
 
-    python bench/update_memory.py            # defaults: --threads 2; --quick: a tiny model, for tests
+    python bench/update_memory.py     # defaults: --threads 2; --quick: a tiny model (tests); --keep-malloc
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -114,10 +119,11 @@ def run_variant(variant: str, sizes: dict, batch: int, seq: int, completion: int
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     peak = _peak_bytes_cuda(step) if device == "cuda" else _peak_bytes_cpu(step)
     sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     step()
     sync()
-    return {"variant": variant, "peak_mib": peak / 2**20, "update_s": time.perf_counter() - start}
+    return {"variant": variant, "peak_mib": peak / 2**20, "update_s": time.perf_counter() - start,
+            "cpu_s": time.process_time() - cpu_start}
 
 
 def main() -> None:
@@ -125,6 +131,7 @@ def main() -> None:
     ap.add_argument("--variant", choices=VARIANTS, help="measure one variant in this process (internal)")
     ap.add_argument("--quick", action="store_true", help="a 2-layer model, vocabulary 8192, B×T 4×128 (96 completion)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep-malloc", action="store_true", help="leave glibc's adaptive mmap threshold (see above)")
     args = ap.parse_args()
     sizes, batch, seq, completion = (QUICK, 4, 128, 96) if args.quick else (SMOLLM2_135M, 8, 512, 384)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,15 +141,18 @@ def main() -> None:
         return
     print(f"model: random Llama {sizes}; B×T = {batch}×{seq}, {completion} completion tokens per row; fp32 on "
           f"{device}, {args.threads} threads; torch {torch.__version__}")
+    env = dict(os.environ) if args.keep_malloc else {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    print(f"allocator: glibc, {'adaptive mmap threshold' if args.keep_malloc else 'mmap threshold 64 KiB'}")
     rows = {}
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--variant", variant, "--threads", str(args.threads)]
-        done = subprocess.run(cmd + ["--quick"] * args.quick, capture_output=True, text=True)
+        done = subprocess.run(cmd + ["--quick"] * args.quick, capture_output=True, text=True, env=env)
         if done.returncode:
             raise RuntimeError(f"variant {variant} failed:\n{done.stderr}")
         rows[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{variant:<13} peak {rows[variant]['peak_mib']:9.1f} MiB   update {rows[variant]['update_s']:7.2f} s",
-              flush=True)
+        row = rows[variant]
+        print(f"{variant:<13} peak {row['peak_mib']:9.1f} MiB   update {row['update_s']:7.2f} s "
+              f"(CPU time {row['cpu_s']:.2f} s)", flush=True)
     slower = rows["chunked"]["update_s"] / rows["full"]["update_s"] - 1
     print(f"chunked vs full: time {slower:+.1%}; memory ÷{rows['full']['peak_mib'] / rows['chunked']['peak_mib']:.2f}")
     print(f"RESULT memory_ratio={rows['full']['peak_mib'] / rows['chunked+ckpt']['peak_mib']:.2f}")
