@@ -14,6 +14,7 @@ from posttrain.preference_config import DPOConfig, RMConfig
 from posttrain.tasks.arithmetic import ArithmeticTask, extract_answer, preference_pair, solution_parts
 from posttrain.tasks.preference import PreferencePair
 from posttrain.trainers.dpo import dpo_step, precompute_reference
+from posttrain.trainers.model_engine import ModelEngine
 from posttrain.trainers.pairs import batches, encode_pairs, pair_batch, sequence_logps
 from posttrain.trainers.reward_model import RewardScorer, bt_step, pair_metrics
 
@@ -116,20 +117,27 @@ def sgd(model, lr: float):
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
+def engine(model, optimizer) -> ModelEngine:
+    """``model`` in a CPU fp32 model engine stepping ``optimizer`` (no gradient clipping)."""
+    out = ModelEngine(model, None, torch.device("cpu"), "fp32")
+    out.optimizer = optimizer
+    return out
+
+
 def test_dpo_step_raises_chosen_and_lowers_rejected(make_gpt, tok):
     policy = make_gpt(seed=2).train()
     reference = policy.reference()
     pairs, _ = encode_pairs(tok, [text_pair(" 5 apples", " 9 pens"), text_pair(" 3", " 4 4 4")], 0)
     config = load_config(DPOConfig, None, ["beta=0.5", "optim.grad_clip=0"])
     before = sequence_logps(policy, pair_batch(pairs, tok.pad_id)).detach()
-    stats = dpo_step(policy, sgd(policy, 0.05), pairs, [0, 1], tok.pad_id, reference, None, config,
+    stats = dpo_step(engine(policy, sgd(policy, 0.05)), pairs, [0, 1], tok.pad_id, reference, None, config,
                      lambda loss, norm: True)
     after = sequence_logps(policy, pair_batch(pairs, tok.pad_id)).detach()
     assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
     assert stats["rewards/chosen"] == 0 and stats["rewards/margins"] == 0  # measured before the step: π = π_ref
     assert stats["loss"] == pytest.approx(0.6931, abs=1e-4)  # −log σ(0)
     # a precomputed reference gives the same step
-    table = precompute_reference(reference, pairs, tok.pad_id, size=1)
+    table = precompute_reference(engine(reference, None), reference, pairs, tok.pad_id, size=1)
     torch.testing.assert_close(table, torch.stack([before[:2], before[2:]], 1), rtol=1e-5, atol=1e-4)
 
 
@@ -137,11 +145,11 @@ def test_bt_step_separates_chosen_from_rejected(make_gpt, tok):
     model = RewardModel.from_policy(make_gpt(seed=3)).train()
     pairs, _ = encode_pairs(tok, [text_pair(" 5 apples", " 9 pens"), text_pair(" 3", " 4 4 4")], 0)
     config = load_config(RMConfig, None, ["micro_batch=1", "optim.grad_clip=0"])
-    optimizer = sgd(model, 0.5)
-    first = bt_step(model, optimizer, pairs, config, tok.pad_id, lambda loss, norm: True)
+    rm = engine(model, sgd(model, 0.5))
+    first = bt_step(rm, pairs, config, tok.pad_id, lambda loss, norm: True)
     assert first["loss"] == pytest.approx(0.6931, abs=1e-4) and first["accuracy"] == 0.5  # head starts at 0: ties
     for _ in range(5):
-        last = bt_step(model, optimizer, pairs, config, tok.pad_id, lambda loss, norm: True)
+        last = bt_step(rm, pairs, config, tok.pad_id, lambda loss, norm: True)
     assert last["accuracy"] == 1.0 and last["margin"] > 0 and last["loss"] < first["loss"]
 
 
