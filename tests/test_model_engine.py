@@ -4,6 +4,8 @@ the distribution the sampler drew from."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,12 +13,12 @@ from typer.testing import CliRunner
 
 from posttrain.checkpoint import load_checkpoint
 from posttrain.cli import app
-from posttrain.config import ConfigError, OptimConfig, SFTConfig, load_config
+from posttrain.config import ConfigError, OptimConfig, RLConfig, SFTConfig, load_config
 from posttrain.engine import Engine, SamplingParams
 from posttrain.metrics import read_jsonl
 from posttrain.trainers.model_engine import ModelEngine, OutOfMemory, out_of_memory, resolve_device, resolve_precision
 from posttrain.trainers.objectives import PolicyLoss, PolicyObjective
-from posttrain.trainers.rl import mismatch
+from posttrain.trainers.rl import mismatch, train_rl
 from posttrain.trainers.sft import train_sft
 from posttrain.trainers.train_batch import layout
 
@@ -91,6 +93,44 @@ def test_a_bf16_mixed_run_resumes_in_fp32(tmp_path):
     train_sft(load_config(SFTConfig, None, [f"run_dir={tmp_path}", "precision=fp32", *longer]), progress=False)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # went on from step 4, in fp32
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sft")
+    train_sft(load_config(SFTConfig, None, [f"run_dir={run_dir}", *TINY_SFT]), progress=False)
+    return run_dir / "checkpoints/final"
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed", "bf16-true"])
+def test_ppo_with_a_critic_and_a_reference_runs_in_every_precision(tiny_sft, tmp_path, precision):
+    """PPO (critic, reference, KL in the reward, packed scoring and update) in each precision on the CPU."""
+    config = load_config(RLConfig, None, [
+        f"run_dir={tmp_path}", f"model={tiny_sft}", f"precision={precision}", "algorithm=ppo", "threads=1",
+        "steps=2", "prompts_per_step=2", "samples_per_prompt=3", "critic.warmup_steps=0", "eval.every=0",
+        "eval.problems=2", "eval.samples=2", "eval.ks=[1,2]", "eval.max_new_tokens=8", "sampling.max_new_tokens=12",
+        "task.test_size=4", "optim.warmup_steps=1", "mismatch_every=1"])
+    train_rl(config, progress=False)
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "value_loss" in r]
+    assert len(rows) == 2
+    for row in rows:
+        assert all(math.isfinite(row[k]) for k in ("kl", "value_loss", "grad_norm", "critic/grad_norm", "entropy"))
+        assert row["mismatch/kl"] >= 0  # sampled and trained in the same precision: small, never negative
+    if precision == "fp16-mixed":
+        assert rows[-1]["precision/loss_scale"] > 0 and "precision/overflows" in rows[-1]
+    final = load_file(tmp_path / "checkpoints/final/critic.safetensors")
+    assert all(torch.isfinite(v.float()).all() for v in final.values())
+
+
+def test_fp16_a_non_finite_loss_is_not_taken_for_an_overflow():
+    layer = torch.nn.Linear(4, 1)
+    engine = ModelEngine(layer, OptimConfig(lr=0.1, grad_clip=0.0), torch.device("cpu"), "fp16-mixed")
+    with engine.autocast():
+        loss = layer(torch.ones(2, 4)).float().sum() * float("nan")
+    engine.backward(loss)
+    seen = []
+    engine.optim_step(lambda g: seen.append(g) or False, loss=float("nan"))
+    assert len(seen) == 1 and engine.overflows == 0  # the health gate saw it (a nonfinite event), not the scaler
 
 
 def test_fp16_scaler_skips_an_overflowing_update_and_counts_it():

@@ -93,7 +93,9 @@ def _rotary_tables(config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1, x2) of the two halves of the head dim; ``cos``/``sin``: (B, 1, T, D/2)."""
+    """Rotate pairs (x1, x2) of the two halves of the head dim; ``cos``/``sin``: (B, 1, T, D/2), fp32 tables
+    (angles computed in fp32) rounded to ``x``'s dtype."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 

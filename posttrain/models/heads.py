@@ -29,8 +29,10 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def scalar(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., C) hidden states → (...) fp32; the head runs in its own dtype (fp32 unless bf16-true)."""
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+        """(..., C) hidden states → (...) fp32; the head runs in its own dtype (fp32 unless bf16-true), outside
+        autocast, so values and scores are not rounded to bf16/fp16 under mixed precision."""
+        with torch.autocast(h.device.type, enabled=False):
+            return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def enable_activation_checkpointing(self) -> None:
         self.trunk.enable_activation_checkpointing()

@@ -98,8 +98,9 @@ class ModelEngine:
     def __init__(self, module: nn.Module, optim: OptimConfig | None, device: torch.device, precision: str,
                  activation_checkpointing: bool = False, max_tokens_per_micro_batch: int = 4096,
                  packing: bool = True):
-        if precision == "bf16-true":
-            module.to(dtype=torch.bfloat16)
+        if precision == "bf16-true":  # the weights only: buffers (rotary frequencies) keep their precision
+            for p in module.parameters():
+                p.data = p.data.to(torch.bfloat16)
         self.module = module.to(device)
         if activation_checkpointing:
             module.enable_activation_checkpointing()
@@ -128,16 +129,20 @@ class ModelEngine:
         """Backward of ``loss`` (scaled by the gradient scaler in fp16-mixed)."""
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def optim_step(self, allowed: Callable[[float], bool] | None = None) -> tuple[float, int]:
+    def optim_step(self, allowed: Callable[[float], bool] | None = None, loss: float = 0.0) -> tuple[float, int]:
         """Clip the accumulated gradient and apply it when ``allowed(grad_norm)`` (the health gate) says so;
-        gradients are cleared either way. Returns (grad norm before clipping, version after the step).
+        gradients are cleared either way. ``loss``: the (unscaled) loss of the step. Returns (grad norm before
+        clipping, version after the step).
 
-        fp16-mixed: the gradient is unscaled first; an inf/NaN gradient is the scaler's overflow signal
-        (the scale halves, the update is skipped, ``overflows`` counts it) and never reaches the gate."""
+        fp16-mixed: the gradient is unscaled first; an inf/NaN gradient of a finite loss is the scaler's
+        overflow signal (the scale halves, the update is skipped, ``overflows`` counts it) and does not reach
+        the gate, until the scale has fallen below 1: then no scale helps, and the gate sees the non-finite
+        gradient (a health event) as it does a non-finite loss."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad(self.module, self.grad_clip)
-        if self.scaler is not None and not math.isfinite(grad_norm):
+        if (self.scaler is not None and not math.isfinite(grad_norm) and math.isfinite(loss)
+                and self.scaler.get_scale() >= 1.0):
             self.overflows += 1
             self.scaler.update()
         elif allowed is None or allowed(grad_norm):
@@ -206,6 +211,12 @@ class ModelEngine:
         for name, tensor in self.module.state_dict().items():
             yield name, tensor.detach()
 
+    def metrics(self) -> dict[str, float]:
+        """fp16-mixed: the loss scale and the overflow skips so far (nothing in other precisions)."""
+        if self.scaler is None:
+            return {}
+        return {"precision/loss_scale": self.scaler.get_scale(), "precision/overflows": self.overflows}
+
     def state_dict(self) -> dict:
         """What a checkpoint keeps besides the weights and the optimizer: the version and the scaler."""
         scaler = self.scaler.state_dict() if self.scaler is not None else None
@@ -225,5 +236,6 @@ def out_of_memory(step: int, phase: str, knob: str = "micro_batch"):
         yield
     except torch.OutOfMemoryError:
         hint = {"generation": "prompts_per_step, samples_per_prompt or sampling.max_new_tokens",
+                "evaluation": "eval.samples or eval.max_new_tokens",
                 "update": f"{knob}, or set activation_checkpointing=true or precision=bf16-true"}.get(phase, knob)
         raise OutOfMemory(f"out of device memory at step {step} during {phase}: lower {hint}") from None

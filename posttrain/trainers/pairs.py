@@ -160,7 +160,7 @@ def pair_step(engine: ModelEngine, n_pairs: int, micro_batches, gate) -> dict[st
         for k, v in parts.items():
             stats[k] = stats.get(k, 0.0) + v.sum().item() / n_pairs
     version = engine.version
-    grad_norm, _ = engine.optim_step(lambda g: gate(total, g))
+    grad_norm, _ = engine.optim_step(lambda g: gate(total, g), loss=total)
     return {"loss": total, "grad_norm": grad_norm, "health/skipped_update": float(engine.version == version), **stats}
 
 
@@ -179,5 +179,6 @@ def train_on_pairs(run: Run, parts: Parts, bar, engine: ModelEngine, step: int, 
         rows = batches(n_pairs, config.batch_size, step, config.seed)
         with out_of_memory(step + 1, "update"):
             stats = update(rows, health_gate(run.monitor, step + 1, events))
-        metrics = {"step": step + 1, **stats, "learning_rate": lr, "timing_s/step": time.perf_counter() - t0}
+        metrics = {"step": step + 1, **stats, "learning_rate": lr, "timing_s/step": time.perf_counter() - t0,
+                   **engine.metrics()}
         step = end_step(run, parts, bar, step, metrics, events, evaluate, eval_every)

@@ -75,10 +75,10 @@ from posttrain.trainers.train_batch import TrainBatch, last_token, layout
 
 @dataclass
 class StepOut:
-    """What one RL update leaves: its metrics, and per row the shaped reward and advantages (samples log)."""
+    """What one RL update leaves: its metrics, and per row the reward and advantages (for the samples log)."""
 
     metrics: dict
-    rewards: Tensor  # (B,) on the CPU
+    rewards: Tensor  # (B,) on the CPU: the reward functions' total, plus the overlong penalty
     advantages: Tensor  # (B, L) on the CPU
     mask: Tensor  # (B, L) on the CPU
 
@@ -282,6 +282,7 @@ def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monito
         "timing_s/ref": t_score - t_reward,
         "timing_s/update": t_end - t_score,
         "rollout/policy_version": rl.policy.version,
+        **rl.policy.metrics(),
     }
     return StepOut(metrics, rewards.cpu(), data.advantages.cpu(), data.mask.cpu())
 
@@ -406,7 +407,8 @@ def policy_update(engine: ModelEngine, objective: PolicyObjective, data: TrainBa
     total_loss = float(sums.pop("loss"))
     live_share = max(float(objective.share(data.mask[running]) / normaliser), 1e-12)
     stats = {k: float(v) if k == "policy_loss" else float(v) / live_share for k, v in sums.items()}
-    grad_norm, _ = engine.optim_step(None if gate is None else lambda g: gate(total_loss, g, stats.get("entropy")))
+    grad_norm, _ = engine.optim_step(None if gate is None else lambda g: gate(total_loss, g, stats.get("entropy")),
+                                     loss=total_loss)
     return stats | {"grad_norm": grad_norm}
 
 
@@ -416,5 +418,5 @@ def critic_update(engine: ModelEngine, objective: ValueObjective, data: TrainBat
     aggregated like the policy loss; ``gate`` as in :func:`policy_update`."""
     sums = engine.forward_backward(data, rows, objective.share(data.mask[rows]), objective)
     value_loss = float(sums["loss"])
-    grad_norm, _ = engine.optim_step(None if gate is None else lambda g: gate(value_loss, g))
+    grad_norm, _ = engine.optim_step(None if gate is None else lambda g: gate(value_loss, g), loss=value_loss)
     return {"value_loss": value_loss, "vf_clipfrac": float(sums["vf_clipfrac"]), "critic/grad_norm": grad_norm}

@@ -35,7 +35,7 @@ from posttrain.checkpoint import (
 from posttrain.config import ConfigError, save_config, to_dict
 from posttrain.metrics import JsonlWriter, eval_due, open_sinks
 from posttrain.monitor import Event, Monitor
-from posttrain.trainers.model_engine import ModelEngine
+from posttrain.trainers.model_engine import ModelEngine, out_of_memory
 
 LOGS = ("metrics", "samples", "events")
 # Config keys a resumed run may not change: they decide what the checkpoint's tensors are.
@@ -294,7 +294,8 @@ def end_step(run: Run, parts: Parts, bar, step: int, metrics: dict, events: list
         return run.rollback(step + 1, parts, bar.print)
     step += 1
     if eval_due(step, run.config.steps, eval_every):
-        parts.state.last_eval = evaluate()
+        with out_of_memory(step, "evaluation"):
+            parts.state.last_eval = evaluate()
         metrics.update(parts.state.last_eval)
         bar.print_metrics(f"step {step}", parts.state.last_eval)
     run.write(metrics)

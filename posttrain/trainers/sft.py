@@ -110,12 +110,13 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             events: list = []
             n_tokens, applied, trained = rows.counted, False, {}
             if n_tokens:
-                with out_of_memory(step + 1, "update"):
+                with out_of_memory(step + 1, "update", knob="batch_size or max_length"):
                     with policy.autocast():
                         loss, _ = sft_loss(model, rows)
                     policy.backward(loss)
-                version = policy.version
-                grad_norm, _ = policy.optim_step(partial(health_gate(run.monitor, step + 1, events), loss.item()))
+                    version = policy.version
+                    grad_norm, _ = policy.optim_step(partial(health_gate(run.monitor, step + 1, events), loss.item()),
+                                                     loss=loss.item())
                 trained, applied = {"loss": loss.item(), "grad_norm": grad_norm}, policy.version > version
             else:  # no loss (none logged) and no AdamW step: its momentum and weight decay would move the weights
                 counts["empty_steps"] = counts.get("empty_steps", 0) + 1  # .get: checkpoints from before the count
@@ -132,6 +133,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
                 "data/empty_steps": counts.get("empty_steps", 0),
                 "data/pad_fraction": rows.pad_fraction,
                 "timing_s/step": elapsed,
+                **policy.metrics(),
                 "throughput/tokens_per_s": n_tokens / max(elapsed, 1e-9),
             }
             step = end_step(run, parts, bar, step, metrics, events, evaluate, config.eval.every)
