@@ -9,9 +9,10 @@ Needs only torch, transformers, safetensors and posttrain (no network, no model 
     seconds per step, generated tokens/s and peak device memory. The reward is a token-parity rule with
     signal in every group (a random model never solves a task, and a group with equal rewards has no
     gradient), so every step runs its update;
-(c) one decode step of the rollout engine at batch 64 on that model: the fraction of the memory-bandwidth
-    roofline it reaches, (weight bytes + KV-cache bytes read per step) ÷ step time ÷ the bandwidth of a
-    device-to-device copy measured in the same run.
+(c) the rollout engine's decode step at batch 64 on that model (sampling and the per-step host transfer
+    included): the fraction of the memory-bandwidth roofline it reaches, (weight bytes + KV-cache bytes read
+    per step) ÷ step time ÷ the device's data-sheet bandwidth (a device-to-device copy is measured and
+    printed beside it, and used when the device is not in the table).
 
 Without CUDA it says so and exits 0 (``--device cpu --tiny`` runs the same code at toy sizes: that is
 how CI exercises it). The last line is ``RESULT roofline_fraction=<x>``.
@@ -102,6 +103,17 @@ def check_grpo(model_dir: Path, device: str, run_dir: Path, steps: int, tiny: bo
     }
 
 
+# Nominal HBM bandwidth (bytes/s) by device name, from the vendors' data sheets.
+NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12,
+                     "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.039e12, "A100 80GB PCIe": 1.935e12,
+                     "A100-SXM4-40GB": 1.555e12, "A100-PCIE-40GB": 1.555e12}
+
+
+def nominal_bandwidth(name: str) -> float | None:
+    """The data-sheet bandwidth of the first table entry whose name is in ``name``, or None."""
+    return next((bw for key, bw in NOMINAL_BANDWIDTH.items() if key in name), None)
+
+
 def copy_bandwidth(device: torch.device, size_mib: int) -> float:
     """Bytes per second of a device-to-device copy (read + write), best of 5."""
     src = torch.empty(size_mib * 2**20, dtype=torch.uint8, device=device)
@@ -116,34 +128,49 @@ def copy_bandwidth(device: torch.device, size_mib: int) -> float:
     return 2 * src.numel() / best
 
 
-def check_roofline(model_dir: Path, device: torch.device, batch: int, context: int) -> dict:
-    """(c): one decode step at ``batch`` rows after a ``context``-token prefill, in bf16 weights."""
+def check_roofline(model_dir: Path, device: torch.device, batch: int, context: int, steps: int = 32) -> dict:
+    """(c): the rollout engine's decode step at ``batch`` rows (one prompt per row, ``context`` tokens each),
+    bf16 weights: the time of ``steps`` more decode steps, from two ``Engine.generate`` calls of 8 and 8 +
+    ``steps`` new tokens (prefill and start-up cancel out; sampling, the random streams and the one host
+    transfer per step are in), against the bytes a step must read: every weight once and the KV cache so far."""
     from posttrain.checkpoint import load_policy
     from posttrain.config import LoraConfig, ModelConfig
+    from posttrain.engine import Engine, SamplingParams
 
-    policy, _ = load_policy(ModelConfig(str(model_dir), dtype="bfloat16"), LoraConfig(), device)
+    policy, tokenizer = load_policy(ModelConfig(str(model_dir), dtype="bfloat16"), LoraConfig(), device)
     policy.eval()
-    weights = sum(p.numel() * p.element_size() for p in policy.parameters())
-    ids = torch.randint(4, WORDS if device.type == "cuda" else 100, (batch, context), device=device)
-    times = []
-    with torch.inference_mode():
-        for _ in range(6):
-            cache = policy.new_cache(batch, context + 2)
-            policy(ids, cache=cache, pad_mask=torch.ones_like(ids, dtype=torch.bool))
-            step = ids[:, -1:]
-            _sync(device)
-            t0 = time.perf_counter()
-            policy(step, cache=cache)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
+    tokenizer.stop_ids = []  # every row decodes every step: no row leaves the batch
+    engine = Engine(policy, tokenizer)
+    words = policy.hf.config.vocab_size
+    prompts = [[int(t) for t in torch.randint(4, words, (context,), generator=torch.Generator().manual_seed(i))]
+               for i in range(batch)]
+
+    def timed(new_tokens: int) -> float:
+        params = SamplingParams(temperature=1.0, top_k=50, max_new_tokens=new_tokens)
+        _sync(device)
+        t0 = time.perf_counter()
+        engine.generate(prompts, 1, params, seed=0)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    timed(8)  # warm-up
+    short = statistics.median(timed(8) for _ in range(3))
+    long = statistics.median(timed(8 + steps) for _ in range(3))
+    step_s = (long - short) / steps
     text = policy.hf.config
-    kv = (2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads)
-          * (context + 1) * batch * 2)  # bf16 keys and values read by the step
-    step_s = statistics.median(times[1:])
-    bandwidth = copy_bandwidth(device, 1024 if device.type == "cuda" else 64)
+    weights = sum(p.numel() * p.element_size() for p in policy.parameters())
+    head_dim = text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2  # keys and values, bf16
+    kv = kv_per_token * batch * (context + 8 + steps / 2)  # bf16 keys and values read by a mean step
+    copy = copy_bandwidth(device, 1024 if device.type == "cuda" else 64)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    nominal = nominal_bandwidth(name)
+    bandwidth = nominal or copy
     return {"batch": batch, "context": context, "step_ms": 1e3 * step_s, "weight_bytes": weights, "kv_bytes": kv,
-            "achieved_gb_s": (weights + kv) / step_s / 1e9, "copy_gb_s": bandwidth / 1e9,
-            "roofline_fraction": (weights + kv) / step_s / bandwidth}
+            "achieved_gb_s": (weights + kv) / step_s / 1e9, "copy_gb_s": copy / 1e9,
+            "nominal_gb_s": None if nominal is None else nominal / 1e9,
+            "roofline_fraction": (weights + kv) / step_s / bandwidth,
+            "against": "data-sheet bandwidth" if nominal else "measured copy bandwidth (device not in the table)"}
 
 
 def _sync(device: torch.device) -> None:

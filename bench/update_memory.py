@@ -1,7 +1,7 @@
 """Peak memory and time of one RL policy update: full logits against chunked log-probs.
 
 The model is a random Llama of SmolLM2-135M's shape (30 layers, width 576, MLP 1536, 9 heads, 3 KV heads,
-vocabulary 49,152, tied embeddings), fp32. The update is ``policy_step``'s (posttrain/trainers/rl.py) on one
+vocabulary 49,152, tied embeddings), fp32. The update is the RL policy loss's (trainers/objectives.py) on one
 micro-batch: forward, then backward of the token-mean policy-gradient loss (``losses.policy_loss`` on
 policy, i.e. −A·logp in its gradient) minus 0.01 × the token-mean entropy, on B×T = 8×512 rows whose first
 128 positions are prompt (target −1) and last 384 completion. No optimizer step. Three variants:
@@ -22,7 +22,7 @@ freed pages stay resident, and the high-water mark also counts that fragmentatio
 full-size update is the measured one: a full-size warm-up would leave its freed memory resident in the
 allocator's pools, where the measured update would reuse it unseen; the only warm-up is an update of 8
 tokens (lazy imports and kernel set-up, which would otherwise count). The gradients count (zeroed with
-set_to_none, as policy_step does): every variant allocates them. On CUDA: ``torch.cuda.max_memory_allocated``
+set_to_none, as the model engine does): every variant allocates them. On CUDA: ``torch.cuda.max_memory_allocated``
 during a second update minus the memory allocated before it (the first update is a warm-up). Time: the
 wall time of a second update, and its process CPU time (less sensitive to other load on the machine).
 Prints each variant's peak MiB and times, and last ``RESULT memory_ratio=<full peak ÷ chunked+ckpt peak>``.
