@@ -396,6 +396,9 @@ def suggest(name: str, valid: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
 
 
+# Keys that were renamed: (section class, old key) → what to write now.
+RENAMED = {("RLConfig", "micro_batch"): "max_tokens_per_micro_batch, a budget of tokens, not rows"}
+
 # A section given a scalar (``model=runs/x``, ``task: gsm8k``) sets the section's first field; while
 # overrides are merged the scalar waits under this key.
 _SHORTHAND = "<first field>"
@@ -429,7 +432,9 @@ def _build(cls: type[T], data: Any, where: str) -> T:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ConfigError(f"unknown config key '{path}'{suggest(key, list(fields))}")
+            renamed = RENAMED.get((cls.__name__, key))
+            hint = f" (it is now '{renamed}')" if renamed else suggest(key, list(fields))
+            raise ConfigError(f"unknown config key '{path}'{hint}")
         kwargs[key] = _coerce(hints[key], value, path)
     try:
         return cls(**kwargs)

@@ -24,6 +24,7 @@ from posttrain.config import (
     suggest,
     to_dict,
 )
+from posttrain.preference_config import RMConfig
 
 
 def test_defaults_without_file_or_overrides():
@@ -122,6 +123,12 @@ def test_section_given_a_scalar_sets_its_first_field():
     # after a YAML-style section, the scalar replaces only the first field
     config = load_config(RLConfig, overrides=["model.tool_tokens=true", "model=runs/y"])
     assert (config.model.path, config.model.tool_tokens) == ("runs/y", True)
+
+
+def test_a_renamed_key_says_its_new_name():
+    with pytest.raises(ConfigError, match="'micro_batch' \\(it is now 'max_tokens_per_micro_batch, a budget of tokens"):
+        load_config(RLConfig, overrides=["micro_batch=32"])
+    assert load_config(RMConfig, overrides=["micro_batch=8"]).micro_batch == 8  # the reward model's keeps its name
 
 
 def test_section_given_a_list_is_an_error():
