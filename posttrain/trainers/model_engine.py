@@ -165,8 +165,8 @@ class ModelEngine:
         widths = batch.widths[rows].tolist()  # the one host sync
         groups = group_by_tokens(widths, self.max_tokens, padded=not self.packing)
         for micro_rows, group in zip(rows.split([len(g) for g in groups]), groups, strict=True):
-            micro = batch.take(micro_rows)
             group_widths = [widths[i] for i in group]
+            micro = batch.take(micro_rows, max(group_widths))
             if self.packing:
                 packing = Packing.of(group_widths, micro.width, self.device)
                 module, ran = PackedModule(self.module, packing), packing.doc_ids.numel()

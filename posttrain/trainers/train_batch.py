@@ -33,9 +33,10 @@ class TrainBatch:
     def width(self) -> int:
         return self.inputs.shape[1]
 
-    def take(self, rows: Tensor) -> TrainBatch:
-        """The sub-batch of ``rows``, cut to their widest real length (less padding to run)."""
-        w = int(self.widths[rows].max())
+    def take(self, rows: Tensor, width: int | None = None) -> TrainBatch:
+        """The sub-batch of ``rows``, cut to their widest real length ``width`` (less padding to run; None:
+        read from ``widths``, a host synchronisation when they are on a device)."""
+        w = int(self.widths[rows].max()) if width is None else width
         cut = {f.name: getattr(self, f.name) for f in fields(self)}
         cut = {k: (v[rows] if k == "widths" else v[rows, :w]) if v is not None else None for k, v in cut.items()}
         return TrainBatch(**cut)
