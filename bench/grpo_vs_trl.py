@@ -3,13 +3,16 @@
 Both sides train the same tiny random HF Llama (``make_tiny_llama``: a BPE tokenizer trained on the
 arithmetic corpus, ChatML template) on the same arithmetic prompts (``task.format=hash``: the question
 and the '#### <number>' instruction), rendered with the chat template, with the same settings:
-``--prompts`` prompts × ``--group`` completions per step, exactly ``--max-new-tokens`` sampled tokens
-per completion, temperature 1 with no top-k / top-p, the same reward function (:func:`digit_share`,
-TRL's signature, called by both), no KL term and no reference model, one optimizer step per generation
-batch (no old-log-prob pass), the DeepSeekMath GRPO loss (group-std advantages, clip 0.2, per-sequence
-mean of the token losses), AdamW (not fused, betas 0.9/0.95, no weight decay, constant LR, grad-norm
-clip 1), fp32 on the CPU, the same torch thread count, no vLLM, no gradient checkpointing, no logging,
-no evaluation and no checkpoints in the timed steps.
+``--prompts`` prompts × ``--group`` completions per step, at most ``--max-new-tokens`` sampled tokens
+per completion (``--lengths`` below), temperature 1 with no top-k / top-p, the same reward function
+(:func:`digit_share`, TRL's signature, called by both), no KL term and no reference model, one
+optimizer step per generation batch (no old-log-prob pass), the DeepSeekMath GRPO loss (group-std
+advantages, clip 0.2, per-sequence mean of the token losses), AdamW (not fused, betas 0.9/0.95, no
+weight decay, constant LR, grad-norm clip 1), fp32 on the CPU, the same torch thread count, no vLLM, no
+gradient checkpointing, no logging, no evaluation and no checkpoints in the timed steps. Our update
+runs the whole batch as one micro-batch (``max_tokens_per_micro_batch`` = rows × (128 + the budget),
+rows packed without padding), as TRL's runs it as one padded batch (``gradient_accumulation_steps=1``);
+``mismatch_every=0``, so our first step does not score the batch either.
 
 * **ours**: ``posttrain.trainers.rl.train_rl`` in this process (``algorithm=grpo kl_coef=0``); the
   time of a step is its ``timing_s/step`` in ``metrics.jsonl`` (rollout, reward, advantage, update).
@@ -17,11 +20,30 @@ no evaluation and no checkpoints in the timed steps.
   ``--worker trl``, which imports only TRL-side packages); a step is timed from the trainer's
   ``on_step_begin`` to its ``on_step_end`` callback (generation, reward, loss, backward, optimizer).
 
-Completions run to exactly ``max_new_tokens``: a random model samples its end-of-turn token now and
-then, which would make the sides' work differ by chance, so the copy of the model both sides load
-declares as its EOS a special token that lies outside the model's output vocabulary (it is added to the
-tokenizer only). No row can stop early on either side; the table shows the mean completion length
-each side actually produced and tokens/s is computed from the tokens actually generated.
+Two ways to end a completion (``--lengths``); the table shows the mean completion length each side
+actually produced, and tokens/s is computed from the tokens actually generated:
+
+* ``forced`` (the default, budget 64): completions run to exactly ``max_new_tokens``. A random model
+  samples its end-of-turn token now and then, which would make the sides' work differ by chance, so the
+  copy of the model both sides load declares as its EOS a special token that lies outside the model's
+  output vocabulary (it is added to the tokenizer only). No row can stop early on either side.
+* ``natural`` (budget 256): the model keeps its EOS, the template's end-of-turn ``<|im_end|>``, and can
+  sample it; lengths vary from row to row as in a real rollout (ours compacts finished rows and packs
+  the update, TRL's ``generate`` and loss keep them as padding). A random model gives EOS about 1/512 of
+  the mass (expected length about 204 of 256), so the copy both sides load has its EOS logit raised by
+  a near-constant ``c``. A Llama's LM head has no bias, but a random one's final-norm hidden states h
+  share a large common component m (their mean: |m| ≈ 8.9 of |h| ≈ 11.3, h·m/|m|² = 1.00 ± 0.05), so
+  ``c · m / |m|²`` is added to the EOS row: the EOS logit rises by c·(h·m)/|m|² ≈ c, and does not get
+  more sensitive to h than any other logit. (Adding a constant to every weight of the row moves the EOS
+  logit with Σ_i h_i instead, which the first optimizer step shifted so far that every completion ran
+  to the budget from step 2 on.) ``c`` is calibrated once per model build, deterministically
+  (:func:`raise_eos`): the first step's prompts × G are sampled to the full budget with EOS suppressed
+  (``torch.manual_seed(seed)``, HF ``generate``, T=1), and m is their mean h. Raising one logit leaves
+  the distribution of the other tokens given "not EOS" unchanged, so the expected length under ``c`` is
+  exactly the mean over those rows of Σ_t Π_{u<t} (1 − p_u(c)), p_u(c) the raised EOS probability at
+  step u; ``c`` is found by bisection so that this is a third of the budget (default model: c ≈ 1.76).
+  The sides then sample with their own RNGs, so their lengths differ by chance, and training moves them
+  (both are printed per step: with this reward they grow).
 
 The two sides take turns step by step: ours runs step k, then the TRL process (waiting at its
 ``on_step_begin``, untimed) is let run its step k, then ours runs step k + 1, and so on, so a busy spell
@@ -37,6 +59,7 @@ TRL is not a dependency of posttrain. It gets a venv of its own (gitignored), wi
     .venv-trl/bin/pip install torch==2.13.0 trl transformers peft accelerate datasets
 
     .venv/bin/python bench/grpo_vs_trl.py --trl-python .venv-trl/bin/python
+    .venv/bin/python bench/grpo_vs_trl.py --lengths natural      # budget 256, EOS can be sampled
 """
 
 from __future__ import annotations
@@ -143,9 +166,10 @@ def trl_worker(spec_path: Path, result_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------- ours
-def build_model(out: Path, args) -> tuple[Path, list[list[dict]]]:
-    """The tiny Llama both sides load (EOS moved out of the output vocabulary), and the prompts our
-    trainer draws, in order (its prompt RNG is ``random.Random(seed)``), as chat messages."""
+def build_model(out: Path, args) -> tuple[Path, list[list[dict]], float | None]:
+    """The tiny Llama both sides load, the prompts our trainer draws, in order (its prompt RNG is
+    ``random.Random(seed)``), as chat messages, and the EOS row's constant (natural lengths; None when
+    forced). Forced lengths: EOS moved out of the output vocabulary; natural: EOS raised (:func:`raise_eos`)."""
     import random
 
     from transformers import AutoTokenizer
@@ -162,6 +186,11 @@ def build_model(out: Path, args) -> tuple[Path, list[list[dict]]]:
     model_dir = make_tiny_llama(out / "llama", texts, vocab_size=args.vocab,
                                 hidden_size=args.hidden, layers=args.layers, heads=args.heads,
                                 kv_heads=args.kv_heads)
+    rng = random.Random(args.seed)
+    steps = args.warmup + args.steps
+    convs = [task.prompt(task.train_problem(rng))["messages"] for _ in range(args.prompts * steps)]
+    if args.lengths == "natural":
+        return model_dir, convs, raise_eos(model_dir, convs[: args.prompts], args)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.add_special_tokens({"eos_token": NEVER_EOS})
     tokenizer.save_pretrained(model_dir)
@@ -175,10 +204,65 @@ def build_model(out: Path, args) -> tuple[Path, list[list[dict]]]:
         path.write_text(json.dumps(data, indent=2))
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     assert eos >= vocab, "the benchmark's stop token must lie outside the output vocabulary"
-    rng = random.Random(args.seed)
-    steps = args.warmup + args.steps
-    convs = [task.prompt(task.train_problem(rng))["messages"] for _ in range(args.prompts * steps)]
-    return model_dir, convs
+    return model_dir, convs, None
+
+
+def raise_eos(model_dir: Path, convs: list[list[dict]], args) -> float:
+    """Add ``c · m / |m|²`` to the LM head's EOS row, with ``c`` such that the expected completion length is a
+    third of the budget; save the model and return ``c`` (the module docstring says why this direction).
+
+    h: the final-norm hidden state (d,) at a completion step, m: its mean over every step of the calibration
+    rows. The raised EOS logit is l_eos + c·u with u = h·m / |m|² (≈ 1: a near-constant bias), and the EOS
+    probability p(c) = σ(l_eos + c·u − logsumexp(logits without EOS)). Rows sampled with EOS suppressed are
+    exactly the raised model's rows given "no EOS yet", so E[length] = mean over rows of
+    Σ_{t<budget} Π_{u<t} (1 − p_u(c)) (the EOS counts as a completion token)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos, budget = tokenizer.eos_token_id, args.max_new_tokens
+    torch.manual_seed(args.seed)
+    hidden, eos_logit, rest = [], [], []  # per prompt: h (G, budget, d), l_eos and logsumexp of the others (G, budget)
+    with torch.no_grad():
+        for conv in convs:  # one prompt's G rows at a time: equal lengths, no padding
+            prompt = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True, return_tensors="pt")["input_ids"]
+            rows = model.generate(prompt.repeat(args.group, 1), do_sample=True, temperature=1.0, top_k=0,
+                                  top_p=1.0, max_new_tokens=budget, min_new_tokens=budget,
+                                  suppress_tokens=[eos], pad_token_id=tokenizer.pad_token_id)  # (G, p + budget)
+            h = model.model(input_ids=rows).last_hidden_state[:, prompt.shape[1] - 1: -1].double()
+            logits = h @ model.lm_head.weight.double().T  # (G, budget, V)
+            hidden.append(h)
+            eos_logit.append(logits[..., eos].clone())
+            logits[..., eos] = -torch.inf
+            rest.append(logits.logsumexp(-1))
+    h, eos_logit, rest = torch.cat(hidden), torch.cat(eos_logit), torch.cat(rest)  # (R, budget, d), (R, budget)
+    m = h.mean((0, 1))  # (d,)
+    u = h @ m / m.square().sum()  # (R, budget)
+
+    def mean_length(c: float) -> float:
+        p = torch.sigmoid(eos_logit + c * u - rest)  # (R, budget): EOS probability at each step
+        alive = torch.cumprod(torch.cat([torch.ones_like(p[:, :1]), 1 - p[:, :-1]], 1), 1)  # Π_{u<t} (1 − p_u)
+        return alive.sum(1).mean().item()
+
+    target, lo, hi = budget / 3, 0.0, 1.0
+    while mean_length(hi) > target:
+        lo, hi = hi, 2 * hi
+        assert hi < 1e6, "raising the EOS logit does not shorten the completions"
+    for _ in range(60):  # the expected length falls with c over [lo, hi] (checked below)
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_length(mid) > target else (lo, mid)
+    c = (lo + hi) / 2
+    grid = [mean_length(c * k / 8) for k in range(9)]
+    assert all(a >= b for a, b in zip(grid[:-1], grid[1:], strict=True)), f"length not falling with c: {grid}"
+    with torch.no_grad():
+        model.lm_head.weight[eos] += (c * m / m.square().sum()).float()
+    model.save_pretrained(model_dir)
+    print(f"EOS logit + {c:.4f} (EOS row + c·m/|m|², |m| {m.norm():.2f}, h·m/|m|² {u.mean():.3f} ± {u.std():.3f}):"
+          f" expected completion length {mean_length(c):.1f} of {budget} (unraised: {mean_length(0.0):.1f})",
+          flush=True)
+    return c
 
 
 def model_facts(model_dir: Path) -> tuple[int, list[int]]:
@@ -254,7 +338,9 @@ def run_pair(model_dir: Path, run_dir: Path, trl: TRLProcess, args) -> tuple[dic
         f"prompts_per_step={args.prompts}", f"samples_per_prompt={args.group}",
         "sampling.temperature=1.0", "sampling.top_k=null", "sampling.top_p=null",
         f"sampling.max_new_tokens={args.max_new_tokens}",
-        f"max_tokens_per_micro_batch={args.prompts * args.group * (128 + args.max_new_tokens)}",  # one micro-batch
+        # the whole batch in one micro-batch (prompts are under 128 tokens), as TRL's one padded batch
+        f"max_tokens_per_micro_batch={args.prompts * args.group * (128 + args.max_new_tokens)}",
+        "mismatch_every=0",  # no scoring pass on any step (it would be an old-log-prob pass TRL does not make)
         f"optim.lr={args.lr}", "optim.warmup_steps=0", "optim.schedule=constant", "optim.betas=[0.9, 0.95]",
         "optim.weight_decay=0.0", "optim.grad_clip=1.0",
         "rewards={'bench.grpo_vs_trl:digit_share': 1.0}", "log_samples_every=0", "eval_before=false",
@@ -308,7 +394,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_grpo_vs_trl")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--lengths", choices=["forced", "natural"], default="forced",
+                    help="forced: every completion runs to the budget (EOS outside the vocabulary); natural: "
+                         "the model can sample its EOS, raised so that the mean length is a third of the budget")
+    ap.add_argument("--max-new-tokens", type=int, help="the completion budget (default: 64 forced, 256 natural)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
     ap.add_argument("--rounds", type=int, default=3, help="paired runs (fresh processes and models each)")
@@ -324,6 +413,8 @@ def main() -> None:
     ap.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 256 if args.lengths == "natural" else 64
     if args.worker == "trl":
         trl_worker(args.spec, args.result)
         return
@@ -337,7 +428,7 @@ def main() -> None:
     if not Path(args.trl_python).exists():
         sys.exit(f"no TRL python at {args.trl_python}: create the venv as the module docstring says")
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir, convs = build_model(args.out, args)
+    model_dir, convs, eos_raise = build_model(args.out, args)
     params, stop_ids = model_facts(model_dir)
     steps = args.warmup + args.steps
     spec = {"model": str(model_dir), "conversations": convs, "prompts": args.prompts, "group": args.group,
@@ -348,7 +439,9 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load average {load} (1/5/15 min)")
     print(f"model: tiny Llama {args.layers}L/{args.heads}H/{args.kv_heads}KV/{args.hidden}d, RANDOM init, "
           f"{model_dir}")
-    print(f"step: {args.prompts} prompts x {args.group} completions x {args.max_new_tokens} new tokens, "
+    ends = (f"exactly {args.max_new_tokens} new tokens (EOS outside the vocabulary)" if eos_raise is None else
+            f"up to {args.max_new_tokens} new tokens (EOS logit + {eos_raise:.2f}: natural lengths)")
+    print(f"step: {args.prompts} prompts x {args.group} completions x {ends}, "
           f"T=1, no top-k/top-p, reward digit_share, beta 0, 1 optimizer step per generation batch; "
           f"{args.warmup} warm-up + {args.steps} timed steps per run, {args.rounds} rounds per side\n", flush=True)
     t_start = time.perf_counter()
@@ -362,7 +455,8 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
         for name, run in (("ours", o), ("TRL ", t)):
             print(f"round {r + 1} {name}: s/step {[round(x, 3) for x in run['step_s']]}; median of the timed "
-                  f"{statistics.median(run['step_s'][args.warmup:]):.3f}", flush=True)
+                  f"{statistics.median(run['step_s'][args.warmup:]):.3f}; mean completion per step "
+                  f"{[round(x / (args.prompts * args.group), 1) for x in run['gen_tokens']]}", flush=True)
         print(f"load average {load}", flush=True)
 
     def timed(runs: list[dict], key: str) -> list[float]:
@@ -371,7 +465,9 @@ def main() -> None:
     versions = trl_runs[0]["versions"]
     same_prompts = all(o["prompt_ids"] == t["prompt_ids"] for o, t in zip(ours, trl_runs, strict=True))
     lengths = [len(ids) for ids in ours[0]["prompt_ids"]]
-    print(f"\nmodel: {params:,} params; stop ids {stop_ids} (outside the output vocabulary); prompts "
+    assert max(lengths) <= 128, "the micro-batch budget assumes prompts under 128 tokens"
+    where = "outside the output vocabulary" if eos_raise is None else "the end-of-turn token, raised"
+    print(f"\nmodel: {params:,} params; stop ids {stop_ids} ({where}); prompts "
           f"{min(lengths)}-{max(lengths)} tokens, mean {sum(lengths) / len(lengths):.1f}; both sides got the "
           f"same prompt token ids in the same order: {same_prompts}")
     print(f"ours: posttrain, torch {torch.__version__}, {ours[0]['threads']} threads")
