@@ -230,7 +230,7 @@ class CheckpointDir:
             self._point("latest", path.name)
         except OSError as err:
             raise CheckpointError(f"wrote {path} but could not update the pointers in {self.root}: {err}") from err
-        self._prune()
+        self.prune()
         return path
 
     def before(self, step: int) -> Path | None:
@@ -264,7 +264,9 @@ class CheckpointDir:
         os.replace(tmp, self.root / name)
         _fsync_dir(self.root)
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
+        """Keep the ``keep_last`` newest step directories and the pointers' targets; remove what a save or a
+        delete killed mid-way left behind."""
         keep = {p.name for p in (self.pointer("latest"), self.pointer("final")) if p is not None}
         steps = self.steps()
         keep |= {self.path(s).name for s in steps[-self.keep_last:]}

@@ -132,6 +132,21 @@ def test_a_finished_run_says_so_and_trains_nothing(sft_reference):
     assert (sft_reference / "metrics.jsonl").read_bytes() == before
 
 
+def test_a_finished_run_killed_before_its_last_pruning_is_pruned_when_started_again(sft_reference, tmp_path):
+    """A kill between the final checkpoint and the pruning after it leaves one step directory too many; the
+    next start finds the run complete and tidies it (the final checkpoint and the logs stay as they were)."""
+    import shutil
+
+    shutil.copytree(sft_reference, tmp_path / "run", symlinks=True)
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(ckpts / "step_000011", ckpts / "step_000010")  # what the kill left behind
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    done = invoke("sft", tmp_path / "run", TINY_SFT)
+    assert done.exit_code == 0 and "already complete at step 12" in done.output
+    assert sorted(p.name for p in ckpts.iterdir()) == ["final", "latest", "step_000011", "step_000012"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+
+
 def test_resume_refuses_what_it_cannot_honour(sft_reference, tmp_path):
     never = invoke("sft", sft_reference, TINY_SFT, "--resume", "never")
     assert never.exit_code == 2 and "resume=never" in never.output and "holds checkpoints" in never.output
