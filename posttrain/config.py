@@ -10,8 +10,6 @@ A section given a single value sets its first field: ``model=runs/sft/checkpoint
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from posttrain.algorithms.presets import RL_FALLBACK, RL_PRESETS
+from posttrain.config_checks import ConfigError, check_choice, check_range, suggest
 from posttrain.engine import SamplingParams
 from posttrain.metrics import SINKS
 from posttrain.models.gpt import GPTConfig
@@ -29,10 +28,6 @@ from posttrain.prompt_sampling import PromptSamplingConfig
 
 T = TypeVar("T")
 GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce")  # advantages measured against the prompt's group
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used, with a message that says what to change."""
 
 
 @dataclass
@@ -348,30 +343,6 @@ class RLConfig(RunOptions):
                     note=" for RL (0 is greedy: a group of identical samples has no signal)")
 
 
-def check_choice(key: str, value: str, valid: list[str]) -> None:
-    if value not in valid:
-        raise ConfigError(f"config key '{key}' has unknown value '{value}'{suggest(value, valid)}")
-
-
-def check_range(key: str, value: float, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-                high_open: bool = False, infinite: bool = False, note: str = "") -> None:
-    """ConfigError unless low ≤ value ≤ high (< at an open end), e.g. "config key 'optim.lr' must be > 0,
-    got -0.1". NaN never passes, ±inf only with ``infinite``; ``note`` follows the rule in the message."""
-    if not infinite and math.isinf(value):
-        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
-    if (low < value if low_open else low <= value) and (value < high if high_open else value <= high):
-        return
-    if low == -math.inf and high == math.inf:
-        rule = "a number"  # only NaN gets here
-    elif high == math.inf:
-        rule = f"{'>' if low_open else '>='} {low:g}"
-    elif low == -math.inf:
-        rule = f"{'<' if high_open else '<='} {high:g}"
-    else:
-        rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    raise ConfigError(f"config key '{key}' must be {rule}{note}, got {value!r}")
-
-
 def check_run(config: RunOptions) -> None:
     """The fields every trainer's config shares: step count, checkpointing, resume, threads."""
     check_range("steps", config.steps, 1)
@@ -388,12 +359,6 @@ def check_run(config: RunOptions) -> None:
     if task is not None and task.name == "gsm8k" and task.test_size == 0 and Path(task.data).expanduser().is_file():
         raise ConfigError(f"config key 'task.test_size' is 0 with the single data file {task.data}: every row would "
                           "be a test row and none left to train on (set it to the number of test rows)")
-
-
-def suggest(name: str, valid: list[str]) -> str:
-    """' (did you mean X?)' for the closest valid name, or the list of valid names."""
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
 
 
 # Keys that were renamed: (section class, old key) → what to write now.

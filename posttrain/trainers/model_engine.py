@@ -25,7 +25,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from posttrain.config import ConfigError, OptimConfig
+from posttrain.config import OptimConfig
+from posttrain.config_checks import ConfigError, suggest
 from posttrain.optim import clip_grad, make_optimizer, set_lr
 from posttrain.trainers.packing import PackedModule, Packing, group_by_tokens, packing_problem
 
@@ -61,8 +62,6 @@ def resolve_precision(name: str, device: torch.device, model_dtype: str = "float
     bf16-mixed on CUDA (fp16-mixed on a GPU without bf16). A precision the device cannot do, or one that
     contradicts ``model.dtype``, is a :class:`ConfigError`."""
     if name not in PRECISIONS:
-        from posttrain.config import suggest
-
         raise ConfigError(f"config key 'precision' has unknown value '{name}'{suggest(name, list(PRECISIONS))}")
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if name == "auto":
