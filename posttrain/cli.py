@@ -33,10 +33,11 @@ def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = N
 
 @contextmanager
 def _run_errors():
-    """Around a training run: a config it cannot honour exits 2, a run the health monitor stopped exits 3,
-    a checkpoint that could not be written exits 4, the device out of memory exits 5 (each with the
-    message, not a traceback)."""
+    """Around a training run: a config it cannot honour or data it cannot read exits 2, a run the health
+    monitor stopped exits 3, a checkpoint that could not be written exits 4, the device out of memory exits 5
+    (each with the message, not a traceback)."""
     from posttrain.checkpoint import CheckpointError
+    from posttrain.tasks.files import DataError
     from posttrain.trainers.model_engine import OutOfMemory
     from posttrain.trainers.run import RunStopped
 
@@ -44,6 +45,9 @@ def _run_errors():
         yield
     except ConfigError as err:
         typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except DataError as err:
+        typer.secho(f"data error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     except RunStopped as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
@@ -164,12 +168,12 @@ def pipeline(
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="a posttrain checkpoint dir, an HF model dir or hub id, a .gguf file")],
-    task: Annotated[str, typer.Option(help="arithmetic | gsm8k")] = "gsm8k",
+    task: Annotated[str, typer.Option(help="arithmetic | gsm8k | dataset")] = "gsm8k",
     split: Annotated[str, typer.Option(help="test | train (gsm8k)")] = "test",
     samples: Annotated[int, typer.Option(min=1, help="completions per problem (K of pass@k, maj@K)")] = 8,
     problems: Annotated[int, typer.Option(min=0, help="the first N problems of the split (0: all)")] = 256,
-    data: Annotated[str, typer.Option(help="gsm8k: a dir with train/test .jsonl|.parquet, a file, or a hub id")] = \
-        TaskConfig.data,
+    data: Annotated[str | None, typer.Option(help="gsm8k (default openai/gsm8k) and dataset: a data file, a dir of "
+                                             "split files, or a hub id")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="hash | xml | tool (default: the task's own)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="completion budget in tokens")] = 512,
     temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature (0: greedy)")] = 1.0,

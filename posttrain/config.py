@@ -25,33 +25,10 @@ from posttrain.metrics import SINKS
 from posttrain.models.gpt import GPTConfig
 from posttrain.monitor import MonitorConfig
 from posttrain.prompt_sampling import PromptSamplingConfig
+from posttrain.task_config import GSM8K_DATA, TaskConfig
 
 T = TypeVar("T")
 GROUP_BASELINES = ("grpo", "dr_grpo", "rloo", "reinforce")  # advantages measured against the prompt's group
-
-
-@dataclass
-class TaskConfig:
-    """Which task supplies problems and rewards."""
-
-    name: str = "arithmetic"  # task name: arithmetic (built-in, generated) | gsm8k
-    teacher_error: float = 0.3  # arithmetic: share of SFT solutions with one wrong step (imperfect teacher)
-    test_size: int = 256  # held-out problems in the test split (gsm8k: the first N rows; 0: all)
-    test_seed: int = 1234  # arithmetic: seed of the generated test split
-    data: str = "openai/gsm8k"  # gsm8k: a dir with train/test .jsonl|.parquet, one such file, or a hub dataset id
-    format: str | None = None  # prompt/answer format: hash ('#### N') | xml (<reasoning>/<answer>, gsm8k) | tool
-    # (calculator calls); None: the task's own (arithmetic: tool, gsm8k: hash)
-    extract: str | None = None  # gsm8k answer extraction: strict | flexible | xml (None: the format's own)
-    math_verify: bool = False  # gsm8k: also accept answers math-verify finds equivalent (needs posttrain[hf])
-
-    def __post_init__(self):
-        from posttrain.tasks import TASKS  # here: the tasks import this module
-
-        check_choice("task.name", self.name, list(TASKS))
-        check_range("task.teacher_error", self.teacher_error, 0, 1)
-        generated = self.name == "arithmetic"  # its test split is generated: 0 rows is not 'all' there
-        check_range("task.test_size", self.test_size, int(generated),
-                    note=" for the arithmetic task (0 means 'all' only for gsm8k)" if generated else "")
 
 
 @dataclass
@@ -356,7 +333,8 @@ def check_run(config: RunOptions) -> None:
     if not config.resume.strip():
         raise ConfigError(f"config key 'resume' must be 'auto', 'never' or a checkpoint dir, got {config.resume!r}")
     task = getattr(config, "task", None)
-    if task is not None and task.name == "gsm8k" and task.test_size == 0 and Path(task.data).expanduser().is_file():
+    gsm8k_file = task is not None and task.name == "gsm8k" and Path(task.data or GSM8K_DATA).expanduser().is_file()
+    if gsm8k_file and task.test_size == 0:
         raise ConfigError(f"config key 'task.test_size' is 0 with the single data file {task.data}: every row would "
                           "be a test row and none left to train on (set it to the number of test rows)")
 
@@ -462,8 +440,33 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value (e.g. optim.lr=1e-3)")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+        _set_dotted(data, key.strip(), _override_value(cls, key.strip(), raw))
     return _build(cls, data, "")
+
+
+def _override_value(cls: type, dotted: str, raw: str) -> Any:
+    """An override's value: YAML's reading of ``raw``, except that a str field keeps the text as written when
+    YAML reads something else (a prompt template ``Q: {question}`` is not a mapping), or cannot read it."""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        if _text_key(cls, dotted):
+            return raw
+        raise ConfigError(f"override '{dotted}': not a valid YAML value: {raw!r}") from None
+    return raw if value is not None and not isinstance(value, str) and _text_key(cls, dotted) else value
+
+
+def _text_key(cls: type, dotted: str) -> bool:
+    """Whether ``dotted`` names a str (or optional str) field of ``cls``."""
+    hint: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(hint):
+            return False
+        hint = typing.get_type_hints(hint).get(part)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            hint = args[0] if len(args) == 1 else None
+    return hint is str
 
 
 def to_dict(config: Any) -> dict:

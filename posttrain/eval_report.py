@@ -133,6 +133,7 @@ def load_eval(model: ModelConfig, task: TaskConfig, split: str, device: str = "c
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}'{suggest(split, list(SPLITS))}")
     built = make_task(task)
+    built.check("eval")
     rows = getattr(built, split, None)
     if rows is None:
         raise ValueError(f"task '{task.name}' has no fixed '{split}' split to evaluate")

@@ -11,7 +11,12 @@ i.e. the mean of the prompt's first ``window`` groups, then an exponential movin
 1/window. s_i = 1 only while every completion drawn for i so far was right ("always solved"), s_i = 0
 only while none was ("never solved").
 
-Strategies (``PromptSamplingConfig.strategy``), each a draw with replacement from the rng passed in:
+Strategies (``PromptSamplingConfig.strategy``; unset: the task's ``default_sampling``, else ``uniform``), each
+but ``epoch`` a draw with replacement from the rng passed in:
+
+* ``epoch`` (the dataset task's default, as TRL and verl pass over a dataset): the pool in a fresh order
+  every pass, each prompt once per pass; pass e's order is the pool shuffled by ``random.Random`` seeded
+  from (pool_seed, e), and the state holds the pass and the position in it.
 
 * ``uniform``: every pool prompt with probability 1/N. With ``pool_size`` 0 on a task that generates
   its problems (arithmetic) there is no pool: each draw is a fresh ``task.train_problem(rng)``,
@@ -46,7 +51,7 @@ import random
 from dataclasses import dataclass
 from itertools import accumulate
 
-STRATEGIES = ("uniform", "curriculum", "priority")
+STRATEGIES = ("uniform", "epoch", "curriculum", "priority")
 CURRICULUM_ORDERS = ("label", "measured")
 UNSEEN_FAILURE = 0.5  # measured curriculum: the failure rate a prompt not drawn yet is ranked with
 
@@ -55,7 +60,8 @@ UNSEEN_FAILURE = 0.5  # measured curriculum: the failure rate a prompt not drawn
 class PromptSamplingConfig:
     """Which training prompts RL draws (``RLConfig.prompt_sampling``); see posttrain/prompt_sampling.py."""
 
-    strategy: str = "uniform"  # uniform | curriculum (easy → hard over training) | priority (∝ 1 − success)
+    strategy: str | None = None  # uniform | epoch (each prompt once per pass, reshuffled) | curriculum (easy → hard
+    # over training) | priority (∝ 1 − success); None: the task's own (dataset: epoch, the others: uniform)
     pool_size: int = 0  # training prompts to draw from; 0: the task's own (gsm8k: the train split; arithmetic:
     # no pool, fresh problems forever, uniform only); arithmetic: N problems made once; gsm8k: N train rows
     pool_seed: int = 0  # seed of the pool (the arithmetic problems, or which gsm8k rows when pool_size > 0)
@@ -70,7 +76,8 @@ class PromptSamplingConfig:
     def __post_init__(self):
         from posttrain.config import check_choice, check_range  # here: posttrain.config imports this module
 
-        check_choice("prompt_sampling.strategy", self.strategy, list(STRATEGIES))
+        if self.strategy is not None:
+            check_choice("prompt_sampling.strategy", self.strategy, list(STRATEGIES))
         check_choice("prompt_sampling.curriculum_by", self.curriculum_by, list(CURRICULUM_ORDERS))
         check_range("prompt_sampling.pool_size", self.pool_size, 0, note=" (0: the task's own)")
         check_range("prompt_sampling.window", self.window, 1)
@@ -200,6 +207,43 @@ class UniformSampler:
         }
 
 
+class EpochSampler(UniformSampler):
+    """Passes over the pool, each in a fresh seeded order (module doc); the rng passed to draw is not used."""
+
+    def __init__(self, pool: list, config: PromptSamplingConfig, labels: list[float]):
+        super().__init__(pool, config, labels)
+        self.epoch, self.position = 0, 0  # the pass, and the next index into its order
+
+    def order(self) -> list[int]:
+        """Pass ``epoch``'s order of the pool indices."""
+        if self._cache is None:
+            self._cache = list(range(len(self.pool)))
+            random.Random(self.config.pool_seed * 1_000_003 + self.epoch).shuffle(self._cache)
+        return self._cache
+
+    def draw(self, rng: random.Random, progress: float = 0.0) -> tuple[int, object]:
+        if self.position == len(self.pool):
+            self.epoch, self.position, self._cache = self.epoch + 1, 0, None
+        i = self.order()[self.position]
+        self.position += 1
+        return i, self.pool[i]
+
+    def update(self, indices: list[int], successes: list[float]) -> None:
+        order = self._cache
+        super().update(indices, successes)
+        self._cache = order  # the counts do not change the pass's order
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def metrics(self, progress: float) -> dict:
+        return super().metrics(progress) | {"sampling/epoch": self.epoch + self.position / len(self.pool)}
+
+
 class CurriculumSampler(UniformSampler):
     """Easy → hard: uniform over the n(p) easiest prompts (module doc)."""
 
@@ -246,7 +290,8 @@ class PrioritySampler(UniformSampler):
         return i, self.pool[i]
 
 
-SAMPLERS = {"uniform": UniformSampler, "curriculum": CurriculumSampler, "priority": PrioritySampler}
+SAMPLERS = {"uniform": UniformSampler, "epoch": EpochSampler, "curriculum": CurriculumSampler,
+            "priority": PrioritySampler}
 
 
 def make_sampler(config: PromptSamplingConfig, task):
@@ -254,14 +299,15 @@ def make_sampler(config: PromptSamplingConfig, task):
     pool (arithmetic with pool_size 0) gets :class:`TaskStream`, which only ``uniform`` can use."""
     from posttrain.config import ConfigError  # here: posttrain.config imports this module
 
+    strategy = config.strategy or getattr(task, "default_sampling", "uniform")
     try:
         pool = task.train_pool(config.pool_size, random.Random(config.pool_seed))
     except ValueError as err:  # a pool larger than the data, or no training rows: the config's to change
         raise ConfigError(str(err)) from None
     if pool is None:
-        if config.strategy != "uniform":
-            raise ConfigError(f"prompt_sampling.strategy '{config.strategy}' tracks each prompt, so it needs a fixed "
+        if strategy != "uniform":
+            raise ConfigError(f"prompt_sampling.strategy '{strategy}' tracks each prompt, so it needs a fixed "
                               f"pool: set prompt_sampling.pool_size (e.g. 256) for the {task.name} task")
         return TaskStream(task)
-    labels = [task.difficulty(p) for p in pool] if config.strategy == "curriculum" else []
-    return SAMPLERS[config.strategy](pool, config, labels)
+    labels = [task.difficulty(p) for p in pool] if strategy == "curriculum" else []
+    return SAMPLERS[strategy](pool, config, labels)

@@ -353,7 +353,7 @@ def test_lora_on_a_builtin_checkpoint_is_a_config_error(tmp_path, make_gpt, tok)
         (RLConfig, "log_samples_every=-1", "config key 'log_samples_every' must be >= 0 (0: never), got -1"),
         (RLConfig, "task.teacher_error=1.5", "config key 'task.teacher_error' must be in [0, 1], got 1.5"),
         (RLConfig, "task.test_size=-1", "config key 'task.test_size' must be >= 1 for the arithmetic task (0 means "
-                                        "'all' only for gsm8k), got -1"),
+                                        "'all' only for gsm8k and dataset), got -1"),
         (RLConfig, ["task=gsm8k", "task.test_size=-1"], "config key 'task.test_size' must be >= 0, got -1"),
         (RLConfig, "task=gsm8", "config key 'task.name' has unknown value 'gsm8' (did you mean 'gsm8k'?)"),
         (RLConfig, "log.report_to=[tensorbord]",

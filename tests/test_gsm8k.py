@@ -333,10 +333,10 @@ def test_empty_file_and_missing_paths(tmp_path):
     empty = write_jsonl(tmp_path / "test.jsonl", [""])
     with pytest.raises(ValueError, match=f"{re.escape(str(empty))} has no rows"):
         load_splits(str(empty))
-    with pytest.raises(FileNotFoundError, match="has no train.jsonl or train.parquet"):
+    with pytest.raises(FileNotFoundError, match="has no train.jsonl, train.json, train.csv or train.parquet"):
         load_splits(str(tmp_path))
-    with pytest.raises(ValueError, match="must be .jsonl or .parquet"):
-        read_file(write_jsonl(tmp_path / "rows.csv", ["a,b"]))
+    with pytest.raises(ValueError, match="must be .jsonl, .json, .csv or .parquet"):
+        read_file(write_jsonl(tmp_path / "rows.txt", ["a,b"]))
 
 
 def test_missing_path_without_datasets_says_what_to_install(tmp_path, monkeypatch):
@@ -402,7 +402,7 @@ def small(tmp_path) -> GSM8KTask:
 
 
 def test_make_task_builds_each_task_from_its_config(small):
-    assert set(TASKS) == {"arithmetic", "gsm8k"}
+    assert set(TASKS) == {"arithmetic", "gsm8k", "dataset"}
     assert isinstance(small, GSM8KTask) and small.name == "gsm8k"
     assert (small.format, small.extract, small.math_verify) == ("tool", "strict", False)
     assert [p.question for p in small.test] == ["q0", "q1"]

@@ -144,10 +144,11 @@ def test_file_errors_name_the_file(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(ValueError, match=f"^preference data file {re.escape(str(empty))} has no rows$"):
         read_pairs(empty)
-    with pytest.raises(ValueError, match=r"^preference data file .*pairs\.csv must be \.jsonl or \.parquet$"):
-        read_pairs(write_jsonl(tmp_path / "pairs.csv", ["a,b"]))
+    with pytest.raises(ValueError, match=r"^preference data file .*pairs\.txt must be \.jsonl, \.json, \.csv or "
+                                         r"\.parquet$"):
+        read_pairs(write_jsonl(tmp_path / "pairs.txt", ["a,b"]))
     write_jsonl(tmp_path / "train.jsonl", [TEXT])
-    with pytest.raises(FileNotFoundError, match="preference data directory .* has no test.jsonl or test.parquet"):
+    with pytest.raises(FileNotFoundError, match="directory .* has no test.jsonl, test.json, test.csv or test.parquet"):
         load_preferences(str(tmp_path))
 
 

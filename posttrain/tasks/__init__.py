@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from posttrain.config import TaskConfig, suggest
 from posttrain.tasks.arithmetic import ArithmeticTask
+from posttrain.tasks.dataset import DatasetTask
 from posttrain.tasks.gsm8k import GSM8KTask
 
-TASKS = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask}
+TASKS = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask, "dataset": DatasetTask}
 
 
 def make_task(config: TaskConfig):

@@ -223,6 +223,9 @@ class ArithmeticTask:
         return cls(test_size=config.test_size, test_seed=config.test_seed, teacher_error=config.teacher_error,
                    format=config.format or "tool")
 
+    def check(self, stage: str) -> None:
+        """Nothing to check: every stage (sft, rl, eval) can use this task's problems."""
+
     def train_problem(self, r: random.Random) -> Problem:
         """A fresh training problem that is not in the test split."""
         while True:

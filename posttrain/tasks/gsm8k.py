@@ -40,6 +40,7 @@ from pathlib import Path
 
 from posttrain.config import suggest
 from posttrain.evaluation import evaluate_task
+from posttrain.task_config import GSM8K_DATA
 from posttrain.tasks.files import file_rows, hub_rows, load_hub, split_file
 from posttrain.tools import calculate
 
@@ -296,8 +297,11 @@ class GSM8KTask:
     @classmethod
     def from_config(cls, config) -> GSM8KTask:
         """The task described by a TaskConfig (data, test_size, format, extract, math_verify)."""
-        train, test = load_splits(config.data, config.test_size)
+        train, test = load_splits(config.data or GSM8K_DATA, config.test_size)
         return cls(train, test, config.format or "hash", config.extract, config.math_verify)
+
+    def check(self, stage: str) -> None:
+        """Nothing to check: every stage (sft, rl, eval) can use this task's problems."""
 
     def train_problem(self, r: random.Random) -> Problem:
         """A training problem drawn uniformly at random."""

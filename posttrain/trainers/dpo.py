@@ -138,11 +138,11 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
+    task = make_task(config.task) if config.task is not None else None  # its data is checked before the model loads
     model, tokenizer = load_policy(config.model, config.lora)
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)
     # before any restore: the starting policy (precomputing: the model itself, scored before it trains)
     reference = model if config.precompute_ref else model.reference()
-    task = make_task(config.task) if config.task is not None else None
     engine = Engine(model, tokenizer, default_registry()) if task is not None else None
     state = PairState()
     parts = Parts(model, tokenizer, state, engines={"policy": policy})

@@ -107,6 +107,7 @@ def setup(config: RLConfig) -> RLSetup:
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
     task = make_task(config.task)
+    task.check("rl")  # data the run cannot use says so before the model loads
     model, tokenizer = load_policy(config.model, config.lora)
     learned = "reward_model" in config.rewards
     sources = {"reward_model": RewardScorer.from_config(config.reward_model, tokenizer, device)} if learned else {}
@@ -341,7 +342,7 @@ def log_samples(run: Run, step: int, ro, rewards: Tensor, advantages: Tensor, ma
     (mean over its tokens) and each reward function's value, so reward hacking shows."""
     per_row = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
     for i in range(0, len(rewards), group_size):
-        run.sample({"step": step, "prompt": ro.convs[i // group_size]["messages"][0]["content"],
+        run.sample({"step": step, "prompt": ro.convs[i // group_size]["messages"][-1]["content"],
                     "completion": ro.texts[i], "reward": rewards[i].item(), "advantage": per_row[i].item(),
                     "rewards": ro.breakdown[i]})
 

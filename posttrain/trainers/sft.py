@@ -75,6 +75,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
     task = make_task(config.task)
+    task.check("sft")  # data that cannot be taught says so before the model loads
     model, tokenizer = build_policy(config, task, run.resume_from)
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)
     limit = resolve_max_length(config.max_length, context_length(model))
