@@ -175,6 +175,8 @@ def eval_(
     data: Annotated[str | None, typer.Option(help="gsm8k (default openai/gsm8k) and dataset: a data file, a dir of "
                                              "split files, or a hub id")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="hash | xml | tool (default: the task's own)")] = None,
+    task_option: Annotated[list[str] | None, typer.Option("--task-option", help="another task field as KEY=VALUE "
+                           "(repeatable), e.g. prompt='Q: {question}', answer=label, reward=numeric_match")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="completion budget in tokens")] = 512,
     temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature (0: greedy)")] = 1.0,
     top_k: Annotated[int, typer.Option(min=0, help="keep the k most likely tokens (0: all)")] = 50,
@@ -201,7 +203,12 @@ def eval_(
         torch.set_num_threads(threads)
     try:
         params = SamplingParams(temperature, top_k or None, None, max_new_tokens)
-        task_config = TaskConfig(name=task, data=data, format=fmt, test_size=problems)
+        fields = [f"name={task}", f"test_size={problems}", *([f"data={data}"] if data else []),
+                  *([f"format={fmt}"] if fmt else []), *(task_option or [])]
+        if task == "dataset" and data and Path(data).is_file() and split == "test" and \
+                not any(o.startswith("test_split=") for o in task_option or []):
+            fields.append(f"test_split={data}")  # one file: evaluate its rows, not rows held out of it
+        task_config = load_config(TaskConfig, None, fields)
         engine, task_obj, items = load_eval(ModelConfig(model, dtype), task_config, split, device)
     except (ValueError, OSError, ImportError) as err:  # ConfigError and FileNotFoundError included
         typer.secho(f"error: {(str(err) or type(err).__name__).splitlines()[0]}", fg=typer.colors.RED, err=True)

@@ -169,9 +169,10 @@ def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: Sam
             for i, (problem, conv) in enumerate(zip(chunk, convs, strict=True)):
                 rows = range(i * samples, (i + 1) * samples)  # problem i's samples, in row order
                 texts = [completion_text(tok, rollout, j) for j in rows]
-                record = problem_record(problem.question, conv["answer"], len(prompts[i]), texts,
-                                        [int(rollout.lengths[j]) for j in rows],
-                                        [task.grade(conv, t) for t in texts])
+                grades = [task.grade(conv, t) for t in texts]
+                gold = grades[0].get("gold", conv["answer"])  # the dataset task's gold as its answers are read
+                record = problem_record(problem.question, gold, len(prompts[i]), texts,
+                                        [int(rollout.lengths[j]) for j in rows], grades)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 f.flush()
                 records.append(record)

@@ -234,3 +234,40 @@ def test_rl_on_your_own_jsonl_draws_its_rows_and_scores_them(tmp_path, llama_dir
     assert samples and all(s["prompt"] in questions for s in samples)
     assert "rewards/task/mean" in metrics[-1] and metrics[-1]["rewards/task/failures"] == 0
     assert "eval/pass@1" in result["after"]
+
+
+def test_posttrain_eval_scores_a_dataset_file(tmp_path, llama_dir):
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    data = write_jsonl(tmp_path / "test.jsonl", ROWS[:3])
+    out = tmp_path / "eval.jsonl"
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(llama_dir), "--task", "dataset", "--data", str(data), "--task-option",
+        "prompt=Q: {question}", "--task-option", "reward=numeric_match", "--samples", "2", "--max-new-tokens", "4",
+        "--out", str(out), "--no-progress", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["problems"] == 3 and "pass@1" in report and "maj@2" in report
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question"] for r in records] == [f"Q: {r['question']}" for r in ROWS[:3]]
+    assert [r["gold"] for r in records] == ["3", "7", "11"]
+
+
+def test_sft_on_a_messages_dataset_learns(tmp_path, llama_dir):
+    from posttrain.config import SFTConfig, load_config
+    from posttrain.metrics import read_jsonl
+    from posttrain.trainers.sft import train_sft
+
+    rows = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}],
+             "answer": r["answer"]} for r in ROWS]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    config = load_config(SFTConfig, None, [
+        f"model={llama_dir}", f"run_dir={tmp_path / 'sft'}", "steps=16", "batch_size=4", "threads=2",
+        "optim.lr=1e-2", "optim.warmup_steps=0", "eval.problems=2", "eval.samples=1", "eval.ks=[1]",
+        "eval.max_new_tokens=4", "task.name=dataset", f"task.data={data}", "task.test_size=2",
+        "task.reward=numeric_match"])
+    train_sft(config, progress=False)
+    loss = [r["loss"] for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "loss" in r]
+    assert sum(loss[-3:]) < 0.6 * sum(loss[:3])

@@ -183,12 +183,25 @@ class DatasetTask:
 
     def grade(self, conv: dict, completion: str) -> dict:
         """For the eval report: ``answer`` (the final answer as the reward reads it: its number, its letter,
-        or its normalised text), ``format`` (there is one), ``plausible`` and ``exact`` (the reward is 1)."""
+        or its normalised text), ``format`` (there is one), ``plausible`` and ``exact`` (the reward is 1), and
+        ``gold`` (the gold read the same way, for maj@k)."""
         final = final_answer(completion)
-        answer = {"numeric_match": number_in, "multiple_choice": choice_letter}.get(self.reward_name, normalize_text)
-        read = answer(final) if final else None
+        read = self._read(final) if final else None
+        gold = conv["answer"]
         exact = self.reward(conv, completion) >= 1.0
-        return {"answer": read or None, "format": bool(read), "plausible": exact, "exact": exact}
+        return {"answer": read or None, "format": bool(read), "plausible": exact, "exact": exact,
+                "gold": self._read(gold.rpartition("####")[2], gold=True) if gold is not None else None}
+
+    def _read(self, text: str, gold: bool = False) -> str | None:
+        """An answer as the reward compares it: its number, its letter (a gold one may be lower case or an
+        option index), or its normalised text."""
+        if self.reward_name == "numeric_match":
+            return number_in(text)
+        if self.reward_name == "multiple_choice":
+            if not gold:
+                return choice_letter(text)
+            return chr(ord("A") + int(text)) if text.strip().isdigit() else choice_letter(text.strip().upper())
+        return normalize_text(text)
 
     def evaluate(self, engine, config) -> dict[str, float]:
         """pass@k, mean reward and completion length on the first ``config.problems`` held-out rows."""
