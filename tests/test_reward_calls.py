@@ -95,6 +95,17 @@ def test_trainer_state_log_extra_and_log_metric():
     assert scores.metrics["judge/calls"] == 3.0  # the mean of the step's values
 
 
+def test_a_per_group_reward_logs_its_groups_values():
+    @group_reward
+    def rank(prompt, completions, log_extra, **kw):
+        order = sorted(completions)
+        log_extra("rank", [order.index(c) for c in completions])
+        return [0.0] * len(completions)
+
+    scores = RewardSet({rank: 1.0}).score([""] * 4, ["b", "a", "d", "c"], group_ids=[0, 0, 1, 1])
+    assert scores.extra == [{"rank": 1}, {"rank": 0}, {"rank": 1}, {"rank": 0}]
+
+
 def test_an_async_reward_is_awaited():
     async def judge(prompts, completions, **kw):
         await asyncio.sleep(0)

@@ -43,8 +43,9 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float =
 
 # --- rule rewards over completion texts ---------------------------------------------------------
 #
-# TRL's reward-function signature: f(prompts, completions, **columns) -> list[float | None], one value
-# per completion, None where the function does not apply to that sample. Columns are lists with one
+# TRL's reward-function signature, called with keyword arguments (posttrain.rewards.calls):
+# f(prompts, completions, **columns) -> list[float | None], one value per completion, None where the
+# function does not apply to that sample. Columns are lists with one
 # entry per completion: `answer` (the normalised gold), `group_ids` (samples of one prompt share an
 # id), `lengths` (completion tokens), and the task's own columns, e.g. `extract` (its answer extraction
 # mode: strict | flexible | xml). Every built-in takes **kwargs so it ignores columns it does not use, and
@@ -140,9 +141,10 @@ def group_reward(fn: Callable[..., list[float | None]]) -> Callable[..., list[fl
     ``fn(prompt=..., completions=..., **columns) -> list[float | None]`` is called once per group with
     that group's prompt, its completions and every per-sample column (a list or tensor with one entry per
     completion) cut down to the group's rows, as a list; other columns, such as a single ``extract``
-    mode, are passed as is. The result has TRL's batch signature and needs the ``group_ids`` column, which
-    the RL loop always passes. Use it for rewards that compare samples: a majority vote, a length
-    rank. ValueError when ``fn`` returns the wrong number of values for a group.
+    mode, are passed as is; ``log_extra`` takes the group's values. The result has TRL's batch signature
+    and needs the ``group_ids`` column, which the RL loop always passes. Use it for rewards that compare
+    samples: a majority vote, a length rank. ValueError when ``fn`` returns the wrong number of values for
+    a group.
     """
 
     @functools.wraps(fn)
@@ -152,13 +154,29 @@ def group_reward(fn: Callable[..., list[float | None]]) -> Callable[..., list[fl
             raise ValueError(f"{fn.__name__} is a per-group reward: it needs the group_ids column")
         n = len(completions)
         out: list[float | None] = [None] * n
+        logged: dict[str, list] = {}  # log_extra column -> its values, assembled over the groups
+
+        def log_group(rows: list[int]) -> Callable[[str, Sequence], None]:
+            def log_extra(column: str, values: Sequence) -> None:
+                values = list(values)
+                if len(values) != len(rows):
+                    raise ValueError(f"log_extra('{column}', ...) got {len(values)} values for a group of {len(rows)}")
+                for i, v in zip(rows, values, strict=True):
+                    logged.setdefault(column, [None] * n)[i] = v
+
+            return log_extra
+
         for rows in groups(group_ids).values():
             cut = {k: [v[i] for i in rows] if per_sample(v, n) else v for k, v in columns.items()}
+            if "log_extra" in columns:
+                cut["log_extra"] = log_group(rows)
             values = list(fn(prompt=prompts[rows[0]], completions=[completions[i] for i in rows], **cut))
             if len(values) != len(rows):
                 raise ValueError(f"{fn.__name__} returned {len(values)} values for a group of {len(rows)}")
             for i, v in zip(rows, values, strict=True):
                 out[i] = v
+        for column, values in logged.items():
+            columns["log_extra"](column, values)
         return out
 
     per_batch.per_group = True  # type: ignore[attr-defined]

@@ -75,14 +75,14 @@ class RewardSet:
         scores = self.score(prompts, completions, **columns)
         return scores.totals, scores.metrics
 
-    def score(self, prompts: list[Prompt], completions: list[Completion], progress: TrainingProgress | None = None,
-              **columns) -> Scores:
-        """Score B completions: ``columns`` are lists of B entries or values shared by all; ``progress`` is the
-        functions' ``trainer_state`` (default: step 0 of 0)."""
+    def score(self, prompts: list[Prompt], completions: list[Completion],
+              trainer_state: TrainingProgress | None = None, **columns) -> Scores:
+        """Score B completions: ``columns`` are lists of B entries or values shared by all; ``trainer_state``
+        is passed on to the functions (default: step 0 of 0)."""
         clash = [k for k in columns if k in CALL_ARGS]
         if clash:
             raise ValueError(f"columns named {clash} would hide the reward call's own arguments {CALL_ARGS}")
-        progress = progress or TrainingProgress()
+        progress = trainer_state or TrainingProgress()
         n = len(completions)
         totals = [0.0] * n
         metrics: dict[str, float] = {}

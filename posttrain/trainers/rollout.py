@@ -84,7 +84,7 @@ class Scorer:
         """The scores of row i = completion ``done[i]`` (text) of conversation ``convs[i]``, at training step
         ``step`` (0-based)."""
         prompts, completions, columns = self._inputs(convs, done, batch)
-        return self.rewards.score(prompts, completions, progress=self._progress(step), **columns)
+        return self.rewards.score(prompts, completions, self._progress(step), **columns)
 
     def solved(self, convs: list[dict], done: list[str], batch: RolloutBatch, scores: Scores,
                step: int = 0) -> list[bool]:
@@ -94,7 +94,7 @@ class Scorer:
             values = scores.values["task"]
         else:
             prompts, completions, columns = self._inputs(convs, done, batch)
-            values = self.checker.score(prompts, completions, progress=self._progress(step), **columns).values["task"]
+            values = self.checker.score(prompts, completions, self._progress(step), **columns).values["task"]
         return [v is not None and v >= 1 for v in values]
 
     def failures(self, fallback: float | None) -> dict[str, str]:
