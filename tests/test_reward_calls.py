@@ -195,8 +195,8 @@ def test_a_signature_that_does_not_fit_the_call_fails_with_the_arguments_named()
     reward_set = RewardSet({old_style: 1.0}, max_failure_rate=1.0)
     reward_set(["p"], ["c"])
     assert reward_set.first_errors["old_style"] == (
-        "TypeError: reward 'old_style' cannot be called as old_style(prompts=, completions=, trainer_state=, "
-        "log_extra=, log_metric=): missing a required argument: 'prompt'")
+        "TypeError: reward 'old_style' does not fit TRL's keyword call: missing a required argument: 'prompt' (it "
+        "is called as old_style(prompts=, completions=, trainer_state=, log_extra=, log_metric=))")
 
 
 def test_log_extra_needs_one_value_per_completion():
@@ -405,7 +405,8 @@ def test_a_trl_signature_mismatch_exits_6_with_one_line(policy, user_dir):
     assert result.exit_code == 6, result.output
     assert result.stderr.strip().startswith(
         "run stopped at step 1: reward 'old_style' failed on 4 of 4 samples (more than reward_max_failure_rate 0.5), "
-        "first error: TypeError: reward 'old_style' cannot be called as old_style(prompts=, completions=, ")
+        "first error: TypeError: reward 'old_style' does not fit TRL's keyword call: missing a required argument: "
+        "'prompt' (it is called as old_style(prompts=, completions=, ")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
 
 

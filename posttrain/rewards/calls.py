@@ -190,7 +190,8 @@ def call_reward(fn: Callable, name: str, inputs: dict, n: int, progress: Trainin
     kwargs = {**inputs, "trainer_state": progress, "log_extra": log.log_extra, "log_metric": log.log_metric}
     problem = _signature_problem(fn, kwargs)
     if problem is not None:
-        raise TypeError(f"reward '{name}' cannot be called as {name}({', '.join(f'{k}=' for k in kwargs)}): {problem}")
+        raise TypeError(f"reward '{name}' does not fit TRL's keyword call: {problem} (it is called as "
+                        f"{name}({', '.join(f'{k}=' for k in kwargs)}))")
     run = functools.wraps(fn)(functools.partial(_run, fn))
     raw = run(kwargs) if timeout_s is None else call_with_timeout(run, timeout_s, kwargs)
     return check_result(name, raw, n), log
