@@ -34,9 +34,11 @@ def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = N
 @contextmanager
 def _run_errors():
     """Around a training run: a config it cannot honour or data it cannot read exits 2, a run the health
-    monitor stopped exits 3, a checkpoint that could not be written exits 4, the device out of memory exits 5
-    (each with the message, not a traceback)."""
+    monitor stopped exits 3, a checkpoint that could not be written exits 4, the device out of memory exits 5,
+    a reward function failing past reward_on_error / reward_max_failure_rate exits 6 (each with the message,
+    not a traceback)."""
     from posttrain.checkpoint import CheckpointError
+    from posttrain.rewards import RewardFailed
     from posttrain.tasks.files import DataError
     from posttrain.trainers.model_engine import OutOfMemory
     from posttrain.trainers.run import RunStopped
@@ -55,6 +57,9 @@ def _run_errors():
     except OutOfMemory as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(5) from None
+    except RewardFailed as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(6) from None
     except OSError as err:  # CheckpointError, or a run directory that cannot be written at all
         typer.secho(f"{'checkpoint' if isinstance(err, CheckpointError) else 'file'} error: {err}",
                     fg=typer.colors.RED, err=True)

@@ -246,11 +246,13 @@ class RLConfig(RunOptions):
     task: TaskConfig = field(default_factory=TaskConfig)  # problems and rewards
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
     rewards: dict[str, float] = field(default_factory=dict)  # reward fn → weight: a built-in name, 'task' (the
-    # task's 0/1 reward), 'reward_model' or 'package.module:function' (TRL's signature); empty: {task: 1.0}, or
-    # {reward_model: 1.0} when reward_model.path is set
+    # task's 0/1 reward), 'reward_model', 'package.module:function' or 'path/to/file.py:function' (called as TRL
+    # calls it); empty: {task: 1.0}, or {reward_model: 1.0} when reward_model.path is set
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned reward model
     reward_timeout: float = 30.0  # seconds a reward function may run per batch before its samples get the fallback
     reward_fallback: float = 0.0  # reward of samples whose function raised, hung or returned NaN
+    reward_on_error: str = "fallback"  # a reward function fails: fallback (and go on) | raise (stop the run)
+    reward_max_failure_rate: float = 0.5  # fallback: stop the run when one function fails on more of a batch
     log_samples_every: int = 10  # write prompts/completions/rewards to samples.jsonl every N steps
     eval_before: bool = True  # evaluate the initial policy before the first step
 
@@ -270,6 +272,7 @@ class RLConfig(RunOptions):
             ("kl_controller", losses.KL_CONTROLLERS),
             ("ratio_level", losses.RATIO_LEVELS),
             ("overlong", ["none", "mask", "penalty"]),
+            ("reward_on_error", ["fallback", "raise"]),
         ):
             check_choice(key, getattr(self, key), list(valid))
         for key in ("ppo_epochs", "minibatches", "max_sampling_rounds", "max_tokens_per_micro_batch",
@@ -284,7 +287,7 @@ class RLConfig(RunOptions):
             if name not in ("task", "reward_model") and name not in REWARDS and ":" not in name:
                 raise ConfigError(f"config key 'rewards' has unknown reward '{name}'"
                                   f"{suggest(name, ['task', 'reward_model', *REWARDS])}"
-                                  "; a function of your own is 'package.module:function'")
+                                  "; a function of your own is 'package.module:function' or 'path/to/file.py:function'")
         if self.reward_model.path and "reward_model" not in self.rewards:
             raise ConfigError(f"config key 'reward_model.path' is set but 'rewards' ({dict(self.rewards)}) does not "
                               "use it: add reward_model: <weight> to rewards, or unset reward_model.path")
@@ -312,6 +315,7 @@ class RLConfig(RunOptions):
         check_range("kl_horizon", self.kl_horizon, 1)
         check_range("reward_timeout", self.reward_timeout, 0, low_open=True)
         check_range("reward_fallback", self.reward_fallback)
+        check_range("reward_max_failure_rate", self.reward_max_failure_rate, 0, 1)
         for name, weight in self.rewards.items():
             check_range(f"rewards.{name}", weight)
         check_range("log_samples_every", self.log_samples_every, 0, note=" (0: never)")

@@ -50,6 +50,7 @@ from posttrain.config import (
     to_dict,
 )
 from posttrain.preference_config import DPOConfig, RMConfig
+from posttrain.rewards import check_reward_specs
 from posttrain.trainers.run import IGNORED_KEYS, config_changes
 
 CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "rl": RLConfig}  # kind -> its trainer config
@@ -344,6 +345,9 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, console: Console
     root.mkdir(parents=True, exist_ok=True)
     state = read_state(root)
     check_finished(config, state, console.print)
+    for stage in config.stages:  # a reward that cannot be loaded stops the pipeline before its first stage trains
+        if stage.kind == "rl" and stage.name not in state["stages"]:
+            check_reward_specs(stage.resolved.rewards)
     rows = []
     for stage in config.stages:
         finished = stage.name in state["stages"] and output(root, stage).exists()

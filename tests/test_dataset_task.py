@@ -8,7 +8,9 @@ import random
 
 import pytest
 
-from posttrain.answer_rewards import (
+from posttrain.config import ConfigError, TaskConfig
+from posttrain.prompt_sampling import EpochSampler, PromptSamplingConfig, make_sampler
+from posttrain.rewards.answers import (
     choice_letter,
     exact_match,
     final_answer,
@@ -17,8 +19,6 @@ from posttrain.answer_rewards import (
     numeric_match,
     regex_format,
 )
-from posttrain.config import ConfigError, TaskConfig
-from posttrain.prompt_sampling import EpochSampler, PromptSamplingConfig, make_sampler
 from posttrain.tasks import make_task
 from posttrain.tasks.files import DataError
 

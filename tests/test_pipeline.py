@@ -322,3 +322,12 @@ def test_a_retrained_stage_runs_every_stage_that_uses_it_again(tmp_path, fakes):
     assert [name for name, _ in trained] == ["sft", "rl"]
     assert [name for name, _ in evaluated] == ["sft", "rl", "on_sft"]
     assert not (run / "rl/stale.txt").exists()  # its directory is deleted: it starts afresh, not from a resume
+
+
+def test_a_reward_that_cannot_be_loaded_stops_the_pipeline_before_its_first_stage(tmp_path, fakes):
+    trained, _ = fakes
+    path = four_stages(tmp_path)
+    with pytest.raises(ConfigError, match=r"^config key 'rewards': cannot load reward './typo.py:f': no file "):
+        run_pipeline(load_pipeline(path, ["stages.rl.rewards={'./typo.py:f': 1.0}"]), progress=False,
+                     console=Console(quiet=True))
+    assert trained == []  # not even sft, whose output the rl stage would have started from

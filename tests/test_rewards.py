@@ -8,6 +8,7 @@ import torch
 
 from posttrain import rewards
 from posttrain.rewards import RewardSet, overlong_penalty
+from posttrain.tasks.gsm8k import extract_answer
 
 
 def close(actual, expected, tol=1e-6):
@@ -127,7 +128,7 @@ def test_majority_vote_groups_are_separate_and_modes_per_sample():
 def unique_answer(prompt, completions, answer, lengths, extract="strict", **kw):
     """1 for a sample whose answer no other sample of its group gave; records what it was given."""
     seen.append((prompt, list(completions), list(answer), [int(n) for n in lengths], extract))
-    votes = [rewards.extract_answer(c, extract) for c in completions]
+    votes = [extract_answer(c, extract) for c in completions]
     return [float(votes.count(v) == 1) for v in votes]
 
 
@@ -155,7 +156,7 @@ def test_group_reward_errors_are_isolated_by_the_reward_set():
         too_few(["p"], ["a"])
     with pytest.raises(ValueError, match="returned 1 values for a group of 2"):
         too_few(["p", "p"], ["a", "b"], group_ids=[0, 0])
-    totals, metrics = RewardSet({too_few: 1.0, "correctness": 1.0}, fallback=-1.0)(
+    totals, metrics = RewardSet({too_few: 1.0, "correctness": 1.0}, fallback=-1.0, max_failure_rate=1.0)(
         ["p", "p"], ["#### 18", "#### 1"], group_ids=[0, 0], answer=["18", "18"])
     close(totals, [-1.0 + 2.0, -1.0 + 0.0])  # the broken group function gives the fallback; correctness still counts
     assert metrics["rewards/too_few/failures"] == 2.0
@@ -219,40 +220,45 @@ def raises(prompts, completions, **kwargs):
     raise ValueError("boom")
 
 
-def nan_second(prompts, completions, **kwargs):
-    return [1.0, float("nan"), float("inf"), "x", None]
+def nan_inf(completions, **kwargs):
+    return [{"a": 1.0, "b": float("nan"), "c": float("inf")}.get(c) for c in completions]
 
 
-def too_short(prompts, completions, **kwargs):
+def text_for_bad(completions, **kwargs):
+    return ["x" if c == "bad" else 1.0 for c in completions]
+
+
+def too_short(completions, **kwargs):
     return [1.0]
 
 
-def not_a_list(prompts, completions, **kwargs):
+def not_a_list(completions, **kwargs):
     return 3.0
 
 
-def exits(prompts, completions, **kwargs):
+def exits(completions, **kwargs):
     raise SystemExit(3)
 
 
-def test_reward_set_isolation_raise_nan_wrong_length():
-    reward_set = RewardSet({raises: 1.0, nan_second: 1.0, too_short: 1.0, not_a_list: 1.0, exits: 1.0,
-                            "format_soft": 10.0}, fallback=-1.0)
-    completions = [SOFT, PLAIN, PLAIN, PLAIN, PLAIN]
-    totals, metrics = reward_set([""] * 5, completions)
-    # raises, too_short, not_a_list, exits: −1 for every sample (4 · −1 = −4); nan_second: 1, −1, −1, −1, None;
-    # format_soft: 10 · 0.5 on the first sample
-    close(totals, [-4 + 1 + 5, -4 - 1, -4 - 1, -4 - 1, -4])
+def test_reward_set_isolation_raise_nan_wrong_result():
+    reward_set = RewardSet({raises: 1.0, nan_inf: 1.0, text_for_bad: 1.0, too_short: 1.0, not_a_list: 1.0,
+                            exits: 1.0}, fallback=-1.0, max_failure_rate=1.0)
+    totals, metrics = reward_set([""] * 5, ["a", "b", "c", "bad", "e"])
+    # raises, not_a_list, exits: −1 for every sample, also when called one sample at a time (3 · −1 = −3);
+    # nan_inf: 1, −1 (nan), −1 (inf), None, None; text_for_bad: the batch call's 'x' is a wrong result, so each
+    # sample is scored alone: 1 everywhere but 'bad' (−1); too_short: wrong length for 5, right for 1 alone: 1
+    close(totals, [-3 + 1 + 1 + 1, -3 - 1 + 1 + 1, -3 - 1 + 1 + 1, -3 - 1 + 1, -3 + 1 + 1])
     assert {k: v for k, v in metrics.items() if k.endswith("failures")} == {
-        "rewards/raises/failures": 5.0, "rewards/nan_second/failures": 3.0, "rewards/too_short/failures": 5.0,
-        "rewards/not_a_list/failures": 5.0, "rewards/exits/failures": 5.0, "rewards/format_soft/failures": 0.0,
+        "rewards/raises/failures": 5.0, "rewards/nan_inf/failures": 2.0, "rewards/text_for_bad/failures": 1.0,
+        "rewards/too_short/failures": 0.0, "rewards/not_a_list/failures": 5.0, "rewards/exits/failures": 5.0,
     }
-    assert metrics["rewards/nan_second/mean"] == pytest.approx(-0.5)  # over 1, −1, −1, −1 (fallbacks included)
+    assert metrics["rewards/nan_inf/mean"] == pytest.approx(-1 / 3)  # over 1, −1, −1 (fallbacks included)
     assert reward_set.first_errors == {
         "raises": "ValueError: boom",
-        "nan_second": "returned nan",
-        "too_short": "returned 1 values for 5 completions",
-        "not_a_list": "returned float, not a list",
+        "nan_inf": "reward 'nan_inf' returned nan for completion 1",
+        "text_for_bad": "ValueError: reward 'text_for_bad' returned 'x' (str) for completion 3, not a number or None",
+        "too_short": "ValueError: reward 'too_short' returned 1 values for 5 completions (one per completion)",
+        "not_a_list": "ValueError: reward 'not_a_list' returned float, not a list with one number per completion",
         "exits": "RuntimeError: SystemExit: 3",
     }
     # the first error is kept; later calls still run and count their failures
@@ -261,7 +267,8 @@ def test_reward_set_isolation_raise_nan_wrong_length():
 
 
 def test_reward_set_fallback_none_means_not_applicable():
-    totals, metrics = RewardSet({raises: 1.0, "format_soft": 1.0}, fallback=None)(["", ""], [SOFT, PLAIN])
+    totals, metrics = RewardSet({raises: 1.0, "format_soft": 1.0}, fallback=None, max_failure_rate=1.0)(
+        ["", ""], [SOFT, PLAIN])
     close(totals, [0.5, 0.0])
     assert metrics["rewards/raises/failures"] == 2.0 and "rewards/raises/mean" not in metrics
 
@@ -276,14 +283,14 @@ def test_reward_set_timeout_abandons_a_hung_function_and_the_next_call_works():
             release.wait(10)  # hangs until the test lets it go
         return [1.0] * len(completions)
 
-    reward_set = RewardSet({hangs_once: 1.0, "format_soft": 1.0}, timeout_s=0.2, fallback=0.0)
+    reward_set = RewardSet({hangs_once: 1.0, "format_soft": 1.0}, timeout_s=0.2, fallback=0.0, max_failure_rate=1.0)
     try:
         start = time.perf_counter()
         totals, metrics = reward_set(["", ""], [SOFT, PLAIN])
         assert time.perf_counter() - start < 1.0
         close(totals, [0.5, 0.0])  # fallback 0 for the hung function; format_soft still counted
         assert metrics["rewards/hangs_once/failures"] == 2.0
-        assert reward_set.first_errors == {"hangs_once": "TimeoutError: timed out after 0.2 s"}
+        assert reward_set.first_errors == {"hangs_once": "RewardTimeout: timed out after 0.2 s"}  # not retried
         totals, metrics = reward_set(["", ""], [SOFT, PLAIN])  # a fresh worker: not blocked by the hung one
         close(totals, [1.5, 1.0])
         assert metrics["rewards/hangs_once/failures"] == 0.0

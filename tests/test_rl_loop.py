@@ -104,7 +104,7 @@ class _Task:
 
 
 def scorer(task, weights=None) -> Scorer:
-    return Scorer(task, weights or {}, timeout_s=5.0, fallback=0.0)
+    return Scorer(task, weights or {}, timeout_s=5.0, fallback=0.0, max_failure_rate=1.0)
 
 
 def test_dynamic_sampling_keeps_only_groups_with_signal():
@@ -149,7 +149,8 @@ def test_scorer_combines_the_task_reward_with_trl_style_functions():
     convs = [task.prompt(4), task.prompt(4), task.prompt(3), task.prompt(3)]
     batch = rollout_batch([[5], [4]], [[1, 99], [2, 99], [1, 99], [2, 99]], 2)
     s = scorer(task, {"task": 2.0, shorter: 1.0, broken: 1.0})
-    rewards, metrics, breakdown = s(convs, ["[1]", "[2]", "[1]", "[2]"], batch)
+    scores = s(convs, ["[1]", "[2]", "[1]", "[2]"], batch)
+    rewards, metrics, breakdown = scores.totals, scores.metrics, scores.rows()
     assert rewards.tolist() == [2.0 - 1.0, -1.0, 0.0, 0.0]  # None: not applicable; broken: fallback 0
     assert breakdown[0] == {"task": 1.0, "shorter": -1.0, "broken": 0.0}
     assert breakdown[2] == {"task": 0.0, "shorter": None, "broken": 0.0}

@@ -35,13 +35,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.answer_rewards import ANSWER_REWARDS, choice_letter, final_answer, normalize_text, number_in
 from posttrain.evaluation import evaluate_task
+from posttrain.rewards.answers import ANSWER_REWARDS, choice_letter, final_answer, normalize_text, number_in
+from posttrain.rewards.calls import CALL_ARGS
 from posttrain.tasks.files import DataError, Row, file_rows, hub_rows, load_hub, saved_dataset, split_file
 
 WHAT = "dataset"
-RESERVED = ("prompts", "completions", "completion_ids", "trainer_state", "conv", "group_ids", "lengths", "token_ids",
-            "log_extra", "log_metric", "extract")  # the columns posttrain passes to rewards itself
+RESERVED = (*CALL_ARGS, "conv", "group_ids", "lengths", "token_ids")  # what posttrain passes to rewards itself
 _FIELD = re.compile(r"\{(\w+)\}")  # {column} in a prompt template
 
 
@@ -92,7 +92,7 @@ def _messages(value, where: str, column: str) -> list[dict]:
 
 class DatasetTask:
     """Prompts, gold answers and columns from your own data (module doc); the reward is ``task.reward``, one of
-    posttrain.answer_rewards."""
+    posttrain.rewards.answers."""
 
     name = "dataset"
     default_sampling = "epoch"  # RL passes over the training rows, reshuffled each pass
@@ -102,6 +102,9 @@ class DatasetTask:
         if reward not in ANSWER_REWARDS:
             raise ValueError(f"unknown dataset reward '{reward}' (valid: {', '.join(ANSWER_REWARDS)})")
         self.train, self.test = train, test
+        keys = list(dict.fromkeys(k for e in train + test for k in e.columns))  # every column, first seen first
+        for e in train + test:  # a row without a column gets None there, as in a datasets.Dataset
+            e.columns = {k: e.columns.get(k) for k in keys}
         self.reward_name, self.reward_fn, self.format_regex = reward, ANSWER_REWARDS[reward], format_regex
         self.data, self.columns_seen = "the data", "unknown"  # for messages (from_config sets them)
 

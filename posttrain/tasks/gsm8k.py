@@ -30,16 +30,15 @@ Numbers are normalised by ``normalize_number`` and compared as floats with a rel
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import threading
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 
 from posttrain.config import suggest
 from posttrain.evaluation import evaluate_task
+from posttrain.numbers import DIGITS, NUMBER_IN_TEXT, normalize_number, same_number
 from posttrain.task_config import GSM8K_DATA
 from posttrain.tasks.files import file_rows, hub_rows, load_hub, split_file
 from posttrain.tools import calculate
@@ -50,13 +49,11 @@ DEFAULT_EXTRACT = {"hash": "strict", "xml": "xml", "tool": "strict"}
 HASH_INSTRUCTION = "Solve it step by step, then give the final answer on its own line as '#### <number>'."
 XML_SYSTEM = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 
-_DIGITS = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"  # 1,234,567.89 | 1234567.89 | .89; no exponent
-_PLAIN_NUMBER = re.compile(_DIGITS)  # what is left once sign, $, % and a final period are off
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?\$?" + _DIGITS)  # in text; "5-3" holds 5 and 3, not −3
+_NUMBER = re.compile(NUMBER_IN_TEXT)
 _AFTER_HASH = re.compile(r"\s*(" + _NUMBER.pattern + ")")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANNOTATION = re.compile(r"<<(.*?)>>")
-_LEADING_NUMBER = re.compile(r"-?" + _DIGITS)
+_LEADING_NUMBER = re.compile(r"-?" + DIGITS)
 
 
 @dataclass(frozen=True)
@@ -69,38 +66,6 @@ class Problem:
 
 
 # --- numbers and answers ----------------------------------------------------------------------
-
-
-def normalize_number(s: str) -> str | None:
-    """A number written the way people write it, as a canonical string; None if it is not one.
-
-    Surrounding spaces, a trailing period, a leading ``$`` (after an optional sign), a trailing ``%``
-    and thousands commas go; trailing fractional zeros go: "1,000.00" → "1000", "$5" → "5",
-    "-3.50" → "-3.5", "7.0" → "7", "12%" → "12", ".50" → "0.5", "-0" → "0". Commas must group thousands ("12,34"
-    is not a number); anything else around the number (units, words) makes it None.
-    """
-    text = s.strip().removesuffix(".").removesuffix("%").strip()
-    sign = ""
-    if text.startswith(("-", "+")):
-        sign, text = text[0], text[1:].lstrip()
-    text = text.removeprefix("$").lstrip()
-    if not _PLAIN_NUMBER.fullmatch(text):
-        return None
-    value = Decimal(text.replace(",", ""))
-    value = -value if sign == "-" else value
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def same_number(a: str | None, b: str | None) -> bool:
-    """|a − b| ≤ 1e-6 · max(|a|, |b|) for two number strings; False if either is None or not a float."""
-    if a is None or b is None:
-        return False
-    try:
-        return math.isclose(float(a), float(b), rel_tol=1e-6)
-    except ValueError:
-        return False
 
 
 def extract_answer(text: str, mode: str = "strict") -> str | None:

@@ -23,6 +23,7 @@ from posttrain.config import ConfigError, LoraConfig, ModelConfig, RewardModelCo
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import RewardModel
 from posttrain.preference_config import RMConfig
+from posttrain.rewards.calls import Completion, Prompt, texts
 from posttrain.trainers.model_engine import ModelEngine, resolve_device, resolve_precision
 from posttrain.trainers.pairs import (
     EncodedPair,
@@ -160,8 +161,9 @@ class RewardScorer:
     sampled ids), those are scored as they are: decoding and re-encoding text need not give back the
     same ids (the built-in tokenizer reads " ####" written after a tool output as other pieces than it
     generated), and the reward model must see what it was trained on. Otherwise the reply is rendered
-    after the prompt conversation (``conv[i]['messages']`` when given, else the prompt string as one user
-    turn) with the reward model's own tokenizer. A sequence longer than the model's context keeps its
+    after the prompt conversation (``conv[i]['messages']`` when given, else the prompt: its messages, or
+    its string as one user turn) with the reward model's own tokenizer; a conversational completion is
+    read as its text. A sequence longer than the model's context keeps its
     last tokens (where the score is read). Batched, no gradients, and not subject to ``reward_timeout``
     (see ``RewardSet``).
     """
@@ -181,8 +183,11 @@ class RewardScorer:
         model, tokenizer = load_reward_model(config.path, device=device)
         return cls(model, tokenizer, config.batch_size, config.clamp, policy_tokenizer)
 
-    def _ids(self, prompt: str | dict, completion: str) -> list[int]:
-        messages = prompt["messages"] if isinstance(prompt, dict) else [{"role": "user", "content": prompt}]
+    def _ids(self, prompt: str | list[dict] | dict, completion: str) -> list[int]:
+        if isinstance(prompt, dict):
+            messages = prompt["messages"]
+        else:
+            messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         ids, _ = self.tokenizer.render_conversation(
@@ -190,7 +195,8 @@ class RewardScorer:
         return ids
 
     def score(self, prompts: list, completions: list[str]) -> Tensor:
-        """Scores (B,) of ``completions[i]`` answering ``prompts[i]`` (a string or a conversation dict)."""
+        """Scores (B,) of ``completions[i]`` answering ``prompts[i]`` (a string, a list of messages or a
+        conversation dict)."""
         return self.score_ids([self._ids(p, c) for p, c in zip(prompts, completions, strict=True)])
 
     def score_ids(self, seqs: list[list[int]]) -> Tensor:
@@ -203,11 +209,11 @@ class RewardScorer:
                 out.append(self.model(ids.to(self.model.trunk.device), pad_mask.to(self.model.trunk.device)).cpu())
         return torch.cat(out).clamp(*self.clamp) if out else torch.zeros(0)
 
-    def __call__(self, prompts: list[str], completions: list[str], conv: list[dict] | None = None,
+    def __call__(self, prompts: list[Prompt], completions: list[Completion], conv: list[dict] | None = None,
                  token_ids: list[list[int]] | None = None, **_) -> list[float]:
         if token_ids is not None and self.same_vocab:
             return self.score_ids(token_ids).tolist()
-        return self.score(conv if conv is not None else prompts, completions).tolist()
+        return self.score(conv if conv is not None else prompts, texts(completions)).tolist()
 
 
 def vocabulary(tokenizer) -> object:

@@ -61,7 +61,7 @@ from posttrain.models.heads import ValueModel
 from posttrain.monitor import Monitor
 from posttrain.optim import lr_at
 from posttrain.prompt_sampling import make_sampler
-from posttrain.rewards import overlong_penalty
+from posttrain.rewards import RewardFailed, check_reward_specs, overlong_penalty
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
 from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_device, resolve_precision
@@ -103,7 +103,9 @@ class RLSetup:
 
 
 def setup(config: RLConfig) -> RLSetup:
-    """Load the policy on the configured device and precision, and build everything around it."""
+    """Load the policy on the configured device and precision, and build everything around it. The reward
+    functions are loaded first: one that cannot be is a ConfigError before any model loads."""
+    check_reward_specs(config.rewards)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
     task = make_task(config.task)
@@ -111,7 +113,8 @@ def setup(config: RLConfig) -> RLSetup:
     model, tokenizer = load_policy(config.model, config.lora)
     learned = "reward_model" in config.rewards
     sources = {"reward_model": RewardScorer.from_config(config.reward_model, tokenizer, device)} if learned else {}
-    scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources)
+    scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources,
+                    config.reward_on_error, config.reward_max_failure_rate, config.steps)
     tokens = config.max_tokens_per_micro_batch
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, tokens)
     reference = None
@@ -174,8 +177,11 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
             rl.policy.set_lr(lr)
             if rl.critic is not None:
                 rl.critic.set_lr(lr_at(step, config.steps, rl.critic_optim) * run.monitor.lr_scale)
-            with out_of_memory(step + 1, "generation"):
-                ro = generate(rl, state, parts.rngs["prompts"], step)
+            try:
+                with out_of_memory(step + 1, "generation"):
+                    ro = generate(rl, state, parts.rngs["prompts"], step)
+            except RewardFailed as err:  # past reward_on_error / reward_max_failure_rate: logged like a health stop
+                run.stop(step + 1, str(err), bar.print, check="reward", error=RewardFailed)
             for name, line in rl.scorer.failures(config.reward_fallback).items():
                 if name not in reported:
                     bar.print(f"[yellow]{line}")
@@ -339,12 +345,13 @@ def mismatch(data: TrainBatch, logp: Tensor) -> dict[str, float]:
 
 def log_samples(run: Run, step: int, ro, rewards: Tensor, advantages: Tensor, mask: Tensor, group_size: int) -> None:
     """The first completion of every group to samples.jsonl: prompt, completion, reward, its advantage
-    (mean over its tokens) and each reward function's value, so reward hacking shows."""
+    (mean over its tokens), each reward function's value, so reward hacking shows, and what the reward
+    functions logged for it with log_extra (``extra``, when they did)."""
     per_row = (advantages * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
     for i in range(0, len(rewards), group_size):
         run.sample({"step": step, "prompt": ro.convs[i // group_size]["messages"][-1]["content"],
                     "completion": ro.texts[i], "reward": rewards[i].item(), "advantage": per_row[i].item(),
-                    "rewards": ro.breakdown[i]})
+                    "rewards": ro.breakdown[i], **({"extra": ro.extra[i]} if ro.extra[i] else {})})
 
 
 def kl_shaped_rewards(rewards: Tensor, kl_tok: Tensor, mask: Tensor, beta: float) -> tuple[Tensor, Tensor]:

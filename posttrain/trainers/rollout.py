@@ -12,10 +12,12 @@ import torch
 from torch import Tensor
 
 from posttrain.algorithms.advantages import group_stats
+from posttrain.config import ConfigError
 from posttrain.engine import Engine, RolloutBatch, SamplingParams
 from posttrain.prompt_sampling import TaskStream
 from posttrain.random_streams import group_seed
-from posttrain.rewards import RewardSet
+from posttrain.rewards import RewardSet, Scores, TrainingProgress, texts
+from posttrain.rewards.calls import CALL_ARGS
 
 
 @dataclass
@@ -34,17 +36,26 @@ class Rollout:
     breakdown: list[dict]  # (B,) each reward function's value for the row (None: not applicable)
     pool_ids: list[int]  # pool index of every group drawn, all rounds, dropped ones included (−1: no pool)
     success: list[float]  # each drawn group's share of completions with task reward ≥ 1, as pool_ids
+    extra: list[dict]  # (B,) what the reward functions logged for the row with log_extra
 
 
 class Scorer:
-    """The rollout's reward: a weighted :class:`RewardSet` of reward functions called with the TRL
-    signature ``f(prompts, completions, **columns)``. The name ``task`` stands for the task's own
-    verifiable reward; with no weights given the reward is ``{"task": 1.0}``.
+    """The rollout's reward: a weighted :class:`RewardSet` of reward functions, called as TRL calls them
+    (:mod:`posttrain.rewards.calls`). The name ``task`` stands for the task's own verifiable reward; with
+    no weights given the reward is ``{"task": 1.0}``.
 
     ``sources`` names further reward functions built by the trainer (``reward_model``: a learned
-    reward model's scorer). Columns: the task's ``columns(conv)`` (``answer``, ``extract``), ``conv``,
-    ``group_ids``, ``lengths`` (completion tokens) and ``token_ids`` (each row's prompt and completion ids
-    as sampled, stop token included); completions are decoded without their stop token.
+    reward model's scorer). A conversation with ``"conversational": True`` is passed as messages: its
+    prompt is ``conv["messages"]`` and its completion ``[{"role": "assistant", "content": text}]``; any
+    other as text: the last message's content, and the completion decoded without its stop token.
+    Columns: the task's ``columns(conv)`` (``answer``, ``extract``; a column named ``prompt``,
+    ``completion`` or ``completion_ids`` is left out, as TRL leaves out the dataset's own, and one named
+    as a column below is a ConfigError), ``conv``, ``group_ids``, ``lengths`` (completion tokens),
+    ``completion_ids`` (the completion's ids as sampled, stop token included) and ``token_ids`` (the
+    prompt's and the completion's). ``trainer_state`` is step ``step`` of ``max_steps``.
+
+    ``on_error`` and ``max_failure_rate`` are the reward set's (:class:`RewardSet`): a function failing past
+    them raises :class:`posttrain.rewards.RewardFailed` at the end of the scoring call.
 
     :meth:`solved` tells which completions the task counts as right (the prompt sampler's success): the
     reward set's own ``task`` values when it has them, else the task's reward through a second set of
@@ -52,55 +63,72 @@ class Scorer:
     1 or more would pass for a right answer, so then the task is checked apart too.
     """
 
+    OWN_COLUMNS = ("conv", "group_ids", "lengths", "completion_ids", "token_ids")
+    DROPPED_COLUMNS = ("prompt", "completion", "completion_ids")  # what TRL does not pass from a dataset row
+
     def __init__(self, task, weights: dict[str, float], timeout_s: float, fallback: float | None,
-                 sources: dict[str, object] | None = None):
-        def task_reward(prompts, completions, conv, **_):
-            return [task.reward(c, text) for c, text in zip(conv, completions, strict=True)]
+                 sources: dict[str, object] | None = None, on_error: str = "fallback", max_failure_rate: float = 0.5,
+                 max_steps: int = 0):
+        def task_reward(completions, conv, **_):
+            return [task.reward(c, text) for c, text in zip(conv, texts(completions), strict=True)]
 
         task_reward.__name__ = "task"
         sources = {"task": task_reward, **(sources or {})}
         spec = {sources.get(name, name): w for name, w in (weights or {"task": 1.0}).items()}
-        self.task, self.rewards = task, RewardSet(spec, timeout_s, fallback)
+        self.task, self.max_steps = task, max_steps
+        self.rewards = RewardSet(spec, timeout_s, fallback, on_error, max_failure_rate)
         reuse = self.rewards.functions.get("task") is task_reward and (fallback is None or fallback < 1)
-        self.checker = None if reuse else RewardSet({task_reward: 0.0}, timeout_s, fallback=None)
+        self.checker = None if reuse else RewardSet({task_reward: 0.0}, timeout_s, None, on_error, max_failure_rate)
 
-    def __call__(self, convs: list[dict], texts: list[str], batch: RolloutBatch) -> tuple[Tensor, dict, list[dict]]:
-        """(rewards (B,), metrics, per-row {function: value}) of row i = completion ``texts[i]`` of
-        conversation ``convs[i]``."""
-        prompts, columns = self._inputs(convs, batch)
-        totals, metrics, values = self.rewards.score(prompts, texts, **columns)
-        return totals, metrics, [{name: v[i] for name, v in values.items()} for i in range(len(texts))]
+    def __call__(self, convs: list[dict], done: list[str], batch: RolloutBatch, step: int = 0) -> Scores:
+        """The scores of row i = completion ``done[i]`` (text) of conversation ``convs[i]``, at training step
+        ``step`` (0-based)."""
+        prompts, completions, columns = self._inputs(convs, done, batch)
+        return self.rewards.score(prompts, completions, self._progress(step), **columns)
 
-    def solved(self, convs: list[dict], texts: list[str], batch: RolloutBatch, breakdown: list[dict]) -> list[bool]:
-        """Whether each row's task reward is ≥ 1, ``breakdown`` being :meth:`__call__`'s for the same rows; a
+    def solved(self, convs: list[dict], done: list[str], batch: RolloutBatch, scores: Scores,
+               step: int = 0) -> list[bool]:
+        """Whether each row's task reward is ≥ 1, ``scores`` being :meth:`__call__`'s for the same rows; a
         call that failed, hung or gave None counts as not solved."""
         if self.checker is None:
-            values = [row["task"] for row in breakdown]
+            values = scores.values["task"]
         else:
-            prompts, columns = self._inputs(convs, batch)
-            values = self.checker.score(prompts, texts, **columns)[2]["task"]
+            prompts, completions, columns = self._inputs(convs, done, batch)
+            values = self.checker.score(prompts, completions, self._progress(step), **columns).values["task"]
         return [v is not None and v >= 1 for v in values]
 
     def failures(self, fallback: float | None) -> dict[str, str]:
         """A line for each reward function that has failed so far (with its first error), keyed to be
         printed once; ``fallback``: the value its samples got."""
-        out = {name: f"reward '{name}' failed (fallback {fallback} used; counted in rewards/{name}/failures), "
-                     f"first error: {error}" for name, error in self.rewards.first_errors.items()}
+        out = {name: f"reward '{name}' failed (a failed call is retried a sample at a time; samples that still fail "
+                     f"get the fallback {fallback}, counted in rewards/{name}/failures), first error: {error}"
+               for name, error in self.rewards.first_errors.items()}
         if self.checker is not None and "task" in self.checker.first_errors:
             out["task (solved)"] = ("the task's reward failed while checking which completions are right for the "
                                     "prompt sampler (they count as not solved), first error: "
                                     f"{self.checker.first_errors['task']}")
         return out
 
-    def _inputs(self, convs: list[dict], batch: RolloutBatch) -> tuple[list[str], dict[str, list]]:
-        """(prompts, columns) of the reward functions' call (see the class doc)."""
-        sampled = [batch.prompt_ids[i] + batch.completion_tokens(i) for i in range(len(convs))]
+    def _progress(self, step: int) -> TrainingProgress:
+        return TrainingProgress(global_step=step, max_steps=self.max_steps)
+
+    def _inputs(self, convs: list[dict], done: list[str], batch: RolloutBatch) -> tuple[list, list, dict[str, list]]:
+        """(prompts, completions, columns) of the reward functions' call (see the class doc)."""
+        ids = [batch.completion_tokens(i) for i in range(len(convs))]
         columns: dict[str, list] = {"conv": convs, "group_ids": batch.group_ids.tolist(),
-                                    "lengths": batch.lengths.tolist(), "token_ids": sampled}
-        for conv in convs:
-            for key, value in self.task.columns(conv).items():
-                columns.setdefault(key, []).append(value)
-        return [c["messages"][-1]["content"] for c in convs], columns
+                                    "lengths": batch.lengths.tolist(), "completion_ids": ids,
+                                    "token_ids": [batch.prompt_ids[i] + c for i, c in enumerate(ids)]}
+        rows = [self.task.columns(conv) for conv in convs]
+        for key in dict.fromkeys(k for row in rows for k in row):  # a row without a key gets None there
+            if key in self.OWN_COLUMNS + CALL_ARGS and key not in self.DROPPED_COLUMNS:
+                raise ConfigError(f"the task's column '{key}' has the name of an argument the reward functions "
+                                  f"get from the RL loop ({', '.join(self.OWN_COLUMNS + CALL_ARGS)}): rename it")
+            if key not in self.DROPPED_COLUMNS:
+                columns[key] = [row.get(key) for row in rows]
+        talk = [bool(c.get("conversational")) for c in convs]
+        prompts = [c["messages"] if t else c["messages"][-1]["content"] for c, t in zip(convs, talk, strict=True)]
+        completions = [[{"role": "assistant", "content": x}] if t else x for x, t in zip(done, talk, strict=True)]
+        return prompts, completions, columns
 
 
 def collect(
@@ -139,6 +167,7 @@ def collect(
     texts: list[str] = []
     rewards: list[Tensor] = []
     breakdown: list[dict] = []
+    extra: list[dict] = []
     pool_ids: list[int] = []
     success: list[float] = []
     frac_zero_std, kept, rounds, first, first_metrics = 0.0, 0, 0, torch.zeros(0), {}
@@ -149,12 +178,13 @@ def collect(
         batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seeds=seeds)
         done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
         row_convs = [drawn[i // G] for i in range(len(drawn) * G)]
-        r, reward_metrics, parts_r = scorer(row_convs, done, batch)  # (B,)
+        scores = scorer(row_convs, done, batch, step)
+        r, parts_r = scores.totals, scores.rows()  # (B,), (B,)
         zero_std = group_stats(r, batch.group_ids).zero_std  # (B,)
         pool_ids += [i for i, _ in picked]
-        success += group_success(scorer.solved(row_convs, done, batch, parts_r), G)
+        success += group_success(scorer.solved(row_convs, done, batch, scores, step), G)
         if rounds == 1:
-            first, frac_zero_std, first_metrics = r, zero_std.float().mean().item(), reward_metrics
+            first, frac_zero_std, first_metrics = r, zero_std.float().mean().item(), scores.metrics
         groups = [g for g in range(len(drawn)) if not (dynamic and zero_std[g * G])][: prompts - kept]
         rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
         convs += [drawn[g] for g in groups]
@@ -162,13 +192,14 @@ def collect(
         texts += [done[i] for i in rows.tolist()]
         rewards.append(r[rows])
         breakdown += [parts_r[i] for i in rows.tolist()]
+        extra += [scores.extra[i] for i in rows.tolist()]
         kept += len(groups)
         if kept >= prompts:
             break
     batch = RolloutBatch.concat(parts, tok.pad_id)
     batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
     return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std,
-                   first_metrics, breakdown, pool_ids, success)
+                   first_metrics, breakdown, pool_ids, success, extra)
 
 
 def group_success(solved: list[bool], group_size: int) -> list[float]:

@@ -232,11 +232,11 @@ class Run:
         deleted); returns the step restored. Raises :class:`RunStopped` past ``max_rollbacks``."""
         monitor = self.monitor
         if not monitor.on_rollback():
-            self._stop(step, f"more than {self.config.monitor.max_rollbacks} rollbacks", notice)
+            self.stop(step, f"more than {self.config.monitor.max_rollbacks} rollbacks", notice)
         lr_scale, rollbacks = monitor.lr_scale, monitor.rollbacks
         path = self.last_good(step)
         if path is None:
-            self._stop(step, f"no checkpoint from before step {step - 1} to roll back to (keep_last "
+            self.stop(step, f"no checkpoint from before step {step - 1} to roll back to (keep_last "
                              f"{self.config.keep_last}, save_every {self.config.save_every})", notice)
         restored = self.restore(parts, path)
         self.checkpoints.discard_after(restored)
@@ -249,15 +249,18 @@ class Run:
 
     def stop_if(self, action: str | None, step: int, notice: Callable[[str], None]) -> None:
         if action == "stop":
-            self._stop(step, "a health check's action is stop", notice)
+            self.stop(step, "a health check's action is stop", notice)
 
-    def _stop(self, step: int, why: str, notice: Callable[[str], None]) -> None:
+    def stop(self, step: int, why: str, notice: Callable[[str], None], check: str = "stop",
+             error: type[Exception] = RunStopped) -> None:
+        """End the run at ``step``: a ``check`` event with action stop in events.jsonl, the logs closed, and
+        ``error`` raised with one line (``why``, where the events are, the last good checkpoint)."""
         message = (f"run stopped at step {step}: {why} (see {self.dir / 'events.jsonl'}); the last good "
                    f"checkpoint is {self.last_good(step) or 'none'}")
-        self.logs["events"].write({"step": step, "check": "stop", "action": "stop", "values": {}, "message": message})
+        self.logs["events"].write({"step": step, "check": check, "action": "stop", "values": {}, "message": message})
         notice(f"[red]{message}")
         self.close()
-        raise RunStopped(message)
+        raise error(message)
 
 
 def health_gate(monitor: Monitor, step: int, events: list[Event], spikes: bool = True):

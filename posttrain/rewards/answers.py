@@ -2,8 +2,9 @@
 answer column, and a format check. TRL's signature: ``f(completions, answer, **kwargs) -> list[float | None]``,
 one value per completion (1.0 right, 0.0 wrong, None where the row has no gold answer).
 
-A completion may be a string or, for conversational prompts, a list of messages (its last message's content
-is read). Its **final answer** (:func:`final_answer`) is the first of these that it has:
+A completion may be a string or, for conversational prompts, a list of messages (read as their contents
+joined, :func:`posttrain.rewards.calls.texts`). Its **final answer** (:func:`final_answer`) is the first of
+these that it has:
 
 1. the content of the last ``<answer>…</answer>``;
 2. the content of the last ``\\boxed{…}`` (braces balanced);
@@ -18,23 +19,16 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from posttrain.tasks.gsm8k import normalize_number, same_number
+from posttrain.numbers import NUMBER_IN_TEXT, normalize_number, same_number
+from posttrain.rewards.calls import texts
 
-_NUMBER = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # in text: 1,234.5 | -7 | .5
+_NUMBER = re.compile(NUMBER_IN_TEXT)
 _LETTER_PATTERNS = (  # multiple choice, in order of trust:
     re.compile(r"\(([A-J])\)"),  # (B)
     re.compile(r"(?<![A-Za-z])([A-J])[.):](?!\w)"),  # B)  B.  B:
     re.compile(r"^\s*([A-J])\s*$", re.MULTILINE),  # a line that is one letter
     re.compile(r"[Aa]nswer(?: is|:)\s*\**\s*([A-J])(?![A-Za-z])"),  # answer is B, answer: B
 )
-
-
-def completion_text(completion: str | list[dict]) -> str:
-    """A completion as text: the string, or the content of the last message of a conversational one."""
-    if isinstance(completion, str):
-        return completion
-    content = completion[-1]["content"] if completion else ""
-    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
 
 
 def _boxed(text: str) -> str | None:
@@ -76,7 +70,7 @@ def normalize_text(text: str) -> str:
 
 
 def number_in(text: str) -> str | None:
-    """The number a text gives, normalised (``gsm8k.normalize_number``): the whole text if it is one, else its
+    """The number a text gives, normalised (``numbers.normalize_number``): the whole text if it is one, else its
     last number; None if it has none (or one too long to convert)."""
     try:
         whole = normalize_number(text)
@@ -111,25 +105,25 @@ def exact_match(completions: list, answer: Sequence | None = None, **kwargs) -> 
     """1.0 when the final answer equals the gold after :func:`normalize_text` (the gold's text after its last
     ``####`` when it has one), else 0.0."""
     out: list[float | None] = []
-    for c, gold in zip(completions, _gold(answer, len(completions)), strict=True):
+    for c, gold in zip(texts(completions), _gold(answer, len(completions)), strict=True):
         if gold is None:
             out.append(None)
             continue
         want = normalize_text(gold.rpartition("####")[2])
-        out.append(float(normalize_text(final_answer(completion_text(c))) == want))
+        out.append(float(normalize_text(final_answer(c)) == want))
     return out
 
 
 def numeric_match(completions: list, answer: Sequence | None = None, **kwargs) -> list[float | None]:
     """1.0 when the number the final answer gives (:func:`number_in`) equals the gold's number (its text after
-    the last ``####`` when it has one) to a relative 1e-6 (``gsm8k.same_number``), else 0.0."""
+    the last ``####`` when it has one) to a relative 1e-6 (``numbers.same_number``), else 0.0."""
     out: list[float | None] = []
-    for c, gold in zip(completions, _gold(answer, len(completions)), strict=True):
+    for c, gold in zip(texts(completions), _gold(answer, len(completions)), strict=True):
         if gold is None:
             out.append(None)
             continue
         want = number_in(gold.rpartition("####")[2])
-        got = number_in(final_answer(completion_text(c)))
+        got = number_in(final_answer(c))
         out.append(float(want is not None and same_number(got, want)))
     return out
 
@@ -138,12 +132,12 @@ def multiple_choice(completions: list, answer: Sequence | None = None, **kwargs)
     """1.0 when the letter the final answer gives (:func:`choice_letter`) is the gold's, else 0.0. The gold is
     a letter ("B", "(B)", "b."), or a 0-based option index (1 → "B")."""
     out: list[float | None] = []
-    for c, gold in zip(completions, _gold(answer, len(completions)), strict=True):
+    for c, gold in zip(texts(completions), _gold(answer, len(completions)), strict=True):
         if gold is None:
             out.append(None)
             continue
         want = chr(ord("A") + int(gold)) if gold.strip().isdigit() else choice_letter(gold.strip().upper())
-        out.append(float(want is not None and choice_letter(final_answer(completion_text(c))) == want))
+        out.append(float(want is not None and choice_letter(final_answer(c)) == want))
     return out
 
 
@@ -156,9 +150,9 @@ def regex_format(completions: list, format_regex: Sequence[str] | str | None = N
     patterns = [format_regex] * len(completions) if isinstance(format_regex, str) else list(format_regex)
     compiled: dict[str, re.Pattern] = {}
     out: list[float | None] = []
-    for c, pattern in zip(completions, patterns, strict=True):
+    for c, pattern in zip(texts(completions), patterns, strict=True):
         regex = compiled.setdefault(pattern, re.compile(pattern, re.DOTALL))
-        out.append(float(regex.fullmatch(completion_text(c)) is not None))
+        out.append(float(regex.fullmatch(c) is not None))
     return out
 
 
