@@ -271,3 +271,30 @@ def test_sft_on_a_messages_dataset_learns(tmp_path, llama_dir):
     train_sft(config, progress=False)
     loss = [r["loss"] for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "loss" in r]
     assert sum(loss[-3:]) < 0.6 * sum(loss[:3])
+
+
+def test_your_jsonl_and_a_trl_style_reward_file_train_with_one_command(tmp_path, llama_dir, monkeypatch):
+    """The day-one path: a JSONL of your own and a reward written for TRL (keyword arguments, a dataset column),
+    in a file in the working directory, one `posttrain rl` command, no PYTHONPATH."""
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+    from posttrain.metrics import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "mine.jsonl", ROWS)
+    (tmp_path / "my_rewards.py").write_text(
+        "def level_bonus(completions, level, **kwargs):\n"
+        "    return [float(x) / 2 for x in level]\n")
+    result = CliRunner().invoke(app, [
+        "rl", "-", f"model={llama_dir}", "run_dir=run", "algorithm=grpo", "steps=2", "prompts_per_step=2",
+        "samples_per_prompt=2", "sampling.max_new_tokens=4", "eval_before=false", "eval.problems=1",
+        "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=2", "threads=2", "log_samples_every=1",
+        "task.name=dataset", "task.data=mine.jsonl", "task.prompt={question}", "task.test_size=1",
+        "rewards={./my_rewards.py:level_bonus: 1.0, task: 0.0}", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    level = {r["question"]: r["level"] for r in ROWS}
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert len(samples) == 4 and all(s["rewards"]["level_bonus"] == level[s["prompt"]] / 2 for s in samples)
+    assert all(m["rewards/level_bonus/failures"] == 0 for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")
+               if "rewards/level_bonus/failures" in m)

@@ -314,9 +314,9 @@ def test_a_module_in_the_working_directory_needs_no_pythonpath(tmp_path, monkeyp
                     "module named 'not_installed_pkg_x'"),
     ("no_such_module_q9:f", "cannot load reward 'no_such_module_q9:f': no module named 'no_such_module_q9' "
                             "(looked in the working directory {cwd} and sys.path)"),
-    ("brevty", "unknown reward 'brevty' (valid: correctness, format_soft, format_strict, integer_answer, "
-               "length_penalty, majority_vote, xml_count); a function of your own is 'package.module:function' or "
-               "'path/to/file.py:function'"),
+    ("brevty", "unknown reward 'brevty' (valid: correctness, exact_match, format_soft, format_strict, "
+               "integer_answer, length_penalty, majority_vote, multiple_choice, numeric_match, regex_format, "
+               "xml_count); a function of your own is 'package.module:function' or 'path/to/file.py:function'"),
 ])
 def test_a_reward_that_cannot_be_loaded_is_a_one_line_config_error(tmp_path, monkeypatch, spec, message):
     (tmp_path / "mine.py").write_text(BREVITY)

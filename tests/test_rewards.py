@@ -164,7 +164,8 @@ def test_group_reward_errors_are_isolated_by_the_reward_set():
 
 def test_registry_and_loader(tmp_path, monkeypatch):
     assert set(rewards.REWARDS) == {"correctness", "format_strict", "format_soft", "xml_count", "integer_answer",
-                                    "length_penalty", "majority_vote"}
+                                    "length_penalty", "majority_vote", "exact_match", "numeric_match",
+                                    "multiple_choice", "regex_format"}
     assert rewards.load_reward("xml_count") is rewards.xml_count
     (tmp_path / "my_rewards.py").write_text("def brevity(prompts, completions, **kw):\n"
                                             "    return [1.0 / len(c) for c in completions]\n")
