@@ -430,6 +430,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
     return value
 
 
+def build_config(cls: type[T], data: dict) -> T:
+    """``cls`` from a nested dict of its fields (what a YAML file holds), checked as ``load_config`` checks."""
+    return _build(cls, data, "")
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Build ``cls`` from a YAML file (optional) and ``key=value`` overrides (dotted keys)."""
     data: dict = {}

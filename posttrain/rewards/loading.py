@@ -25,6 +25,9 @@ from posttrain.rewards.library import REWARDS
 TRAINER_SOURCES = ("task", "reward_model")  # names the RL trainer builds itself (rollout.Scorer)
 
 
+API_PREFIX = "api:"  # how config.rewards names a reward function the Python API was given as an object
+
+
 def load_reward(spec: str | Callable) -> Callable[..., list[float | None]]:
     """A reward function: a built-in name (REWARDS), ``pkg.mod:fn``, ``path/to/file.py:fn`` (see the module
     doc), or a callable (returned as is). ConfigError (a ValueError) naming the spec if it cannot be had."""
@@ -32,6 +35,9 @@ def load_reward(spec: str | Callable) -> Callable[..., list[float | None]]:
         return spec
     if spec in REWARDS:
         return REWARDS[spec]
+    if spec.startswith(API_PREFIX):
+        raise ConfigError(f"reward '{spec}' was a function object given to the Python API (posttrain.GRPOTrainer): "
+                          "run it from Python again with the same reward_funcs")
     where, sep, attr = spec.rpartition(":")
     if not sep or not where or not attr:
         raise ConfigError(f"unknown reward '{spec}'{suggest(spec, list(REWARDS))}; a function of your own is "

@@ -136,6 +136,8 @@ class DatasetTask:
         needs none)."""
         if stage == "sft":
             self.sft_example(random.Random(0))
+        elif stage == "eval" and not self.test:
+            raise DataError(f"{self.data}: no held-out rows to evaluate (set task.test_split, or task.test_size)")
         elif self.reward_name != "regex_format" and all(e.answer is None for e in self.train + self.test):
             raise DataError(f"{self.data}: no row has a gold answer for task.reward '{self.reward_name}' (it looks "
                             f"in task.answer, else 'answer', else 'reward_model.ground_truth'; columns: "
@@ -207,10 +209,11 @@ class DatasetTask:
         return normalize_text(text)
 
     def evaluate(self, engine, config) -> dict[str, float]:
-        """pass@k, mean reward and completion length on the first ``config.problems`` held-out rows."""
-        if not self.test:
-            raise ValueError("the dataset task has no held-out rows to evaluate: set task.test_split, or "
-                             "task.test_size > 0")
+        """pass@k, mean reward and completion length on the first ``config.problems`` held-out rows; {} (no
+        evaluation) when no held-out row has a gold answer, e.g. nothing is held out (``posttrain eval`` checks
+        for rows first)."""
+        if all(e.answer is None for e in self.test):  # nothing held out, or nothing to check it against
+            return {}
         return evaluate_task(engine, self, self.test[: config.problems], config)
 
     def corpus(self, r: random.Random, n: int = 2000) -> list[str]:

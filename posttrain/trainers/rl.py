@@ -45,6 +45,7 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -102,10 +103,12 @@ class RLSetup:
     critic_optim: OptimConfig  # the critic's schedule (its own peak lr)
 
 
-def setup(config: RLConfig) -> RLSetup:
+def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None) -> RLSetup:
     """Load the policy on the configured device and precision, and build everything around it. The reward
-    functions are loaded first: one that cannot be is a ConfigError before any model loads."""
-    check_reward_specs(config.rewards)
+    functions are loaded first: one that cannot be is a ConfigError before any model loads. ``reward_funcs``:
+    reward functions given as objects (the Python API), by the names ``config.rewards`` weighs them under."""
+    reward_funcs = dict(reward_funcs or {})
+    check_reward_specs(name for name in config.rewards if name not in reward_funcs)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
     task = make_task(config.task)
@@ -113,6 +116,7 @@ def setup(config: RLConfig) -> RLSetup:
     model, tokenizer = load_policy(config.model, config.lora)
     learned = "reward_model" in config.rewards
     sources = {"reward_model": RewardScorer.from_config(config.reward_model, tokenizer, device)} if learned else {}
+    sources |= reward_funcs
     scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources,
                     config.reward_on_error, config.reward_max_failure_rate, config.steps)
     tokens = config.max_tokens_per_micro_batch
@@ -137,16 +141,18 @@ def setup(config: RLConfig) -> RLSetup:
                    critic_objective, critic_optim)
 
 
-def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None) -> dict[str, dict[str, float]]:
+def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None,
+             reward_funcs: Mapping[str, Callable] | None = None) -> dict[str, dict[str, float]]:
     """Run RL as configured (resuming per ``config.resume``); returns {"before": eval metrics, "after": eval
-    metrics}. ``before``: the initial policy's metrics when the caller has them (with ``eval_before`` off)."""
+    metrics}. ``before``: the initial policy's metrics when the caller has them (with ``eval_before`` off);
+    ``reward_funcs``: reward functions given as objects (see :func:`setup`)."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     run = Run(config, "rl")
     if nothing_to_do(run, print):
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     torch.manual_seed(config.seed)
-    rl = setup(config)
+    rl = setup(config, reward_funcs)
     state = RLState(kl_coef=config.kl_coef, before=before or {}, last_eval=before or {},
                     prompt_sampling=rl.sampler.state_dict())
     parts = Parts(rl.policy.module, rl.tokenizer, state, engines={"policy": rl.policy},
