@@ -21,6 +21,7 @@ import yaml
 from posttrain.algorithms.presets import RL_FALLBACK, RL_PRESETS
 from posttrain.config_checks import ConfigError, check_choice, check_range, suggest
 from posttrain.engine import SamplingParams
+from posttrain.evaluation import EvalConfig
 from posttrain.metrics import SINKS
 from posttrain.models.gpt import GPTConfig
 from posttrain.monitor import MonitorConfig
@@ -80,34 +81,6 @@ class OptimConfig:
         check_range("optim.warmup_steps", self.warmup_steps, 0)
         check_range("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
         check_range("optim.grad_clip", self.grad_clip, 0, note=" (0: off)")
-
-
-@dataclass
-class EvalConfig:
-    """Periodic evaluation on the held-out split."""
-
-    every: int = 100  # evaluate every N steps (0: only at the end)
-    problems: int = 256  # held-out problems used (≤ task.test_size)
-    samples: int = 8  # completions per problem, for pass@k
-    ks: tuple[int, ...] = (1, 8)  # k values of pass@k
-    temperature: float = 1.0  # sampling temperature for evaluation
-    top_k: int | None = 50  # top-k for evaluation sampling
-    max_new_tokens: int = 64  # completion budget
-    seed: int = 4321  # sampling seed (fixed: every evaluation sees the same randomness)
-
-    def __post_init__(self):
-        check_range("eval.every", self.every, 0, note=" (0: only at the end)")
-        check_range("eval.problems", self.problems, 1, note=" (the final evaluation needs a problem)")
-        if not self.ks:
-            raise ConfigError("config key 'eval.ks' needs at least one k (e.g. [1, 8])")
-        for k in self.ks:
-            check_range("eval.ks", k, 1)
-        check_range("eval.samples", self.samples, max(self.ks), note=" (the largest k of eval.ks: pass@k draws k "
-                    "of the samples)")
-        check_range("eval.temperature", self.temperature, 0, note=" (0: greedy)")
-        if self.top_k is not None:
-            check_range("eval.top_k", self.top_k, 1, note=" or null (no top-k)")
-        check_range("eval.max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclass
@@ -337,6 +310,10 @@ def check_run(config: RunOptions) -> None:
     if not config.resume.strip():
         raise ConfigError(f"config key 'resume' must be 'auto', 'never' or a checkpoint dir, got {config.resume!r}")
     task = getattr(config, "task", None)
+    evaluation = getattr(config, "eval", None)
+    if evaluation is not None and evaluation.correct is not None and (task is None or task.name != "dataset"):
+        raise ConfigError("config key 'eval.correct' applies to the dataset task (the built-in tasks count a "
+                          "sample right by their own reward)")
     gsm8k_file = task is not None and task.name == "gsm8k" and Path(task.data or GSM8K_DATA).expanduser().is_file()
     if gsm8k_file and task.test_size == 0:
         raise ConfigError(f"config key 'task.test_size' is 0 with the single data file {task.data}: every row would "

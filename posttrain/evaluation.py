@@ -4,9 +4,50 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
+from posttrain.config_checks import ConfigError, check_range
 from posttrain.engine import SamplingParams
 from posttrain.random_streams import group_seed
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on the held-out split."""
+
+    every: int = 100  # evaluate every N steps (0: only at the end)
+    problems: int = 256  # held-out problems used (≤ task.test_size)
+    samples: int = 8  # completions per problem, for pass@k
+    ks: tuple[int, ...] = (1, 8)  # k values of pass@k
+    temperature: float = 1.0  # sampling temperature for evaluation
+    top_k: int | None = 50  # top-k for evaluation sampling
+    max_new_tokens: int = 64  # completion budget
+    seed: int = 4321  # sampling seed (fixed: every evaluation sees the same randomness)
+    correct: str | None = None  # dataset task: the reward that counts a sample right (a name or path; None: the
+    # task's reward)
+    correct_threshold: float = 1.0  # a sample is right when that reward is >= this
+
+    def __post_init__(self):
+        check_range("eval.every", self.every, 0, note=" (0: only at the end)")
+        check_range("eval.problems", self.problems, 1, note=" (the final evaluation needs a problem)")
+        if not self.ks:
+            raise ConfigError("config key 'eval.ks' needs at least one k (e.g. [1, 8])")
+        for k in self.ks:
+            check_range("eval.ks", k, 1)
+        check_range("eval.samples", self.samples, max(self.ks), note=" (the largest k of eval.ks: pass@k draws k "
+                    "of the samples)")
+        check_range("eval.temperature", self.temperature, 0, note=" (0: greedy)")
+        if self.top_k is not None:
+            check_range("eval.top_k", self.top_k, 1, note=" or null (no top-k)")
+        check_range("eval.max_new_tokens", self.max_new_tokens, 1)
+        check_range("eval.correct_threshold", self.correct_threshold)
+        if self.correct is not None:  # loaded now: a bad name or path stops the run before the model loads
+            from posttrain.rewards import load_reward  # here: the rewards import this module
+
+            try:
+                load_reward(self.correct)
+            except ConfigError as err:
+                raise ConfigError(f"config key 'eval.correct': {err}") from None
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -55,11 +96,12 @@ def maj_at_k(answers: Sequence[str | None], gold: str, k: int) -> float:
     return float(majority(answers[:k]) == gold)
 
 
-def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64) -> dict[str, float]:
+def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, threshold: float = 1.0
+                  ) -> dict[str, float]:
     """Sample ``config.samples`` completions per held-out problem and score them with the task.
 
     Returns ``eval/pass@k`` for each k in ``config.ks`` (unbiased estimator; a completion counts as
-    correct when its reward is ≥ 1), ``eval/reward`` (mean reward per completion) and
+    correct when its reward is ≥ ``threshold``), ``eval/reward`` (mean reward per completion) and
     ``eval/mean_length`` (completion tokens). Problems go through the engine ``chunk`` at a time; problem
     p samples its group from ``group_seed(config.seed, p)``, so its samples do not depend on ``chunk``.
     """
@@ -77,7 +119,7 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64) -> 
             rows = range(i * config.samples, (i + 1) * config.samples)
             r = [task.reward(conv, tok.decode(batch.completion_tokens(j))) for j in rows]
             rewards += r
-            correct.append([x >= 1.0 for x in r])
+            correct.append([x >= threshold for x in r])
         lengths += batch.lengths.tolist()
     out = {f"eval/pass@{k}": v for k, v in mean_pass_at_k(correct, config.ks).items()}
     out["eval/reward"] = sum(rewards) / len(rewards)

@@ -298,3 +298,30 @@ def test_your_jsonl_and_a_trl_style_reward_file_train_with_one_command(tmp_path,
     assert len(samples) == 4 and all(s["rewards"]["level_bonus"] == level[s["prompt"]] / 2 for s in samples)
     assert all(m["rewards/level_bonus/failures"] == 0 for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")
                if "rewards/level_bonus/failures" in m)
+
+
+def test_eval_correct_counts_a_sample_right_by_a_named_reward(tmp_path, llama_dir, monkeypatch):
+    from posttrain.checkpoint import load_policy
+    from posttrain.config import EvalConfig, LoraConfig, ModelConfig
+    from posttrain.engine import Engine
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "judge.py").write_text("def by_level(completions, level, **kw):\n"
+                                       "    return [float(x) for x in level]\n")
+    t = task(write_jsonl(tmp_path / "d.jsonl", ROWS), prompt="{question}", test_split=str(tmp_path / "d.jsonl"),
+             test_size=0)
+    policy, tok = load_policy(ModelConfig(str(llama_dir)), LoraConfig())
+    engine = Engine(policy.eval(), tok)
+    small = dict(problems=6, samples=2, ks=(1,), max_new_tokens=2)
+    share = sum(r["level"] >= 1 for r in ROWS) / len(ROWS)
+    got = t.evaluate(engine, EvalConfig(**small, correct="./judge.py:by_level"))
+    assert got["eval/pass@1"] == pytest.approx(share)
+    assert got["eval/reward"] == pytest.approx(sum(r["level"] for r in ROWS) / len(ROWS))
+    strict = t.evaluate(engine, EvalConfig(**small, correct="./judge.py:by_level", correct_threshold=2.0))
+    assert strict["eval/pass@1"] == pytest.approx(sum(r["level"] >= 2 for r in ROWS) / len(ROWS))
+    with pytest.raises(ConfigError, match="config key 'eval.correct': unknown reward 'no_such'"):
+        EvalConfig(correct="no_such")
+    from posttrain.config import RLConfig, load_config
+
+    with pytest.raises(ConfigError, match="'eval.correct' applies to the dataset task"):
+        load_config(RLConfig, None, ["eval.correct=numeric_match"])

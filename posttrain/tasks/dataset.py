@@ -209,9 +209,13 @@ class DatasetTask:
         return normalize_text(text)
 
     def evaluate(self, engine, config) -> dict[str, float]:
-        """pass@k, mean reward and completion length on the first ``config.problems`` held-out rows; {} (no
-        evaluation) when no held-out row has a gold answer, e.g. nothing is held out (``posttrain eval`` checks
-        for rows first)."""
+        """pass@k, mean reward and completion length on the first ``config.problems`` held-out rows, a sample
+        right when ``config.correct`` (a reward name or path; None: the task's reward) gives it at least
+        ``config.correct_threshold``; {} (no evaluation) when no held-out row has a gold answer for the task's
+        reward, e.g. nothing is held out (``posttrain eval`` checks for rows first)."""
+        if config.correct is not None:
+            return evaluate_task(engine, _Judged(self, config.correct), self.test[: config.problems], config,
+                                 threshold=config.correct_threshold)
         if all(e.answer is None for e in self.test):  # nothing held out, or nothing to check it against
             return {}
         return evaluate_task(engine, self, self.test[: config.problems], config)
@@ -227,6 +231,27 @@ class DatasetTask:
     def _check_train(self) -> None:
         if not self.train:
             raise ValueError("dataset: no training rows")
+
+
+class _Judged:
+    """The task seen by evaluation with another reward as its judge (``eval.correct``): each completion is
+    scored by that function, called as the RL loop calls rewards (TRL's keywords, the row's columns, isolated
+    per sample; a failure or None counts as 0)."""
+
+    def __init__(self, task: DatasetTask, correct: str, timeout_s: float = 30.0):
+        from posttrain.rewards import RewardSet  # here: the rewards import the tasks
+
+        self.task = task
+        self.judge = RewardSet({correct: 1.0}, timeout_s, fallback=0.0, max_failure_rate=1.0)
+
+    def prompt(self, problem: Example) -> dict:
+        return self.task.prompt(problem)
+
+    def reward(self, conv: dict, completion: str) -> float:
+        prompt = conv["messages"] if conv["conversational"] else conv["messages"][-1]["content"]
+        reply = [{"role": "assistant", "content": completion}] if conv["conversational"] else completion
+        columns = {k: [v] for k, v in self.task.columns(conv).items() if k not in ("prompt", "completion")}
+        return float(self.judge.score([prompt], [reply], **columns).totals[0])
 
 
 class _RowReader:
