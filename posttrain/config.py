@@ -226,6 +226,8 @@ class RLConfig(RunOptions):
     reward_fallback: float = 0.0  # reward of samples whose function raised, hung or returned NaN
     reward_on_error: str = "fallback"  # a reward function fails: fallback (and go on) | raise (stop the run)
     reward_max_failure_rate: float = 0.5  # fallback: stop the run when one function fails on more of a batch
+    max_prompt_length: int = 0  # rendered prompt tokens allowed (0: no limit); longer ones per long_prompts
+    long_prompts: str = "truncate"  # truncate (keep the last max_prompt_length tokens, as TRL) | skip (draw another)
     log_samples_every: int = 10  # write prompts/completions/rewards to samples.jsonl every N steps
     eval_before: bool = True  # evaluate the initial policy before the first step
 
@@ -289,6 +291,8 @@ class RLConfig(RunOptions):
         check_range("reward_timeout", self.reward_timeout, 0, low_open=True)
         check_range("reward_fallback", self.reward_fallback)
         check_range("reward_max_failure_rate", self.reward_max_failure_rate, 0, 1)
+        check_range("max_prompt_length", self.max_prompt_length, 0, note=" (0: no limit)")
+        check_choice("long_prompts", self.long_prompts, ["truncate", "skip"])
         for name, weight in self.rewards.items():
             check_range(f"rewards.{name}", weight)
         check_range("log_samples_every", self.log_samples_every, 0, note=" (0: never)")

@@ -325,3 +325,30 @@ def test_eval_correct_counts_a_sample_right_by_a_named_reward(tmp_path, llama_di
 
     with pytest.raises(ConfigError, match="'eval.correct' applies to the dataset task"):
         load_config(RLConfig, None, ["eval.correct=numeric_match"])
+
+
+def test_long_prompts_are_truncated_or_skipped_and_counted(tmp_path, llama_dir):
+    from posttrain.checkpoint import load_policy
+    from posttrain.config import LoraConfig, ModelConfig
+    from posttrain.trainers.rollout import PromptLimit, draw_prompts
+
+    rows = [{"prompt": "word " * n, "answer": "1"} for n in (2, 40, 3, 50)]
+    t = task(write_jsonl(tmp_path / "d.jsonl", rows), test_size=0)
+    _, tok = load_policy(ModelConfig(str(llama_dir)), LoraConfig())
+    lengths = [len(tok.render_for_completion(t.prompt(e))) for e in t.train]
+    limit = sorted(lengths)[1] + 1  # the two short prompts fit
+    draw = make_sampler(PromptSamplingConfig(strategy="uniform"), t).draw
+
+    def in_order():
+        counter = iter(range(100))
+        return lambda rng: (i := next(counter) % 4, t.train[i])
+
+    picked, _, ids, truncated, skipped = draw_prompts(in_order(), random.Random(0), t, tok, 4, PromptLimit(limit))
+    assert [i for i, _ in picked] == [0, 1, 2, 3] and (truncated, skipped) == (2, 0)
+    assert [len(x) for x in ids] == [min(n, limit) for n in lengths] and ids[1] == tok.render_for_completion(
+        t.prompt(t.train[1]))[-limit:]
+    picked, _, ids, truncated, skipped = draw_prompts(in_order(), random.Random(0), t, tok, 3,
+                                                      PromptLimit(limit, skip=True))
+    assert [i for i, _ in picked] == [0, 2, 0] and (truncated, skipped) == (0, 2)
+    with pytest.raises(ConfigError, match="100 prompts in a row were longer than max_prompt_length=1"):
+        draw_prompts(draw, random.Random(0), t, tok, 1, PromptLimit(1, skip=True))

@@ -69,7 +69,7 @@ from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_
 from posttrain.trainers.objectives import Mismatch, PolicyLoss, PolicyObjective, ValueLoss, ValueObjective
 from posttrain.trainers.reward_model import RewardScorer
 from posttrain.trainers.rl_state import RLState
-from posttrain.trainers.rollout import Rollout, Scorer, collect, rollout_metrics
+from posttrain.trainers.rollout import PromptLimit, Rollout, Scorer, collect, rollout_metrics
 from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
 from posttrain.trainers.train_batch import TrainBatch, last_token, layout
 
@@ -224,7 +224,8 @@ def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) 
         ro = collect(rl.rollout, rl.task, rl.scorer, prompt_rng, config.prompts_per_step, config.samples_per_prompt,
                      config.sampling, seed=config.seed, step=step, dynamic=config.dynamic_sampling,
                      max_rounds=config.max_sampling_rounds,
-                     draw=partial(rl.sampler.draw, progress=step / config.steps))
+                     draw=partial(rl.sampler.draw, progress=step / config.steps),
+                     limit=PromptLimit(config.max_prompt_length, config.long_prompts == "skip"))
     rl.sampler.update(ro.pool_ids, ro.success)
     state.prompt_sampling = rl.sampler.state_dict()
     return ro

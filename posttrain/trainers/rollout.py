@@ -37,6 +37,45 @@ class Rollout:
     pool_ids: list[int]  # pool index of every group drawn, all rounds, dropped ones included (−1: no pool)
     success: list[float]  # each drawn group's share of completions with task reward ≥ 1, as pool_ids
     extra: list[dict]  # (B,) what the reward functions logged for the row with log_extra
+    prompts_truncated: int = 0  # prompts drawn longer than the limit and cut to it (PromptLimit)
+    prompts_skipped: int = 0  # prompts drawn longer than the limit and left out for another
+
+
+@dataclass(frozen=True)
+class PromptLimit:
+    """How long a rendered prompt may be: ``max_tokens`` (0: no limit); a longer one is cut to its last
+    ``max_tokens`` tokens (``skip`` False: what TRL's left truncation keeps, the end and the generation prompt)
+    or left out for another draw (``skip``)."""
+
+    max_tokens: int = 0
+    skip: bool = False
+
+
+def draw_prompts(draw: Callable, rng: random.Random, task, tok, n: int, limit: PromptLimit
+                 ) -> tuple[list[tuple[int, object]], list[dict], list[list[int]], int, int]:
+    """``n`` prompts within ``limit``: (picked (pool index, problem), conversations, rendered ids, truncated,
+    skipped). ConfigError when skipping leaves out 100 draws in a row (the data's prompts are too long)."""
+    picked: list[tuple[int, object]] = []
+    convs: list[dict] = []
+    ids: list[list[int]] = []
+    truncated = skipped = in_a_row = 0
+    while len(picked) < n:
+        pick = draw(rng)
+        conv = task.prompt(pick[1])
+        rendered = tok.render_for_completion(conv)
+        if limit.max_tokens and len(rendered) > limit.max_tokens:
+            if limit.skip:
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                if in_a_row >= 100:
+                    raise ConfigError(f"100 prompts in a row were longer than max_prompt_length={limit.max_tokens} "
+                                      "tokens and skipped: raise it, or use long_prompts=truncate")
+                continue
+            rendered, truncated = rendered[-limit.max_tokens :], truncated + 1
+        in_a_row = 0
+        picked.append(pick)
+        convs.append(conv)
+        ids.append(rendered)
+    return picked, convs, ids, truncated, skipped
 
 
 class Scorer:
@@ -144,6 +183,7 @@ def collect(
     dynamic: bool = False,
     max_rounds: int = 1,
     draw: Callable[[random.Random], tuple[int, object]] | None = None,
+    limit: PromptLimit = PromptLimit(),
 ) -> Rollout:
     """Generate ``group_size`` completions for ``prompts`` prompts and score them.
 
@@ -159,6 +199,7 @@ def collect(
     ``draw(prompt_rng)`` gives each prompt as (pool index, problem): a prompt sampler's draw (see
     posttrain/prompt_sampling.py); default a fresh ``task.train_problem(prompt_rng)`` (index −1). Every
     group drawn, kept or not, is reported in ``pool_ids`` and ``success`` for the sampler to learn from.
+    ``limit``: how long a prompt may be (:func:`draw_prompts`); what it cut or left out is counted.
     """
     draw = draw or TaskStream(task).draw
     tok, G = engine.tokenizer, group_size
@@ -171,11 +212,12 @@ def collect(
     pool_ids: list[int] = []
     success: list[float] = []
     frac_zero_std, kept, rounds, first, first_metrics = 0.0, 0, 0, torch.zeros(0), {}
+    truncated = skipped = 0
     for rounds in range(1, (max_rounds if dynamic else 1) + 1):
-        picked = [draw(prompt_rng) for _ in range(prompts)]
-        drawn = [task.prompt(problem) for _, problem in picked]
+        picked, drawn, ids, cut, left_out = draw_prompts(draw, prompt_rng, task, tok, prompts, limit)
+        truncated, skipped = truncated + cut, skipped + left_out
         seeds = [group_seed(seed, step, i, rounds - 1) for i in range(prompts)]
-        batch = engine.generate([tok.render_for_completion(c) for c in drawn], G, sampling, seeds=seeds)
+        batch = engine.generate(ids, G, sampling, seeds=seeds)
         done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
         row_convs = [drawn[i // G] for i in range(len(drawn) * G)]
         scores = scorer(row_convs, done, batch, step)
@@ -199,7 +241,7 @@ def collect(
     batch = RolloutBatch.concat(parts, tok.pad_id)
     batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
     return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std,
-                   first_metrics, breakdown, pool_ids, success, extra)
+                   first_metrics, breakdown, pool_ids, success, extra, truncated, skipped)
 
 
 def group_success(solved: list[bool], group_size: int) -> list[float]:
@@ -228,6 +270,8 @@ def rollout_metrics(ro: Rollout) -> dict:
         "sampling/batch_success": sum(ro.success) / len(ro.success),
         "tools/call_frequency": batch.tool_calls / ro.drawn,
         "tools/failure_frequency": batch.tool_failures / max(1, batch.tool_calls),
+        "data/prompts_truncated": ro.prompts_truncated,
+        "data/prompts_skipped": ro.prompts_skipped,
     }
     if len(ro.rewards) == 0:
         return out
