@@ -116,6 +116,10 @@ def _format(value: Number) -> str:
     return f"{rounded:.6f}".rstrip("0").rstrip(".")
 
 
+DATA_TIMEOUT_S = 10.0  # the tasks' own steps (trusted, tiny): the 0.05 s default ran out on a loaded machine, and
+# a step's result must not depend on the machine's load (the next step then read "error: timeout" as its operand)
+
+
 def calculate(
     expression: str,
     *,

@@ -27,7 +27,7 @@ from posttrain.config import suggest
 from posttrain.evaluation import evaluate_task
 from posttrain.tasks.gsm8k import HASH_INSTRUCTION, is_correct, normalize_number
 from posttrain.tasks.preference import PreferencePair
-from posttrain.tools import calculate
+from posttrain.tools import DATA_TIMEOUT_S, calculate
 
 NAMES = ("Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo", "Mia")
 ITEMS = ("apples", "pens", "cards", "books", "eggs", "shells", "stamps", "beads", "coins", "cups")
@@ -128,7 +128,7 @@ def solution_parts(problem: Problem, r: random.Random | None = None, error_rate:
         step = template.format(*results)
         if i == bad_step:
             step = _corrupt(step, r)
-        results.append(calculate(step))
+        results.append(calculate(step, timeout_s=DATA_TIMEOUT_S))
         parts += [
             {"type": "tool_call", "text": step},
             {"type": "tool_output", "text": results[-1]},

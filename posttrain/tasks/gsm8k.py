@@ -41,7 +41,7 @@ from posttrain.evaluation import evaluate_task
 from posttrain.numbers import DIGITS, NUMBER_IN_TEXT, normalize_number, same_number
 from posttrain.task_config import GSM8K_DATA
 from posttrain.tasks.files import file_rows, hub_rows, load_hub, split_file
-from posttrain.tools import calculate
+from posttrain.tools import DATA_TIMEOUT_S, calculate
 
 FORMATS = ("hash", "xml", "tool")
 EXTRACT_MODES = ("strict", "flexible", "xml")
@@ -138,7 +138,7 @@ def tool_parts(solution: str) -> list[dict]:
         text += solution[pos : found.start()]
         pos = found.end()
         expr, _, claimed = found.group(1).rpartition("=")
-        result = calculate(expr)
+        result = calculate(expr, timeout_s=DATA_TIMEOUT_S)
         if not same_number(result, normalize_number(claimed)):
             continue
         if text:
