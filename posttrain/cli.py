@@ -170,6 +170,27 @@ def pipeline(
         run_pipeline(load_pipeline(config, overrides or []), progress=progress)
 
 
+@app.command("config")
+def config_(
+    stage: Annotated[str, typer.Argument(help="sft | rm | dpo | rl")],
+    preset: Annotated[str | None, typer.Option(help="rl: show the values of this algorithm preset (nanochat | grpo | "
+                                               "dr_grpo | dapo | rloo | reinforce_pp | ppo)")] = None,
+) -> None:
+    """Print every config key of STAGE, dotted (optim.lr), with its default and its one-line doc.
+
+    One `key: value  # doc` line per key: YAML that `posttrain STAGE` reads (a dotted key is a key of its section),
+    so the output, or any part of it, is a config file to edit (posttrain config rl > rl.yaml). On the command line
+    the same key is an override: posttrain rl rl.yaml optim.lr=1e-4."""
+    from posttrain.config_docs import listing
+
+    try:
+        text = listing(stage, preset)
+    except ConfigError as err:
+        typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(text, nl=False)
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="a posttrain checkpoint dir, an HF model dir or hub id, a .gguf file")],

@@ -46,6 +46,7 @@ from posttrain.config import (
     _set_dotted,
     check_choice,
     check_range,
+    expand_dotted,
     suggest,
     to_dict,
 )
@@ -126,7 +127,7 @@ class PipelineConfig:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = expand_dotted(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except FileNotFoundError:
