@@ -410,13 +410,13 @@ def _build(cls: type[T], data: Any, where: str) -> T:
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
-    if isinstance(value, dict) and _SHORTHAND in value:
-        raise ConfigError(f"override '{path}.{next(k for k in value if k != _SHORTHAND)}': '{path}' is not a section")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # before the check below: an optional section takes `task=x`
         if value is None and type(None) in args:
             return None
         return _coerce(next(a for a in args if a is not type(None)), value, path)
+    if isinstance(value, dict) and _SHORTHAND in value:
+        raise ConfigError(f"override '{path}.{next(k for k in value if k != _SHORTHAND)}': '{path}' is not a section")
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{path}' must be a mapping (e.g. {{name: 1.0}}), got {value!r}")

@@ -43,7 +43,8 @@ def dry_run_pipeline(config) -> str:
     task = make_task(config.eval.task)
     task.check("eval")
     lines.append(f"  comparison: {task_data(task)}")
-    return "\n".join([_yaml(config) + "checked, stage by stage:", *lines, f"dry run: config, data, rewards OK; {DONE}\n"])
+    closing = f"dry run: config, data, rewards OK; {DONE}\n"
+    return "\n".join([_yaml(config) + "checked, stage by stage:", *lines, closing])
 
 
 def _yaml(config) -> str:
