@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import textwrap
 import tokenize
 import types
 import typing
@@ -42,10 +43,11 @@ class Key:
     kind: str = "key"  # key | section (a header: its keys follow) | unset (a section whose value is None)
     commented: bool = False  # a key of an unset section: listed as a comment
 
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field name → its comment in ``cls``'s own source (inherited fields: see :func:`field_doc`)."""
-    source = inspect.getsource(cls)
+    source = textwrap.dedent(inspect.getsource(cls))
     comments: dict[int, str] = {}  # line (1-based, in source) → comment text
     code_lines: set[int] = set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -89,9 +91,10 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def config_keys(cls: type, values: Any = None, prefix: str = "") -> list[Key]:
-    """Every key of config class ``cls``, dotted, in field order, with its value in ``values`` (an instance)
-    or, when that is None, the field's default. A section is a header Key followed by its keys; a section
-    whose value is None is an ``unset`` Key followed by its keys at their defaults, commented."""
+    """Every key of config class ``cls``, dotted, with its value in ``values`` (an instance) or, when that is
+    None, the field's default: the class's own fields in their order, then the inherited ones (RunOptions').
+    A section is a header Key followed by its keys; a section whose value is None is an ``unset`` Key
+    followed by its keys at their defaults, commented."""
     hints = typing.get_type_hints(cls)
     own = cls.__dict__.get("__annotations__", {})
     out = []

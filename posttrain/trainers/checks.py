@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class Checked:
     """What the checks before the model loads built, and one phrase saying what they found."""
 
-    summary: str  # e.g. "data (arithmetic: generated train / 256 test problems), rewards (1 function: task)"
+    summary: str  # e.g. "data (arithmetic: generated train / 256 test rows), rewards (1 function: task)"
     task: object | None = None  # the task, its data loaded and checked for the stage (None: the stage has none)
     sampler: object | None = None  # rl: the prompt sampler over the task's pool
     pairs: tuple[list, list] | None = None  # rm, dpo: (train, test) preference pairs, not yet tokenized
