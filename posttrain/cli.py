@@ -187,7 +187,7 @@ def pipeline(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="check every stage's config, data and rewards (a "
                                           "stage's model and an earlier stage's output are not looked for), print "
-                                          "the resolved pipeline, and stop: nothing is loaded or written")] = False,
+                                          "the resolved pipeline, and stop: no model loaded, nothing written")] = False,
 ) -> None:
     """Run stages (sft, rm, dpo, rl, eval) in order, each from an earlier stage's output, into RUN_DIR/<stage>/;
     finished stages are skipped. Ends with one table comparing every policy (pass@1, pass@K, maj@K, format

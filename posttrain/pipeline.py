@@ -189,7 +189,7 @@ def resolve_stage(name: str, entry: Any, earlier: list[StageConfig], names: list
     told when the previous policy stage replaces the stage YAML's model."""
     if not isinstance(entry, dict):
         raise ConfigError(f"must be a mapping (kind, config, from, and the stage's own keys), got {entry!r}")
-    entry = dict(entry)
+    entry = expand_dotted(dict(entry))  # inline keys may be dotted, as in a stage YAML
     kind = entry.pop("kind", name if name in KINDS else None)
     if kind is None:
         raise ConfigError(f"needs a kind: {' | '.join(KINDS)}")

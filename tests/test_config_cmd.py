@@ -11,6 +11,7 @@ from posttrain.algorithms.presets import RL_PRESETS
 from posttrain.cli import app
 from posttrain.config import RLConfig, load_config, to_dict
 from posttrain.config_docs import field_doc, listing, stage_configs
+from posttrain.pipeline import load_pipeline
 
 ROWS = "".join(f'{{"prompt": "What is {i} + {i}?", "completion": "#### {2 * i}", "answer": "{2 * i}"}}\n'
                for i in range(6))
@@ -88,6 +89,13 @@ def test_yaml_configs_take_dotted_keys_and_a_null_section_they_set(tmp_path):
     path.write_text("optim: {warmup_steps: 3}\noptim.lr: 0.5\ntask: null\ntask.name: gsm8k\ntask.test_size: 4\n")
     config = load_config(DPOConfig, path)
     assert (config.optim.lr, config.optim.warmup_steps, config.task.name, config.task.test_size) == (0.5, 3, "gsm8k", 4)
+    pipeline = tmp_path / "pipeline.yaml"  # a pipeline file, its stage YAML and a stage's inline keys alike
+    (tmp_path / "stage.yaml").write_text("optim.lr: 0.25\n")
+    pipeline.write_text(f"run_dir: {tmp_path / 'run'}\neval.samples: 2\nstages:\n  sft: {{config: stage.yaml, "
+                        "optim.warmup_steps: 7}\n")
+    loaded = load_pipeline(pipeline)
+    sft = loaded.stages[0].resolved
+    assert (loaded.eval.samples, sft.optim.lr, sft.optim.warmup_steps) == (2, 0.25, 7)
 
 
 @pytest.mark.parametrize("args, message", [
