@@ -12,6 +12,8 @@ from posttrain.config import ConfigError, ModelConfig, RLConfig, SFTConfig, Task
 
 RESUME_HELP = ("auto: go on from RUN_DIR/checkpoints/latest if there is one (the default) | never: start fresh | "
                "a checkpoint directory (same as resume=...)")
+DRY_RUN_HELP = ("check the config, the data and the rewards as a run does before its model loads, print the "
+                "resolved config, and stop: no model is loaded, nothing is written")
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Post-train language models: SFT, reward models, DPO, RL with verifiable or learned rewards.")
 
@@ -29,6 +31,13 @@ def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = N
     except ConfigError as err:
         typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+def _dry_run(stage: str, config) -> None:
+    """``--dry-run``: print the resolved config and what the checks before the model loads found."""
+    from posttrain.dry_run import dry_run
+
+    typer.echo(dry_run(stage, config), nl=False)
 
 
 @contextmanager
@@ -101,12 +110,16 @@ def sft(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=1e-3")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     resume: Annotated[str | None, typer.Option(help=RESUME_HELP)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
 ) -> None:
     """Supervised fine-tuning on a task's solutions."""
     from posttrain.trainers.sft import train_sft
 
     with _run_errors():
-        train_sft(_load(SFTConfig, config, overrides, resume), progress=progress)
+        loaded = _load(SFTConfig, config, overrides, resume)
+        if dry_run:
+            return _dry_run("sft", loaded)
+        train_sft(loaded, progress=progress)
 
 
 @app.command()
@@ -115,12 +128,16 @@ def rl(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. algorithm=dapo")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     resume: Annotated[str | None, typer.Option(help=RESUME_HELP)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
 ) -> None:
     """On-policy RL from a checkpoint: algorithm=nanochat|grpo|dr_grpo|dapo|rloo|reinforce_pp|ppo."""
     from posttrain.trainers.rl import train_rl
 
     with _run_errors():
-        train_rl(_load(RLConfig, config, overrides, resume), progress=progress)
+        loaded = _load(RLConfig, config, overrides, resume)
+        if dry_run:
+            return _dry_run("rl", loaded)
+        train_rl(loaded, progress=progress)
 
 
 @app.command()
@@ -129,13 +146,17 @@ def rm(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. data.source=DIR")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     resume: Annotated[str | None, typer.Option(help=RESUME_HELP)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
 ) -> None:
     """Train a reward model (scalar head, Bradley–Terry loss) on preference pairs."""
     from posttrain.preference_config import RMConfig
     from posttrain.trainers.reward_model import train_reward_model
 
     with _run_errors():
-        train_reward_model(_load(RMConfig, config, overrides, resume), progress=progress)
+        loaded = _load(RMConfig, config, overrides, resume)
+        if dry_run:
+            return _dry_run("rm", loaded)
+        train_reward_model(loaded, progress=progress)
 
 
 @app.command()
@@ -144,13 +165,17 @@ def dpo(
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. loss=ipo")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     resume: Annotated[str | None, typer.Option(help=RESUME_HELP)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
 ) -> None:
     """Direct preference optimisation on preference pairs: loss=sigmoid|ipo|hinge|robust."""
     from posttrain.preference_config import DPOConfig
     from posttrain.trainers.dpo import train_dpo
 
     with _run_errors():
-        train_dpo(_load(DPOConfig, config, overrides, resume), progress=progress)
+        loaded = _load(DPOConfig, config, overrides, resume)
+        if dry_run:
+            return _dry_run("dpo", loaded)
+        train_dpo(loaded, progress=progress)
 
 
 @app.command()
@@ -160,6 +185,9 @@ def pipeline(
         help="key=value overrides: top-level (run_dir=runs/b, eval.samples=4) or a stage's as "
              "stages.NAME.KEY=VALUE (stages.rl.steps=5)")] = None,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="check every stage's config, data and rewards (a "
+                                          "stage's model and an earlier stage's output are not looked for), print "
+                                          "the resolved pipeline, and stop: no model loaded, nothing written")] = False,
 ) -> None:
     """Run stages (sft, rm, dpo, rl, eval) in order, each from an earlier stage's output, into RUN_DIR/<stage>/;
     finished stages are skipped. Ends with one table comparing every policy (pass@1, pass@K, maj@K, format
@@ -167,7 +195,34 @@ def pipeline(
     from posttrain.pipeline import load_pipeline, run_pipeline
 
     with _run_errors():
-        run_pipeline(load_pipeline(config, overrides or []), progress=progress)
+        loaded = load_pipeline(config, overrides or [])
+        if dry_run:
+            from posttrain.dry_run import dry_run_pipeline
+
+            typer.echo(dry_run_pipeline(loaded), nl=False)
+            return
+        run_pipeline(loaded, progress=progress)
+
+
+@app.command("config")
+def config_(
+    stage: Annotated[str, typer.Argument(help="sft | rm | dpo | rl")],
+    preset: Annotated[str | None, typer.Option(help="rl: show the values of this algorithm preset (nanochat | grpo | "
+                                               "dr_grpo | dapo | rloo | reinforce_pp | ppo)")] = None,
+) -> None:
+    """Print every config key of STAGE, dotted (optim.lr), with its default and its one-line doc.
+
+    One `key: value  # doc` line per key: YAML that `posttrain STAGE` reads (a dotted key is a key of its section),
+    so the output, or any part of it, is a config file to edit (posttrain config rl > rl.yaml). On the command line
+    the same key is an override: posttrain rl rl.yaml optim.lr=1e-4."""
+    from posttrain.config_docs import listing
+
+    try:
+        text = listing(stage, preset)
+    except ConfigError as err:
+        typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(text, nl=False)
 
 
 @app.command("eval")

@@ -1,10 +1,10 @@
 """Typed run configs: dataclasses with a one-line doc per field, YAML files, dotted overrides.
 
 ``load_config(SFTConfig, "configs/demo_sft.yaml", ["optim.lr=1e-3", "steps=50"])`` reads the
-YAML, applies ``key=value`` overrides (values parsed as YAML scalars), and builds the nested
-dataclasses. A key that does not exist is an error that names the key and the closest valid one.
-A section given a single value sets its first field: ``model=runs/sft/checkpoints/final`` is
-``model.path=...`` and ``task=gsm8k`` is ``task.name=gsm8k``.
+YAML (its keys may be dotted too: ``optim.lr: 1e-3``), applies ``key=value`` overrides (values parsed
+as YAML scalars), and builds the nested dataclasses. A key that does not exist is an error that names
+the key and the closest valid one. A section given a single value sets its first field:
+``model=runs/sft/checkpoints/final`` is ``model.path=...`` and ``task=gsm8k`` is ``task.name=gsm8k``.
 """
 
 from __future__ import annotations
@@ -345,6 +345,19 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         node[leaf] = value
 
 
+def expand_dotted(data: Any) -> Any:
+    """A YAML mapping whose keys may be dotted (``optim.lr: 1e-3``, as ``posttrain config`` lists them), with
+    those keys nested; a section written ``task: null`` with dotted keys under it is what those keys set."""
+    if not isinstance(data, dict):
+        return data
+    dotted = [k for k in data if isinstance(k, str) and "." in k]
+    sections = {k.split(".")[0] for k in dotted}  # a null one among them is what its dotted keys set
+    out = {k: v for k, v in data.items() if k not in dotted and (v is not None or k not in sections)}
+    for key in dotted:
+        _set_dotted(out, key, data[key])
+    return out
+
+
 def _build(cls: type[T], data: Any, where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     first = next(iter(fields))
@@ -378,13 +391,13 @@ def _build(cls: type[T], data: Any, where: str) -> T:
 def _coerce(hint: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
-    if isinstance(value, dict) and _SHORTHAND in value:
-        raise ConfigError(f"override '{path}.{next(k for k in value if k != _SHORTHAND)}': '{path}' is not a section")
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # before the check below: an optional section takes `task=x`
         if value is None and type(None) in args:
             return None
         return _coerce(next(a for a in args if a is not type(None)), value, path)
+    if isinstance(value, dict) and _SHORTHAND in value:
+        raise ConfigError(f"override '{path}.{next(k for k in value if k != _SHORTHAND)}': '{path}' is not a section")
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{path}' must be a mapping (e.g. {{name: 1.0}}), got {value!r}")
@@ -421,7 +434,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = expand_dotted(yaml.safe_load(Path(path).read_text()) or {})
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         except FileNotFoundError:

@@ -46,6 +46,7 @@ from posttrain.config import (
     _set_dotted,
     check_choice,
     check_range,
+    expand_dotted,
     suggest,
     to_dict,
 )
@@ -126,7 +127,7 @@ class PipelineConfig:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = expand_dotted(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except FileNotFoundError:
@@ -188,7 +189,7 @@ def resolve_stage(name: str, entry: Any, earlier: list[StageConfig], names: list
     told when the previous policy stage replaces the stage YAML's model."""
     if not isinstance(entry, dict):
         raise ConfigError(f"must be a mapping (kind, config, from, and the stage's own keys), got {entry!r}")
-    entry = dict(entry)
+    entry = expand_dotted(dict(entry))  # inline keys may be dotted, as in a stage YAML
     kind = entry.pop("kind", name if name in KINDS else None)
     if kind is None:
         raise ConfigError(f"needs a kind: {' | '.join(KINDS)}")

@@ -35,10 +35,12 @@ from posttrain.metrics import StepProgress
 from posttrain.preference_config import DPOConfig
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
+from posttrain.trainers.checks import Checked, task_data
 from posttrain.trainers.model_engine import ModelEngine, resolve_device, resolve_precision
 from posttrain.trainers.pairs import (
     EncodedPair,
     PairBatch,
+    load_pairs,
     pair_batch,
     pair_step,
     prepare_pairs,
@@ -127,6 +129,20 @@ def evaluate_dpo(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, ref
     return out
 
 
+def check_inputs(config: DPOConfig) -> Checked:
+    """The checks before the model loads (``train_dpo`` and ``posttrain dpo --dry-run``): the preference pairs
+    load, and the evaluation task's data, when a task is set, loads and has gold answers (ConfigError /
+    DataError otherwise)."""
+    pairs = load_pairs(config.data)
+    summary = f"data ({len(pairs[0])} train / {len(pairs[1])} test pairs"
+    task = None
+    if config.task is not None:
+        task = make_task(config.task)
+        task.check("eval")
+        summary += f"; eval task {task_data(task)}"
+    return Checked(summary + ")", task=task, pairs=pairs)
+
+
 def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, float]]:
     """Run DPO as configured (resuming per ``config.resume``); returns {"before": held-out metrics of the
     starting policy, "after": the last held-out metrics}."""
@@ -138,7 +154,8 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
-    task = make_task(config.task) if config.task is not None else None  # its data is checked before the model loads
+    checked = check_inputs(config)
+    task = checked.task
     model, tokenizer = load_policy(config.model, config.lora)
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)
     # before any restore: the starting policy (precomputing: the model itself, scored before it trains)
@@ -150,7 +167,7 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     with StepProgress("dpo", config.steps, ("loss", "rewards/accuracies", "eval/rewards/accuracies"), progress,
                       initial=run.start_step) as bar:
         run.check_config(bar.print)
-        train, test = prepare_pairs(config, tokenizer, model, bar.print)
+        train, test = prepare_pairs(config, tokenizer, model, bar.print, checked.pairs)
         ref_train = ref_test = None
         if config.precompute_ref:
             ref_train = precompute_reference(policy, reference, train, pad, config.micro_batch)

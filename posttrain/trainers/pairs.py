@@ -64,13 +64,24 @@ def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> tup
     return out, skipped
 
 
-def prepare_pairs(config, tokenizer, model, notice) -> tuple[list[EncodedPair], list[EncodedPair]]:
-    """The config's (train, test) pairs, rendered by ``tokenizer``; pairs longer than the data's
-    ``max_length`` (default: the model's context length) are left out with a notice."""
+def load_pairs(config: PreferenceDataConfig) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """:func:`make_pairs`, with data it cannot use (a malformed row, an impossible split, no training pair)
+    as a ConfigError naming data.source."""
     try:
-        train_pairs, test_pairs = make_pairs(config.data)
+        train, test = make_pairs(config)
     except ValueError as err:  # a malformed row (named by file and line) or an impossible split
         raise ConfigError(f"data.source: {err}") from None
+    if not train:
+        raise ConfigError(f"data.source: no training pairs in '{config.source}'")
+    return train, test
+
+
+def prepare_pairs(config, tokenizer, model, notice, pairs: tuple[list, list] | None = None
+                  ) -> tuple[list[EncodedPair], list[EncodedPair]]:
+    """The config's (train, test) pairs (``pairs`` when already loaded by :func:`load_pairs`), rendered by
+    ``tokenizer``; pairs longer than the data's ``max_length`` (default: the model's context length) are
+    left out with a notice."""
+    train_pairs, test_pairs = pairs or load_pairs(config.data)
     limit = config.data.max_length or context_length(model)
     train, skipped = encode_pairs(tokenizer, train_pairs, limit)
     test, skipped_test = encode_pairs(tokenizer, test_pairs, limit)

@@ -24,10 +24,12 @@ from posttrain.metrics import StepProgress
 from posttrain.models.heads import RewardModel
 from posttrain.preference_config import RMConfig
 from posttrain.rewards.calls import Completion, Prompt, texts
+from posttrain.trainers.checks import Checked
 from posttrain.trainers.model_engine import ModelEngine, resolve_device, resolve_precision
 from posttrain.trainers.pairs import (
     EncodedPair,
     context_length,
+    load_pairs,
     pair_batch,
     pair_step,
     prepare_pairs,
@@ -106,6 +108,13 @@ def bt_step(engine: ModelEngine, pairs: list[EncodedPair], config: RMConfig, pad
     return out | pair_metrics(torch.cat(chosen), torch.cat(rejected))
 
 
+def check_inputs(config: RMConfig) -> Checked:
+    """The checks before the model loads (``train_reward_model`` and ``posttrain rm --dry-run``): the
+    preference pairs load (ConfigError otherwise)."""
+    pairs = load_pairs(config.data)
+    return Checked(f"data ({len(pairs[0])} train / {len(pairs[1])} test pairs)", pairs=pairs)
+
+
 def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, float]:
     """Train a reward model as configured (resuming per ``config.resume``); returns the last held-out metrics."""
     if config.threads > 0:
@@ -116,6 +125,7 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
         return run.state["extra"].get("last_eval", {})
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
+    checked = check_inputs(config)
     trunk, tokenizer = load_policy(config.model, config.lora)
     rm = ModelEngine(RewardModel.from_policy(trunk), config.optim, device, precision, config.activation_checkpointing)
     state = TrainerState()
@@ -123,7 +133,7 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
     with StepProgress("rm", config.steps, ("loss", "accuracy", "eval/accuracy"), progress,
                       initial=run.start_step) as bar:
         run.check_config(bar.print)
-        train, test = prepare_pairs(config, tokenizer, trunk, bar.print)
+        train, test = prepare_pairs(config, tokenizer, trunk, bar.print, checked.pairs)
         run.open(bar.print)
         step = run.restore(parts) if run.resume_from else 0
         if run.resume_from is None and run.needs_start_checkpoint:
@@ -140,13 +150,19 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
     return state.last_eval
 
 
-def load_reward_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """A reward model written by :func:`train_reward_model` (its ``checkpoints/final`` or any step) →
-    (RewardModel in eval mode, its tokenizer)."""
+def check_reward_checkpoint(path: str | Path) -> Path:
+    """``path`` as a Path; ConfigError unless it holds a reward-model checkpoint (the head's weights)."""
     path = Path(path)
     if not (path / f"{HEAD}.safetensors").exists():
         raise ConfigError(f"{path} is not a reward-model checkpoint (no {HEAD}.safetensors); train one with "
                           "`posttrain rm` and use its checkpoints/final")
+    return path
+
+
+def load_reward_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
+    """A reward model written by :func:`train_reward_model` (its ``checkpoints/final`` or any step) →
+    (RewardModel in eval mode, its tokenizer)."""
+    path = check_reward_checkpoint(path)
     trunk, tokenizer = load_policy(ModelConfig(str(path), dtype=dtype), LoraConfig(), device)
     model = RewardModel(trunk, trunk.hidden_size)
     restore_module(model.head, path, HEAD)

@@ -65,9 +65,10 @@ from posttrain.prompt_sampling import make_sampler
 from posttrain.rewards import RewardFailed, check_reward_specs, overlong_penalty
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
+from posttrain.trainers.checks import Checked, task_data
 from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_device, resolve_precision
 from posttrain.trainers.objectives import Mismatch, PolicyLoss, PolicyObjective, ValueLoss, ValueObjective
-from posttrain.trainers.reward_model import RewardScorer
+from posttrain.trainers.reward_model import RewardScorer, check_reward_checkpoint
 from posttrain.trainers.rl_state import RLState
 from posttrain.trainers.rollout import PromptLimit, Rollout, Scorer, collect, rollout_metrics
 from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
@@ -103,16 +104,34 @@ class RLSetup:
     critic_optim: OptimConfig  # the critic's schedule (its own peak lr)
 
 
+def check_inputs(config: RLConfig, reward_model: bool = True, reward_funcs: Mapping[str, Callable] | None = None
+                 ) -> Checked:
+    """The checks before the model loads (``setup`` and ``posttrain rl --dry-run``): every reward function
+    loads (but ``reward_funcs``, given as objects), the task's data loads and has what RL needs, the prompt
+    sampler can draw from it, and (with ``reward_model``: False where an earlier pipeline stage writes it)
+    reward_model.path is a reward-model checkpoint. ConfigError / DataError on the first that fails."""
+    check_reward_specs(name for name in config.rewards if name not in (reward_funcs or {}))
+    task = make_task(config.task)
+    task.check("rl")
+    if reward_model and "reward_model" in config.rewards:
+        check_reward_checkpoint(config.reward_model.path)
+    sampler = make_sampler(config.prompt_sampling, task)
+    names = list(config.rewards or {"task": 1.0})
+    summary = (f"data ({task_data(task)}), rewards ({len(names)} function{'s' * (len(names) > 1)}: "
+               f"{', '.join(names)})")
+    return Checked(summary, task=task, sampler=sampler)
+
+
 def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None) -> RLSetup:
-    """Load the policy on the configured device and precision, and build everything around it. The reward
-    functions are loaded first: one that cannot be is a ConfigError before any model loads. ``reward_funcs``:
-    reward functions given as objects (the Python API), by the names ``config.rewards`` weighs them under."""
+    """Load the policy on the configured device and precision, and build everything around it, after
+    :func:`check_inputs` (a reward, data or sampler it cannot use is an error before any model loads).
+    ``reward_funcs``: reward functions given as objects (the Python API), by the names ``config.rewards``
+    weighs them under."""
     reward_funcs = dict(reward_funcs or {})
-    check_reward_specs(name for name in config.rewards if name not in reward_funcs)
+    checked = check_inputs(config, reward_funcs=reward_funcs)
+    task = checked.task
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
-    task = make_task(config.task)
-    task.check("rl")  # data the run cannot use says so before the model loads
     model, tokenizer = load_policy(config.model, config.lora)
     learned = "reward_model" in config.rewards
     sources = {"reward_model": RewardScorer.from_config(config.reward_model, tokenizer, device)} if learned else {}
@@ -136,7 +155,7 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None) 
         clip_high=config.clip_high, dual_clip=config.dual_clip or None, ratio_level=config.ratio_level,
         kl_kind=config.kl_kind, kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
         entropy_coef=config.entropy_coef, temperature=config.sampling.temperature))
-    return RLSetup(config, task, tokenizer, scorer, make_sampler(config.prompt_sampling, task),
+    return RLSetup(config, task, tokenizer, scorer, checked.sampler,
                    Engine(model, tokenizer, default_registry()), policy, objective, reference, critic,
                    critic_objective, critic_optim)
 

@@ -38,6 +38,7 @@ from posttrain.sft_data import check_packing, draw_examples, make_rows, resolve_
 from posttrain.tasks import make_task
 from posttrain.tokenizer import Tokenizer
 from posttrain.tools import default_registry
+from posttrain.trainers.checks import Checked, task_data
 from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_device, resolve_precision
 from posttrain.trainers.pairs import context_length
 from posttrain.trainers.run import Parts, Run, TrainerState, end_step, health_gate, nothing_to_do
@@ -57,6 +58,14 @@ def build_policy(config: SFTConfig, task, resume_from: Path | None = None):
     return model, tokenizer
 
 
+def check_inputs(config: SFTConfig) -> Checked:
+    """The checks before the model loads (``train_sft`` and ``posttrain sft --dry-run``): the task's data loads
+    and has conversations to teach (DataError / ConfigError otherwise)."""
+    task = make_task(config.task)
+    task.check("sft")
+    return Checked(f"data ({task_data(task)})", task=task)
+
+
 @dataclass
 class SFTState(TrainerState):
     """Checkpointed besides the weights: the data counts (truncated, skipped, empty steps)."""
@@ -74,8 +83,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
         return run.state["extra"].get("last_eval", {})
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
-    task = make_task(config.task)
-    task.check("sft")  # data that cannot be taught says so before the model loads
+    task = check_inputs(config).task
     model, tokenizer = build_policy(config, task, run.resume_from)
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)
     limit = resolve_max_length(config.max_length, context_length(model))
