@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 DIGITS = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"  # 1,234,567.89 | 1234567.89 | .89; no exponent
 NUMBER_IN_TEXT = r"(?:(?<![\w)])-)?\$?" + DIGITS  # a number in text; "5-3" holds 5 and 3, not −3
@@ -27,11 +27,13 @@ def normalize_number(s: str) -> str | None:
     text = text.removeprefix("$").lstrip()
     if not _PLAIN_NUMBER.fullmatch(text):
         return None
-    value = Decimal(text.replace(",", ""))
-    value = -value if sign == "-" else value
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
+    digits = text.replace(",", "")
+    with localcontext() as exact:  # 28 significant digits as before, more for a longer number (no rounding)
+        exact.prec = max(exact.prec, len(digits))
+        value = Decimal(digits).copy_negate() if sign == "-" else Decimal(digits)
+        if value == value.to_integral_value():  # formatted as a Decimal: str(int) refuses more than 4,300 digits
+            return format(value.to_integral_value().copy_abs() if value.is_zero() else value.to_integral_value(), "f")
+        return format(value.normalize(), "f")
 
 
 def same_number(a: str | None, b: str | None) -> bool:

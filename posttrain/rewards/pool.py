@@ -113,12 +113,13 @@ class Worker:
         self.conn.close()
 
     def stop(self) -> None:
-        """Ask an idle worker to end; kill it if it has not within a second."""
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.process.join(1.0)
+        """Ask a ready idle worker to end, kill it if it has not within a second; kill one still starting."""
+        if self.ready:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.process.join(1.0)
         self.kill()
 
 
@@ -155,6 +156,15 @@ class RewardPool:
         set to run in the pool."""
         while self.specs and len(self._idle) + len(self._busy) < self.workers:
             self._idle.append(Worker(self._context, list(self.specs)))
+
+    def wait_ready(self) -> None:
+        """Start the workers and wait until each is ready (a benchmark's or a test's clock then measures calls
+        only); RewardFailed when one cannot start."""
+        self.start()
+        while starting := [w for w in self._idle if not w.ready]:
+            wait([w.conn for w in starting], 1.0)
+            for worker in starting:
+                self._check_start(worker)
 
     def close(self) -> None:
         """End every worker: idle ones are asked to, busy ones killed. The pool can be started again."""
