@@ -5,7 +5,8 @@ arithmetic per completion: pure Python, so in-process it runs on one core howeve
 ``--groups`` groups of ``--group-size`` completions (the RL loop's shape). The in-process baseline is
 ``RewardSet`` without a pool; the pool is ``RewardPool(--workers)`` (ready before the clock starts), which
 splits each call across its workers by whole groups. The two ways take turns, ``--repeats`` calls each (so
-both see the same load from other jobs); the median is reported. The values must agree. Prints a table and last ``RESULT speedup=<x>``.
+both see the same load from other jobs); the median is reported. The values must agree. Prints a table and
+last ``RESULT speedup=<x>``.
 
     python bench/reward_pool.py --workers 2
 """

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal, localcontext
+import sys
+from decimal import Decimal
 
 DIGITS = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"  # 1,234,567.89 | 1234567.89 | .89; no exponent
 NUMBER_IN_TEXT = r"(?:(?<![\w)])-)?\$?" + DIGITS  # a number in text; "5-3" holds 5 and 3, not −3
@@ -18,7 +19,8 @@ def normalize_number(s: str) -> str | None:
     Surrounding spaces, a trailing period, a leading ``$`` (after an optional sign), a trailing ``%``
     and thousands commas go; trailing fractional zeros go: "1,000.00" → "1000", "$5" → "5",
     "-3.50" → "-3.5", "7.0" → "7", "12%" → "12", ".50" → "0.5", "-0" → "0". Commas must group thousands ("12,34"
-    is not a number); anything else around the number (units, words) makes it None.
+    is not a number); anything else around the number (units, words) makes it None, and so does an integer of
+    more digits than Python converts to text (``sys.get_int_max_str_digits()``, 4,300).
     """
     text = s.strip().removesuffix(".").removesuffix("%").strip()
     sign = ""
@@ -27,13 +29,14 @@ def normalize_number(s: str) -> str | None:
     text = text.removeprefix("$").lstrip()
     if not _PLAIN_NUMBER.fullmatch(text):
         return None
-    digits = text.replace(",", "")
-    with localcontext() as exact:  # 28 significant digits as before, more for a longer number (no rounding)
-        exact.prec = max(exact.prec, len(digits))
-        value = Decimal(digits).copy_negate() if sign == "-" else Decimal(digits)
-        if value == value.to_integral_value():  # formatted as a Decimal: str(int) refuses more than 4,300 digits
-            return format(value.to_integral_value().copy_abs() if value.is_zero() else value.to_integral_value(), "f")
-        return format(value.normalize(), "f")
+    value = Decimal(text.replace(",", ""))
+    value = -value if sign == "-" else value
+    if value == value.to_integral_value():
+        limit = sys.get_int_max_str_digits()  # 4,300 by default; 0: no limit
+        if limit and value.adjusted() >= limit:  # checked first: int() of a huge Decimal takes quadratic time
+            return None
+        return str(int(value))
+    return format(value.normalize(), "f")
 
 
 def same_number(a: str | None, b: str | None) -> bool:

@@ -79,14 +79,11 @@ def normalize_text(text: str) -> str:
 def number_in(text: str) -> str | None:
     """The number a text gives, normalised (``numbers.normalize_number``): the whole text if it is one, else its
     last number; None if it has none (or one too long to convert)."""
-    try:
-        whole = normalize_number(text)
-        if whole is not None:
-            return whole
-        found = _NUMBER.findall(text)
-        return normalize_number(found[-1]) if found else None
-    except ValueError:  # more digits than int() converts
-        return None
+    whole = normalize_number(text)
+    if whole is not None:
+        return whole
+    found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None
 
 
 def choice_letter(text: str) -> str | None:
