@@ -84,9 +84,10 @@ class RewardSet:
                 raise ValueError(f"two reward functions are named '{name}'")
             fn = self.functions[name] = load_reward(spec)
             self.weights[name] = float(weight)
-            where = spec_of(spec) if pool is not None and pool.workers else None
+            inline = getattr(fn, "inline", False)
+            where = spec_of(spec) if pool is not None and pool.workers and not inline else None
             self.runners[name] = pool.runner(where, name) if where is not None else InProcess(fn, name)
-            if where is None and not getattr(fn, "inline", False):
+            if where is None and not inline:
                 self.in_process.append(name)
         self.timeout_s, self.fallback = timeout_s, fallback
         self.on_error, self.max_failure_rate = on_error, max_failure_rate
