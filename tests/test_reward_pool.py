@@ -128,6 +128,15 @@ def test_values_and_failures_are_the_same_in_the_pool_as_in_process(pool, hostil
     assert there.first_errors == here.first_errors == {"picky": "ValueError: bad sample"}
 
 
+def test_inputs_that_cannot_be_sent_to_a_worker_fail_the_call_with_one_line(pool, hostile):
+    reward_set = RewardSet({f"{hostile}:picky": 1.0}, fallback=-1.0, max_failure_rate=1.0, pool=pool)
+    scores = reward_set.score(["", ""], ["a", "b"], group_ids=[0, 1], judge=lambda text: 0.0)  # a lambda column
+    assert scores.values["picky"] == [-1.0, -1.0]
+    assert reward_set.first_errors["picky"].startswith(
+        "RuntimeError: its inputs cannot be sent to a reward worker: ")
+    assert scores.metrics["rewards/picky/failures"] == 2.0
+
+
 @pytest.mark.parametrize("name", ["backtrack", "spin"])
 def test_a_hang_costs_its_timeout_and_its_worker_is_killed_and_replaced(pool, hostile, name):
     pool.wait_ready()  # the clock below measures the call, not a worker's start

@@ -12,6 +12,8 @@ in its main thread (signal-based timeouts of libraries such as math_verify work 
 State: a worker keeps what the reward modules keep (a module-level cache lives on in that worker across
 calls); nothing is shared between workers or with the trainer, and a worker that is replaced starts empty.
 torch in a worker uses one thread (as DataLoader workers do): the pool's parallelism is its processes.
+Workers are daemon processes (ended if the trainer exits without closing the pool), so a reward cannot start
+``multiprocessing`` processes of its own there; ``subprocess`` works.
 
 Timeouts: a call's clock starts when a ready worker gets it. Past its timeout the worker is killed
 (SIGKILL, whatever it runs: a backtracking regex, big-int arithmetic, a C extension, ``while True``) and a
@@ -187,7 +189,7 @@ class RewardPool:
         end = None if timeout_s is None or not shared else time.monotonic() + timeout_s
         try:
             while pending or self._busy:
-                self._dispatch(spec, name, calls, progress, timeout_s, end, pending)
+                self._dispatch(spec, name, calls, progress, timeout_s, end, pending, results)
                 if end is not None and time.monotonic() >= end:
                     for i in pending:
                         results[i] = NoTimeLeft("no time left")
@@ -198,8 +200,9 @@ class RewardPool:
                 self._busy.popitem()[1][0].kill()  # the next call starts its replacement
         return results  # type: ignore[return-value]
 
-    def _dispatch(self, spec, name, calls, progress, timeout_s, end, pending: deque) -> None:
-        """Give pending calls to the ready idle workers; check on those still starting."""
+    def _dispatch(self, spec, name, calls, progress, timeout_s, end, pending: deque, results: list) -> None:
+        """Give pending calls to the ready idle workers (a call whose inputs cannot be pickled fails at once);
+        check on those still starting."""
         for worker in list(self._idle):
             if not worker.ready:
                 self._check_start(worker)
@@ -214,6 +217,10 @@ class RewardPool:
                 worker.conn.send((spec, name, inputs, n, progress))
             except OSError:  # it died while idle: its recv below reads the end of the pipe
                 pass
+            except Exception as exc:  # the inputs do not pickle (nothing was written): the worker is free again
+                del self._busy[worker.conn]
+                self._idle.append(worker)
+                results[i] = RuntimeError(f"its inputs cannot be sent to a reward worker: {describe(exc)}")
 
     def _check_start(self, worker: Worker) -> None:
         """Mark a starting worker ready once it says so; RewardFailed when it ended or took too long."""
