@@ -18,6 +18,7 @@ from posttrain.checkpoint import save_checkpoint
 from posttrain.config import ConfigError, RLConfig, load_config
 from posttrain.metrics import read_jsonl
 from posttrain.rewards import RewardSet, format_soft
+from posttrain.rewards.calls import split
 from posttrain.rewards.loading import load_reward, spec_of
 from posttrain.rewards.pool import RewardPool
 from posttrain.trainers.rl import train_rl
@@ -103,6 +104,12 @@ def test_the_task_reward_runs_in_process_and_the_run_says_so_once():
         "reward 'task' runs in the trainer's process (not loadable by name in a reward worker, or reward_workers is "
         "0): reward_timeout is best effort there (a call stuck in compiled code is not stopped)")
     assert Scorer(_Task(), {"format_soft": 1.0}, 5.0, 0.0, pool=RewardPool(2)).placement() is None
+
+
+def test_split_joins_whole_units_into_parts_of_about_equal_size():
+    assert split([[0], [1], [2], [3], [4], [5], [6]], 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split([[0, 1, 2], [3, 4, 5], [6, 7, 8]], 2) == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]  # a group is never cut
+    assert split([[0], [1]], 4) == [[0], [1]] and split([], 2) == []
 
 
 def test_a_call_is_split_across_the_workers_by_whole_groups(pool, hostile):

@@ -268,7 +268,8 @@ def split(units: list[list[int]], parts: int) -> list[list[int]]:
     a part ends once the rows so far reach its share k/parts of the total."""
     total, out, rows, done = sum(len(u) for u in units), [], [], 0
     for unit in units:
-        rows, done = rows + unit, done + len(unit)
+        rows += unit
+        done += len(unit)
         if len(out) < parts - 1 and done * parts >= total * (len(out) + 1):
             out.append(rows)
             rows = []
