@@ -37,8 +37,7 @@ def load_reward(spec: str | Callable) -> Callable[..., list[float | None]]:
     if not sep or not where or not attr:
         raise ConfigError(f"unknown reward '{spec}'{suggest(spec, list(REWARDS))}; a function of your own is "
                           "'package.module:function' or 'path/to/file.py:function'")
-    module = _file_module(spec, where) if where.endswith(".py") or "/" in where or os.sep in where else (
-        _module(spec, where))
+    module = _file_module(spec, where) if _is_file(where) else _module(spec, where)
     fn: object = module
     for part in attr.split("."):
         if not hasattr(fn, part):
@@ -47,6 +46,10 @@ def load_reward(spec: str | Callable) -> Callable[..., list[float | None]]:
     if not callable(fn):
         raise ConfigError(f"reward '{spec}' is not a function (it is a {type(fn).__name__})")
     return fn
+
+
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or os.sep in where
 
 
 def _module(spec: str, name: str):
@@ -90,9 +93,11 @@ def spec_of(reward: str | Callable) -> str | None:
     """A spec that loads ``reward`` in another process (a reward worker), or None when there is none: a spec
     as it is; a callable by the built-in name it is registered under, or as ``module:qualname``
     (``file.py:qualname`` for a reward file) when it is what that spec loads here: a module-level function
-    or class of an importable module. Lambdas, closures, instances and ``__main__``'s functions have none."""
+    or class of an importable module. Lambdas, closures, instances and ``__main__``'s functions have none. A
+    relative file path is made absolute (a worker may start after the working directory changed)."""
     if isinstance(reward, str):
-        return reward
+        where, sep, attr = reward.rpartition(":")
+        return f"{Path(where).expanduser().resolve()}:{attr}" if sep and _is_file(where) else reward
     for name, fn in REWARDS.items():
         if fn is reward:
             return name
