@@ -119,7 +119,7 @@ def _math_verify_equal(gold: str, answer: str) -> bool:
         from math_verify import parse, verify
     except ImportError:
         return False
-    # its timeouts use SIGALRM, which only works on the main thread: off it (a reward worker), turn them off
+    # its timeouts use SIGALRM, which only works on the main thread: off it (a reward in a thread), turn them off
     on_main = threading.current_thread() is threading.main_thread()
     parse_kw = {} if on_main else {"parsing_timeout": None}
     verify_kw = {} if on_main else {"timeout_seconds": None}
