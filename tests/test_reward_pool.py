@@ -7,6 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -186,6 +188,34 @@ def test_a_worker_keeps_its_own_module_state_and_ctrl_c_during_a_call_ends_it(ho
         assert one.pids() == []  # the worker on the interrupted call is gone at once
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_stuck_in_c_code_dies_with_a_trainer_killed_outright(hostile, tmp_path):
+    script = tmp_path / "trainer.py"
+    script.write_text(f"""
+from posttrain.rewards import RewardPool, RewardSet
+if __name__ == "__main__":
+    with RewardPool(1) as pool:
+        reward_set = RewardSet({{{f"{hostile}:backtrack"!r}: 1.0}}, timeout_s=600, pool=pool)
+        pool.wait_ready()
+        print(pool.pids()[0], flush=True)
+        reward_set.score([""], ["hang"])
+""")
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    worker = int(trainer.stdout.readline())
+    trainer.kill()
+    trainer.wait()
+    for _ in range(100):  # the kernel's SIGKILL lands within moments
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the worker outlived its trainer")
 
 
 def test_reward_workers_is_checked():

@@ -12,8 +12,9 @@ in its main thread (signal-based timeouts of libraries such as math_verify work 
 State: a worker keeps what the reward modules keep (a module-level cache lives on in that worker across
 calls); nothing is shared between workers or with the trainer, and a worker that is replaced starts empty.
 torch in a worker uses one thread (as DataLoader workers do): the pool's parallelism is its processes.
-Workers are daemon processes (ended if the trainer exits without closing the pool), so a reward cannot start
-``multiprocessing`` processes of its own there; ``subprocess`` works.
+Workers are daemon processes (ended if the trainer exits without closing the pool; on Linux the kernel also
+kills them if the trainer is killed outright), so a reward cannot start ``multiprocessing`` processes of its
+own there; ``subprocess`` works.
 
 Timeouts: a call's clock starts when a ready worker gets it. Past its timeout the worker is killed
 (SIGKILL, whatever it runs: a backtracking regex, big-int arithmetic, a C extension, ``while True``) and a
@@ -58,6 +59,7 @@ def serve(conn: Connection, specs: list[str]) -> None:
     from posttrain.rewards.loading import load_reward  # here: the loader imports the library
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
     loaded: dict[str, object] = {}
@@ -85,6 +87,16 @@ def serve(conn: Connection, specs: list[str]) -> None:
             conn.send(reply)
         except Exception as exc:  # what it logged cannot be pickled
             conn.send(("error", RuntimeError(f"its result could not be sent back from the worker: {describe(exc)}")))
+
+
+def _die_with_parent() -> None:
+    """On Linux, ask the kernel to SIGKILL this process when the trainer dies (PR_SET_PDEATHSIG), so that even a
+    worker stuck in C code does not outlive a trainer killed outright. Elsewhere nothing: the trainer ends its
+    workers when it exits normally."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
 
 
 def _portable(exc: BaseException) -> Exception:
