@@ -240,8 +240,8 @@ class RewardPool:
             try:
                 worker.ready = worker.conn.recv() == ("ready",)
                 return
-            except EOFError:
-                pass
+            except EOFError:  # it is ending: let it, to read its exit code
+                worker.process.join(5.0)
         elif worker.process.is_alive() and time.monotonic() - worker.started < START_TIMEOUT_S:
             return
         self._idle.remove(worker)
