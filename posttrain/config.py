@@ -223,6 +223,8 @@ class RLConfig(RunOptions):
     # calls it); empty: {task: 1.0}, or {reward_model: 1.0} when reward_model.path is set
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)  # a learned reward model
     reward_timeout: float = 30.0  # seconds a reward function may run per batch before its samples get the fallback
+    reward_workers: int = 2  # worker processes for rewards loadable by name (built-ins, module or file paths): a
+    # call past reward_timeout is killed there; 0: every reward runs in the trainer's process (timeout best effort)
     reward_fallback: float = 0.0  # reward of samples whose function raised, hung or returned NaN
     reward_on_error: str = "fallback"  # a reward function fails: fallback (and go on) | raise (stop the run)
     reward_max_failure_rate: float = 0.5  # fallback: stop the run when one function fails on more of a batch
@@ -289,6 +291,7 @@ class RLConfig(RunOptions):
         check_range("kl_target", self.kl_target, 0, low_open=True)
         check_range("kl_horizon", self.kl_horizon, 1)
         check_range("reward_timeout", self.reward_timeout, 0, low_open=True)
+        check_range("reward_workers", self.reward_workers, 0, note=" (0: rewards run in the trainer's process)")
         check_range("reward_fallback", self.reward_fallback)
         check_range("reward_max_failure_rate", self.reward_max_failure_rate, 0, 1)
         check_range("max_prompt_length", self.max_prompt_length, 0, note=" (0: no limit)")

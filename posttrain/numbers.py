@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from decimal import Decimal
 
 DIGITS = r"(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"  # 1,234,567.89 | 1234567.89 | .89; no exponent
@@ -18,7 +19,8 @@ def normalize_number(s: str) -> str | None:
     Surrounding spaces, a trailing period, a leading ``$`` (after an optional sign), a trailing ``%``
     and thousands commas go; trailing fractional zeros go: "1,000.00" → "1000", "$5" → "5",
     "-3.50" → "-3.5", "7.0" → "7", "12%" → "12", ".50" → "0.5", "-0" → "0". Commas must group thousands ("12,34"
-    is not a number); anything else around the number (units, words) makes it None.
+    is not a number); anything else around the number (units, words) makes it None, and so does an integer of
+    more digits than Python converts to text (``sys.get_int_max_str_digits()``, 4,300).
     """
     text = s.strip().removesuffix(".").removesuffix("%").strip()
     sign = ""
@@ -30,6 +32,9 @@ def normalize_number(s: str) -> str | None:
     value = Decimal(text.replace(",", ""))
     value = -value if sign == "-" else value
     if value == value.to_integral_value():
+        limit = sys.get_int_max_str_digits()  # 4,300 by default; 0: no limit
+        if limit and value.adjusted() >= limit:  # checked first: int() of a huge Decimal takes quadratic time
+            return None
         return str(int(value))
     return format(value.normalize(), "f")
 

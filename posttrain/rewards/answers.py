@@ -26,22 +26,29 @@ _NUMBER = re.compile(NUMBER_IN_TEXT)
 _LETTER_PATTERNS = (  # multiple choice, in order of trust:
     re.compile(r"\(([A-J])\)"),  # (B)
     re.compile(r"(?<![A-Za-z])([A-J])[.):](?!\w)"),  # B)  B.  B:
-    re.compile(r"^\s*([A-J])\s*$", re.MULTILINE),  # a line that is one letter
-    re.compile(r"[Aa]nswer(?: is|:)\s*\**\s*([A-J])(?![A-Za-z])"),  # answer is B, answer: B
+    re.compile(r"^[^\S\n]*([A-J])[^\S\n]*$", re.MULTILINE),  # a line that is one letter (spaces: not past a line)
+    re.compile(r"[Aa]nswer(?: is|:)\s*(?:\*+\s*)?([A-J])(?![A-Za-z])"),  # answer is B, answer: **B
 )
 
 
 def _boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{…}`` with balanced braces, or None."""
+    """The content of the last ``\\boxed{…}`` whose brace is closed (its first ``}`` with balanced braces
+    between), or None. One pass pairs every brace from the left (a ``}`` closes the latest open ``{``)."""
     start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    closing: dict[int, int] = {}  # position of a '{' -> position of its '}'
+    open_: list[int] = []
+    for i, char in enumerate(text):
+        if char == "{":
+            open_.append(i)
+        elif char == "}" and open_:
+            closing[open_.pop()] = i
     while start >= 0:
-        depth, i = 1, start + len("\\boxed{")
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{") : i - 1]
-        start = text.rfind("\\boxed{", 0, start)  # unbalanced: try the one before (each char read ≤ twice)
+        brace = start + len("\\boxed{") - 1
+        if brace in closing:
+            return text[brace + 1 : closing[brace]]
+        start = text.rfind("\\boxed{", 0, start)
     return None
 
 
@@ -72,14 +79,11 @@ def normalize_text(text: str) -> str:
 def number_in(text: str) -> str | None:
     """The number a text gives, normalised (``numbers.normalize_number``): the whole text if it is one, else its
     last number; None if it has none (or one too long to convert)."""
-    try:
-        whole = normalize_number(text)
-        if whole is not None:
-            return whole
-        found = _NUMBER.findall(text)
-        return normalize_number(found[-1]) if found else None
-    except ValueError:  # more digits than int() converts
-        return None
+    whole = normalize_number(text)
+    if whole is not None:
+        return whole
+    found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None
 
 
 def choice_letter(text: str) -> str | None:

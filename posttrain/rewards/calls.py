@@ -29,6 +29,12 @@ Isolation (:func:`score_function`): a call that raises or returns a wrong result
 sample at a time (one group at a time for a per-group reward, see ``group_reward``), with the columns
 cut to that sample, so only the samples it fails on get the fallback. A call that runs past its timeout
 is not retried (a hang would cost a timeout per sample); the retries of one call share one more timeout.
+
+Where a call runs is a :class:`Runner`'s job: :class:`InProcess` (the caller's process, a thread per
+call, the timeout best effort: see :func:`call_with_timeout`) or a worker-process pool
+(:mod:`posttrain.rewards.pool`, where a call past its timeout is killed). A runner with ``parts`` > 1
+gets a call split into that many parts by whole groups (the samples of one prompt stay together) and
+runs them at once; each part is then a call of its own (its own retries, its own ``log_metric`` values).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 Prompt = str | list[dict]  # a prompt's text, or its messages (conversational)
 Completion = str | list[dict]  # a completion's text, or [{"role": "assistant", "content": text}]
@@ -197,6 +204,54 @@ def call_reward(fn: Callable, name: str, inputs: dict, n: int, progress: Trainin
     return check_result(name, raw, n), log
 
 
+class NoTimeLeft(RewardTimeout):
+    """A retry that was not made: the one timeout the retries of a call share was used up."""
+
+
+Result = tuple[list[float | None], CallLog] | Exception  # one call's checked values and log, or why it failed
+
+
+class Runner(Protocol):
+    """Runs one reward function's calls somewhere: in this process or in worker processes."""
+
+    parts: int  # how many parts one call may be split into and run at once
+
+    def run(self, calls: list[tuple[dict, int]], progress: TrainingProgress, timeout_s: float | None,
+            shared: bool) -> list[Result]:
+        """Each call (inputs of n completions, n), in order: its :func:`call_reward` result or the exception it
+        raised (a :class:`RewardTimeout` past ``timeout_s``). ``shared``: the calls share one timeout, counted
+        from now; those not started in it get :class:`NoTimeLeft`. Else each call has ``timeout_s`` of its own."""
+        ...
+
+
+class InProcess:
+    """A reward function's calls one after the other in the caller's process, each in a fresh thread with its
+    timeout (best effort: :func:`call_with_timeout`); one marked ``inline = True`` (a learned reward model) runs
+    in the caller's thread without a timeout."""
+
+    parts = 1
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn, self.name = fn, name
+        self.timed = not getattr(fn, "inline", False)
+
+    def run(self, calls: list[tuple[dict, int]], progress: TrainingProgress, timeout_s: float | None,
+            shared: bool) -> list[Result]:
+        timeout = timeout_s if self.timed else None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[Result] = []
+        for inputs, n in calls:
+            left = deadline - time.monotonic() if shared and deadline is not None else timeout
+            if left is not None and left <= 0:
+                out.append(NoTimeLeft("no time left"))
+                continue
+            try:
+                out.append(call_reward(self.fn, self.name, inputs, n, progress, left))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+
 @dataclass
 class Outcome:
     """One function's scoring of n completions."""
@@ -208,13 +263,26 @@ class Outcome:
     metrics: dict[str, list[float]] = field(default_factory=dict)  # log_metric values of its calls
 
 
-def score_function(fn: Callable, name: str, inputs: dict, n: int, progress: TrainingProgress, timeout_s: float,
-                   fallback: float | None, stop_at_first: bool) -> Outcome:
-    """``fn``'s values for n completions, isolated as the module doc says. ``inputs``: prompts, completions
-    and per-sample columns (lists of n) or shared values. Functions marked ``inline = True`` run in the
-    caller's thread without a timeout. ``stop_at_first``: the first failure (an exception, a wrong result,
-    a timeout, a NaN) raises :class:`RewardFailed` instead, chained to its cause."""
-    timeout = None if getattr(fn, "inline", False) else timeout_s
+def split(units: list[list[int]], parts: int) -> list[list[int]]:
+    """Consecutive units (lists of row indices) joined into at most ``parts`` parts of about equal row counts:
+    a part ends once the rows so far reach its share k/parts of the total."""
+    total, out, rows, done = sum(len(u) for u in units), [], [], 0
+    for unit in units:
+        rows += unit
+        done += len(unit)
+        if len(out) < parts - 1 and done * parts >= total * (len(out) + 1):
+            out.append(rows)
+            rows = []
+    return out + [rows] if rows else out
+
+
+def score_function(runner: Runner, name: str, inputs: dict, n: int, progress: TrainingProgress, timeout_s: float,
+                   fallback: float | None, stop_at_first: bool, per_group: bool = False) -> Outcome:
+    """A function's values for n completions, isolated as the module doc says, its calls made by ``runner``.
+    ``inputs``: prompts, completions and per-sample columns (lists of n) or shared values; ``per_group``: the
+    function's retries are by group (``group_ids``). A part of the call that is one sample (one group) is not
+    retried. ``stop_at_first``: the first failure (an exception, a wrong result, a timeout, a NaN) raises
+    :class:`RewardFailed` instead, chained to its cause."""
     out = Outcome([fallback] * n, extra=[{} for _ in range(n)])
 
     def fail(rows: list[int], why: str, cause: BaseException | None = None) -> None:
@@ -234,29 +302,32 @@ def score_function(fn: Callable, name: str, inputs: dict, n: int, progress: Trai
         for metric, got in log.metrics.items():
             out.metrics.setdefault(metric, []).extend(got)
 
-    everyone = list(range(n))
-    try:
-        keep(everyone, *call_reward(fn, name, inputs, n, progress, timeout))
-        return out
-    except RewardFailed:
-        raise
-    except Exception as exc:
-        if isinstance(exc, RewardTimeout) or n == 1:
-            fail(everyone, describe(exc), exc)
-            return out
-        fail([], describe(exc), exc)  # the batch's error is the first; the retries count the failures
+    def calls(parts: list[list[int]]) -> list[tuple[dict, int]]:
+        if parts == [list(range(n))]:
+            return [(inputs, n)]
+        return [({k: [v[i] for i in rows] if per_sample(v, n) else v for k, v in inputs.items()}, len(rows))
+                for rows in parts]
+
     group_ids = inputs.get("group_ids")
-    units = (list(groups(group_ids).values()) if getattr(fn, "per_group", False) and group_ids is not None
-             else [[i] for i in everyone])
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for rows in units:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            fail(rows, f"reward '{name}': no time left to retry completions one at a time")
+    by_group = list(groups(group_ids).values()) if group_ids is not None and per_sample(group_ids, n) else None
+    parts = split(by_group or [[i] for i in range(n)], runner.parts) if runner.parts > 1 else [list(range(n))]
+    retry: list[list[int]] = []
+    for rows, got in zip(parts, runner.run(calls(parts), progress, timeout_s, shared=False), strict=True):
+        if not isinstance(got, Exception):
+            keep(rows, *got)
             continue
-        cut = {k: [v[i] for i in rows] if per_sample(v, n) else v for k, v in inputs.items()}
-        try:
-            keep(rows, *call_reward(fn, name, cut, len(rows), progress, left))
-        except Exception as exc:
-            fail(rows, describe(exc), exc)
+        mine = set(rows)
+        units = [u for u in by_group if u[0] in mine] if per_group and by_group else [[i] for i in rows]
+        if isinstance(got, RewardTimeout) or len(units) == 1:
+            fail(rows, describe(got), got)
+        else:
+            fail([], describe(got), got)  # the part's error is the first; the retries count the failures
+            retry += units
+    for rows, got in zip(retry, runner.run(calls(retry), progress, timeout_s, shared=True), strict=True):
+        if isinstance(got, NoTimeLeft):
+            fail(rows, f"reward '{name}': no time left to retry completions one at a time")
+        elif isinstance(got, Exception):
+            fail(rows, describe(got), got)
+        else:
+            keep(rows, *got)
     return out

@@ -54,10 +54,10 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float =
 # Without an `extract` column the answer is read in "strict" mode (the number after the last '####').
 # A reward that needs the whole group (a vote, a rank) is written per group and wrapped by `group_reward`.
 
+# The completion is the policy's (attacker-controlled) text: every reward here runs in time linear in its length
+# (str.find scans, no backtracking regex over it); tests/test_reward_fuzz.py holds them to that.
 _XML_TAGS = ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>")
-_XML_BODY = r"(?:(?!</?(?:reasoning|answer)>).)+"  # any text holding no reasoning/answer tag
-_XML_STRICT = re.compile(rf"<reasoning>\n{_XML_BODY}\n</reasoning>\n<answer>\n{_XML_BODY}\n</answer>\n?", re.DOTALL)
-_XML_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+_TAGS = ("<reasoning>", "</reasoning>", "<answer>", "</answer>")
 _INTEGER = re.compile(r"-?\d+")
 
 
@@ -95,13 +95,50 @@ def format_strict(prompts: list[Prompt], completions: list[Completion], **kwargs
     """r = 0.5 if the whole completion is ``<reasoning>\\n…\\n</reasoning>\\n<answer>\\n…\\n</answer>\\n``
     (neither body holding a tag; the final newline may be missing, as when generation stops right
     after the tag), else 0."""
-    return [0.5 if _XML_STRICT.fullmatch(text) else 0.0 for text in texts(completions)]
+    return [0.5 if _strict_xml(text) else 0.0 for text in texts(completions)]
+
+
+def _strict_xml(text: str) -> bool:
+    """``<reasoning>\\n B1 \\n</reasoning>\\n<answer>\\n B2 \\n</answer>`` and an optional newline, the bodies B1, B2
+    not empty and holding no tag: B1 ends where the first ``</reasoning>`` after the head begins (less its newline),
+    B2 where the text's closing ``\\n</answer>`` does."""
+    head, middle, tail = "<reasoning>\n", "\n</reasoning>\n<answer>\n", "\n</answer>"
+    if not text.startswith(head):
+        return False
+    end1 = text.find("</reasoning>", len(head)) - 1
+    if end1 <= len(head) or not text.startswith(middle, end1):
+        return False
+    start2 = end1 + len(middle)
+    end2 = len(text) - len(tail) - text.endswith("\n")
+    if end2 <= start2 or not text.startswith(tail, end2):
+        return False
+    bodies = (text[len(head) : end1], text[start2:end2])
+    return not any(tag in body for body in bodies for tag in _TAGS)
 
 
 def format_soft(prompts: list[Prompt], completions: list[Completion], **kwargs) -> list[float | None]:
     """r = 0.5 if ``<reasoning>…</reasoning>``, optional whitespace, ``<answer>…</answer>`` appears
     anywhere in the completion (any text inside, newlines included), else 0."""
-    return [0.5 if _XML_SOFT.search(text) else 0.0 for text in texts(completions)]
+    return [0.5 if _soft_xml(text) else 0.0 for text in texts(completions)]
+
+
+def _soft_xml(text: str) -> bool:
+    """Whether some ``</reasoning>``, whitespace, ``<answer>`` has a ``<reasoning>`` ending before it and a
+    ``</answer>`` beginning after it: the first opening and the last closing tag are the ones to try, so one
+    pass over the ``</reasoning>`` tags (and the whitespace after each) decides."""
+    first = text.find("<reasoning>")
+    last = text.rfind("</answer>")
+    if first < 0 or last < 0:
+        return False
+    at = text.find("</reasoning>", first + len("<reasoning>"))
+    while 0 <= at < last:
+        k = at + len("</reasoning>")
+        while k < len(text) and text[k].isspace():
+            k += 1
+        if text.startswith("<answer>", k) and k + len("<answer>") <= last:
+            return True
+        at = text.find("</reasoning>", k)
+    return False
 
 
 def xml_count(prompts: list[Prompt], completions: list[Completion], **kwargs) -> list[float | None]:

@@ -23,6 +23,7 @@ from posttrain.rewards.calls import describe
 from posttrain.rewards.library import REWARDS
 
 TRAINER_SOURCES = ("task", "reward_model")  # names the RL trainer builds itself (rollout.Scorer)
+FILE_MODULES = "posttrain_user_rewards_"  # prefix of the module name a reward file is loaded as
 
 
 API_PREFIX = "api:"  # how config.rewards names a reward function the Python API was given as an object
@@ -42,8 +43,7 @@ def load_reward(spec: str | Callable) -> Callable[..., list[float | None]]:
     if not sep or not where or not attr:
         raise ConfigError(f"unknown reward '{spec}'{suggest(spec, list(REWARDS))}; a function of your own is "
                           "'package.module:function' or 'path/to/file.py:function'")
-    module = _file_module(spec, where) if where.endswith(".py") or "/" in where or os.sep in where else (
-        _module(spec, where))
+    module = _file_module(spec, where) if _is_file(where) else _module(spec, where)
     fn: object = module
     for part in attr.split("."):
         if not hasattr(fn, part):
@@ -52,6 +52,10 @@ def load_reward(spec: str | Callable) -> Callable[..., list[float | None]]:
     if not callable(fn):
         raise ConfigError(f"reward '{spec}' is not a function (it is a {type(fn).__name__})")
     return fn
+
+
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or os.sep in where
 
 
 def _module(spec: str, name: str):
@@ -77,7 +81,7 @@ def _file_module(spec: str, where: str):
     if not full.is_file():
         raise ConfigError(f"cannot load reward '{spec}': no file {full}" + (
             f" ({where} is relative to the working directory {Path.cwd()})" if not path.is_absolute() else ""))
-    name = f"posttrain_user_rewards_{full.stem}_{hashlib.sha1(str(full).encode()).hexdigest()[:8]}"
+    name = f"{FILE_MODULES}{full.stem}_{hashlib.sha1(str(full).encode()).hexdigest()[:8]}"
     if name in sys.modules:
         return sys.modules[name]
     module_spec = importlib.util.spec_from_file_location(name, full)
@@ -89,6 +93,28 @@ def _file_module(spec: str, where: str):
         del sys.modules[name]
         raise ConfigError(f"cannot load reward '{spec}': running {full} failed: {describe(exc)}") from None
     return module
+
+
+def spec_of(reward: str | Callable) -> str | None:
+    """A spec that loads ``reward`` in another process (a reward worker), or None when there is none: a spec
+    as it is; a callable by the built-in name it is registered under, or as ``module:qualname``
+    (``file.py:qualname`` for a reward file) when it is what that spec loads here: a module-level function
+    or class of an importable module. Lambdas, closures, instances and ``__main__``'s functions have none. A
+    relative file path is made absolute (a worker may start after the working directory changed)."""
+    if isinstance(reward, str):
+        where, sep, attr = reward.rpartition(":")
+        return f"{Path(where).expanduser().resolve()}:{attr}" if sep and _is_file(where) else reward
+    for name, fn in REWARDS.items():
+        if fn is reward:
+            return name
+    module, qualname = getattr(reward, "__module__", None), getattr(reward, "__qualname__", None)
+    if not module or not qualname or "<" in qualname or module == "__main__" or module not in sys.modules:
+        return None
+    where = getattr(sys.modules[module], "__file__", None) if module.startswith(FILE_MODULES) else module
+    try:
+        return f"{where}:{qualname}" if where and load_reward(f"{where}:{qualname}") is reward else None
+    except ConfigError:
+        return None
 
 
 def reward_name(spec: str | Callable) -> str:

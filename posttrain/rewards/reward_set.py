@@ -9,8 +9,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from posttrain.rewards.calls import CALL_ARGS, Completion, Prompt, RewardFailed, TrainingProgress, score_function
-from posttrain.rewards.loading import load_reward, reward_name
+from posttrain.rewards.calls import (
+    CALL_ARGS,
+    Completion,
+    InProcess,
+    Prompt,
+    RewardFailed,
+    Runner,
+    TrainingProgress,
+    score_function,
+)
+from posttrain.rewards.loading import load_reward, reward_name, spec_of
+from posttrain.rewards.pool import RewardPool
 
 ON_ERROR = ("fallback", "raise")
 
@@ -33,12 +43,17 @@ class RewardSet:
     """A weighted sum of reward functions, each isolated from the others' failures.
 
     total_i = Σ_f w_f · r_f,i over the functions f with r_f,i not None (0 if every function gave None).
-    Each function gets its own copy of the inputs and runs in its own thread, ``timeout_s`` at most, except
-    those marked ``inline = True`` (a learned reward model: its time is compute, not a hang, and a thread
-    abandoned mid-forward would compete with the next step), which run in the caller's thread with no
-    timeout. A call that raises or returns a wrong result is retried a sample at a time
-    (:func:`posttrain.rewards.calls.score_function`); the samples it still fails on, its NaN/inf entries
-    and every sample of a call that timed out get ``fallback`` (None: not applicable).
+    Where a function runs: with a ``pool`` (:class:`posttrain.rewards.pool.RewardPool` with workers), every
+    function that can be loaded by name in another process (``spec_of``: a built-in, ``pkg.mod:fn``,
+    ``path/file.py:fn``, or a module-level function of an importable module) runs in the pool's worker
+    processes, its calls split across them by whole groups, and a call past ``timeout_s`` is killed. The
+    others (lambdas, closures, objects; all of them without a pool) run in this process, each call with its
+    own copy of the inputs in a fresh thread, ``timeout_s`` at most but best effort (a thread cannot be
+    killed; their names are in `in_process`), except those marked ``inline = True`` (a learned reward model:
+    its time is compute, not a hang, and a thread abandoned mid-forward would compete with the next step),
+    which run in the caller's thread with no timeout. A call that raises or returns a wrong result is retried
+    a sample at a time (:func:`posttrain.rewards.calls.score_function`); the samples it still fails on, its
+    NaN/inf entries and every sample of a call that timed out get ``fallback`` (None: not applicable).
 
     ``on_error="fallback"``: the call returns, unless a function got the fallback on more than
     ``max_failure_rate`` of the call's samples: then :class:`RewardFailed` once every function has run,
@@ -54,18 +69,26 @@ class RewardSet:
     """
 
     def __init__(self, weights: Mapping[str | Callable, float], timeout_s: float = 30.0, fallback: float | None = 0.0,
-                 on_error: str = "fallback", max_failure_rate: float = 0.5):
+                 on_error: str = "fallback", max_failure_rate: float = 0.5, pool: RewardPool | None = None):
         if not weights:
             raise ValueError("a RewardSet needs at least one reward function")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         self.functions: dict[str, Callable[..., list[float | None]]] = {}
         self.weights: dict[str, float] = {}
+        self.runners: dict[str, Runner] = {}
+        self.in_process: list[str] = []  # functions that run in this process with a (best effort) timeout
         for spec, weight in weights.items():
             name = reward_name(spec)
             if name in self.functions:
                 raise ValueError(f"two reward functions are named '{name}'")
-            self.functions[name], self.weights[name] = load_reward(spec), float(weight)
+            fn = self.functions[name] = load_reward(spec)
+            self.weights[name] = float(weight)
+            inline = getattr(fn, "inline", False)
+            where = spec_of(spec) if pool is not None and pool.workers and not inline else None
+            self.runners[name] = pool.runner(where, name) if where is not None else InProcess(fn, name)
+            if where is None and not inline:
+                self.in_process.append(name)
         self.timeout_s, self.fallback = timeout_s, fallback
         self.on_error, self.max_failure_rate = on_error, max_failure_rate
         self.first_errors: dict[str, str] = {}
@@ -94,8 +117,8 @@ class RewardSet:
             # copies: a function that edits its inputs (or still runs, abandoned) cannot touch the next one's
             inputs = {"prompts": copy.deepcopy(prompts), "completions": copy.deepcopy(completions),
                       **{k: list(v) if isinstance(v, list) else v for k, v in columns.items()}}
-            out = score_function(fn, name, inputs, n, progress, self.timeout_s, self.fallback,
-                                 stop_at_first=self.on_error == "raise")
+            out = score_function(self.runners[name], name, inputs, n, progress, self.timeout_s, self.fallback,
+                                 self.on_error == "raise", getattr(fn, "per_group", False))
             if out.error is not None:
                 self.first_errors.setdefault(name, out.error)
             if out.failed > self.max_failure_rate * n:

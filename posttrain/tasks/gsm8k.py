@@ -51,7 +51,6 @@ XML_SYSTEM = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n
 
 _NUMBER = re.compile(NUMBER_IN_TEXT)
 _AFTER_HASH = re.compile(r"\s*(" + _NUMBER.pattern + ")")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANNOTATION = re.compile(r"<<(.*?)>>")
 _LEADING_NUMBER = re.compile(r"-?" + DIGITS)
 
@@ -78,10 +77,22 @@ def extract_answer(text: str, mode: str = "strict") -> str | None:
         numbers = _NUMBER.findall(text)
         return normalize_number(numbers[-1]) if numbers else None
     if mode == "xml":
-        tags = _ANSWER_TAG.findall(text)
-        content = tags[-1].strip() if tags else ""
+        content = _last_answer_tag(text).strip()
         return (normalize_number(content) or content) if content else None
     raise ValueError(f"unknown extract mode '{mode}'{suggest(mode, list(EXTRACT_MODES))}")
+
+
+def _last_answer_tag(text: str) -> str:
+    """The content of the last ``<answer>...</answer>`` pair, the pairs taken from the left, each opening tag
+    with the first closing tag after it (as ``re.findall(r"<answer>(.*?)</answer>")`` would, in linear time);
+    "" when there is none."""
+    content, at = "", 0
+    while (start := text.find("<answer>", at)) >= 0:
+        end = text.find("</answer>", start + len("<answer>"))
+        if end < 0:
+            break
+        content, at = text[start + len("<answer>") : end], end + len("</answer>")
+    return content
 
 
 def is_correct(completion: str, gold: str, mode: str = "flexible", math_verify: bool = False) -> bool:
@@ -108,7 +119,7 @@ def _math_verify_equal(gold: str, answer: str) -> bool:
         from math_verify import parse, verify
     except ImportError:
         return False
-    # its timeouts use SIGALRM, which only works on the main thread: off it (a reward worker), turn them off
+    # its timeouts use SIGALRM, which only works on the main thread: off it (a reward in a thread), turn them off
     on_main = threading.current_thread() is threading.main_thread()
     parse_kw = {} if on_main else {"parsing_timeout": None}
     verify_kw = {} if on_main else {"timeout_seconds": None}

@@ -63,6 +63,7 @@ from posttrain.monitor import Monitor
 from posttrain.optim import lr_at
 from posttrain.prompt_sampling import make_sampler
 from posttrain.rewards import RewardFailed, check_reward_specs, overlong_penalty
+from posttrain.rewards.pool import RewardPool
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
 from posttrain.trainers.checks import Checked, task_data
@@ -137,7 +138,8 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None) 
     sources = {"reward_model": RewardScorer.from_config(config.reward_model, tokenizer, device)} if learned else {}
     sources |= reward_funcs
     scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources,
-                    config.reward_on_error, config.reward_max_failure_rate, config.steps)
+                    config.reward_on_error, config.reward_max_failure_rate, config.steps,
+                    pool=RewardPool(config.reward_workers))  # started and closed by train_rl
     tokens = config.max_tokens_per_micro_batch
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, tokens)
     reference = None
@@ -181,10 +183,12 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         parts.engines["critic"] = rl.critic
     reported: set[str] = set()  # reward functions whose first failure was printed
 
-    with StepProgress("rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress,
-                      initial=run.start_step) as bar:
+    with rl.scorer.pool, StepProgress("rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"),
+                                      progress, initial=run.start_step) as bar:  # the reward workers end with the run
         run.check_config(bar.print)
         run.open(bar.print)
+        if rl.scorer.placement() is not None:
+            bar.print(f"[dim]{rl.scorer.placement()}")
         if rl.policy.packing_problem is not None:
             bar.print(f"[yellow]scoring and updates run on padded rows, not packed: {rl.policy.packing_problem}")
         step = run.restore(parts) if run.resume_from else 0

@@ -18,6 +18,7 @@ from posttrain.prompt_sampling import TaskStream
 from posttrain.random_streams import group_seed
 from posttrain.rewards import RewardSet, Scores, TrainingProgress, texts
 from posttrain.rewards.calls import CALL_ARGS
+from posttrain.rewards.pool import RewardPool
 
 
 @dataclass
@@ -94,7 +95,9 @@ class Scorer:
     prompt's and the completion's). ``trainer_state`` is step ``step`` of ``max_steps``.
 
     ``on_error`` and ``max_failure_rate`` are the reward set's (:class:`RewardSet`): a function failing past
-    them raises :class:`posttrain.rewards.RewardFailed` at the end of the scoring call.
+    them raises :class:`posttrain.rewards.RewardFailed` at the end of the scoring call. ``pool``: the run's
+    reward worker processes (:class:`posttrain.rewards.pool.RewardPool`), where every function that can be
+    loaded by name runs; ``task`` and ``reward_model`` are built here, so they run in this process.
 
     :meth:`solved` tells which completions the task counts as right (the prompt sampler's success): the
     reward set's own ``task`` values when it has them, else the task's reward through a second set of
@@ -107,7 +110,7 @@ class Scorer:
 
     def __init__(self, task, weights: dict[str, float], timeout_s: float, fallback: float | None,
                  sources: dict[str, object] | None = None, on_error: str = "fallback", max_failure_rate: float = 0.5,
-                 max_steps: int = 0):
+                 max_steps: int = 0, pool: RewardPool | None = None):
         def task_reward(completions, conv, **_):
             return [task.reward(c, text) for c, text in zip(conv, texts(completions), strict=True)]
 
@@ -115,7 +118,8 @@ class Scorer:
         sources = {"task": task_reward, **(sources or {})}
         spec = {sources.get(name, name): w for name, w in (weights or {"task": 1.0}).items()}
         self.task, self.max_steps = task, max_steps
-        self.rewards = RewardSet(spec, timeout_s, fallback, on_error, max_failure_rate)
+        self.pool = pool or RewardPool(0)  # the caller opens and closes it (train_rl: for the run)
+        self.rewards = RewardSet(spec, timeout_s, fallback, on_error, max_failure_rate, self.pool)
         reuse = self.rewards.functions.get("task") is task_reward and (fallback is None or fallback < 1)
         self.checker = None if reuse else RewardSet({task_reward: 0.0}, timeout_s, None, on_error, max_failure_rate)
 
@@ -135,6 +139,16 @@ class Scorer:
             prompts, completions, columns = self._inputs(convs, done, batch)
             values = self.checker.score(prompts, completions, self._progress(step), **columns).values["task"]
         return [v is not None and v >= 1 for v in values]
+
+    def placement(self) -> str | None:
+        """One line naming the functions whose timeout is best effort (they run in this process), or None."""
+        names = self.rewards.in_process
+        if not names:
+            return None
+        many = len(names) > 1
+        return (f"reward{'s' * many} {', '.join(repr(n) for n in names)} run{'s' * (not many)} in the trainer's "
+                "process (not loadable by name in a reward worker, or reward_workers is 0): reward_timeout is best "
+                "effort there (a call stuck in compiled code is not stopped)")
 
     def failures(self, fallback: float | None) -> dict[str, str]:
         """A line for each reward function that has failed so far (with its first error), keyed to be
