@@ -94,3 +94,30 @@ def test_sft_dpo_and_reward_trainers_run_on_objects(tmp_path, llama_dir):
     RewardTrainer(model=str(llama_dir), train_dataset=pairs[:4], eval_dataset=pairs[4:],
                   args={**small, "run_dir": str(tmp_path / "rm")}).train(progress=False)
     assert len([m for m in read_jsonl(tmp_path / "rm" / "metrics.jsonl") if "loss" in m]) == 2
+
+
+def test_a_script_without_a_main_guard_runs_once_with_rewards_in_worker_processes(tmp_path, llama_dir):
+    """A TRL-style script (no `if __name__ == "__main__":`) whose built-in reward runs in the worker pool: the
+    spawned workers must not run the script again."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from posttrain import GRPOTrainer\n"
+        "print('script body ran', flush=True)\n"
+        f"rows = {ROWS!r}\n"
+        f"trainer = GRPOTrainer(model={str(llama_dir)!r}, reward_funcs='numeric_match', train_dataset=rows,\n"
+        f"                      args={{**{SMALL!r}, 'run_dir': 'run', 'reward_workers': 2, 'eval.every': 0}})\n"
+        "trainer.train(progress=False)\n")
+    import os
+    from pathlib import Path
+
+    import posttrain
+
+    env = {**os.environ, "PYTHONPATH": str(Path(posttrain.__file__).parents[1])}  # this checkout's posttrain
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("script body ran") == 1
+    assert len([m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward" in m]) == 2

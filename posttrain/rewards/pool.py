@@ -2,8 +2,9 @@
 
 A :class:`RewardPool` of N workers (config ``reward_workers``) is made once per run and closed when the
 run ends (a context manager; :meth:`RewardPool.close` ends every worker). Workers start with the ``spawn``
-method: fresh interpreters that inherit no torch threads, locks or CUDA state from the trainer (a script
-that starts a run must therefore keep it under ``if __name__ == "__main__":``, as any spawn program does).
+method: fresh interpreters that inherit no torch threads, locks or CUDA state from the trainer; they do not
+run the trainer's own script again (:func:`_main_script_hidden`), so a script that starts a run needs no
+``if __name__ == "__main__":`` guard.
 Each worker loads the rewards it is sent by spec (:func:`posttrain.rewards.loading.load_reward`: a
 built-in name, ``pkg.mod:fn``, ``path/file.py:fn``) before it reports ready, so an import's time never
 counts against a call's timeout, and makes each call as :func:`posttrain.rewards.calls.call_reward` does,
@@ -33,6 +34,7 @@ import signal
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 
 from posttrain.rewards.calls import (
@@ -109,13 +111,34 @@ def _portable(exc: BaseException) -> Exception:
     return RuntimeError(describe(exc))
 
 
+@contextmanager
+def _main_script_hidden():
+    """While a worker is spawned, the trainer's ``__main__`` shows no script: a spawned process otherwise runs
+    the parent's script again (as ``__mp_main__``) to rebuild it, so a user's script that starts a run without
+    an ``if __name__ == "__main__":`` guard would start it again in every worker. Workers never need that
+    module: rewards defined in it run in the trainer (:func:`posttrain.rewards.loading.spec_of`)."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    try:
+        for key in saved:
+            if key == "__file__":
+                del main.__dict__[key]
+            else:
+                main.__dict__[key] = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
 class Worker:
     """One worker process and the trainer's end of its pipe."""
 
     def __init__(self, context, specs: list[str]):
         self.conn, child = context.Pipe()
         self.process = context.Process(target=serve, args=(child, specs), name="posttrain-reward-worker", daemon=True)
-        self.process.start()
+        with _main_script_hidden():
+            self.process.start()
         child.close()
         self.started = time.monotonic()
         self.ready = False
@@ -249,9 +272,8 @@ class RewardPool:
         worker.kill()
         self.close()
         how = f"exit code {code}" if code is not None else f"not ready after {START_TIMEOUT_S:g} s"
-        raise RewardFailed(f"a reward worker process could not start ({how}): a script that starts a run must keep "
-                           "it under `if __name__ == \"__main__\":` (workers are started with spawn, which imports "
-                           "the script); reward_workers=0 runs the rewards in the trainer's process")
+        raise RewardFailed(f"a reward worker process could not start ({how}); reward_workers=0 runs the rewards in "
+                           "the trainer's process")
 
     def _collect(self, results: list, timeout_s: float | None) -> None:
         """Wait for a busy worker's answer (or a starting worker, or the first deadline) and take what came."""
