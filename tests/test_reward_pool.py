@@ -98,12 +98,17 @@ def test_what_runs_where(hostile):
     assert RewardSet({"format_soft": 1.0}, pool=RewardPool(0)).in_process == ["format_soft"]
 
 
-def test_the_task_reward_runs_in_process_and_the_run_says_so_once():
+def test_rewards_in_the_trainers_process_are_named_once_but_the_tasks_own():
     from test_rl_loop import _Task
 
+    def closure(completions, **kwargs):
+        return [0.0] * len(completions)
+
     scorer = Scorer(_Task(), {"task": 1.0, "format_soft": 1.0}, 5.0, 0.0, pool=RewardPool(2))
+    assert scorer.rewards.in_process == ["task"] and scorer.placement() is None  # posttrain's own, linear-time
+    scorer = Scorer(_Task(), {"task": 1.0, "mine": 1.0}, 5.0, 0.0, {"mine": closure}, pool=RewardPool(2))
     assert scorer.placement() == (
-        "reward 'task' runs in the trainer's process (not loadable by name in a reward worker, or reward_workers is "
+        "reward 'closure' runs in the trainer's process (not loadable by name in a reward worker, or reward_workers is "
         "0): reward_timeout is best effort there (a call stuck in compiled code is not stopped)")
     assert Scorer(_Task(), {"format_soft": 1.0}, 5.0, 0.0, pool=RewardPool(2)).placement() is None
 

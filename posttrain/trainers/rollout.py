@@ -141,8 +141,9 @@ class Scorer:
         return [v is not None and v >= 1 for v in values]
 
     def placement(self) -> str | None:
-        """One line naming the functions whose timeout is best effort (they run in this process), or None."""
-        names = self.rewards.in_process
+        """One line naming the functions whose timeout is best effort (they run in this process), or None. The
+        task's own reward is left out: it is posttrain's code, linear in the completion's length."""
+        names = [name for name in self.rewards.in_process if name != "task"]
         if not names:
             return None
         many = len(names) > 1
