@@ -352,3 +352,27 @@ def test_long_prompts_are_truncated_or_skipped_and_counted(tmp_path, llama_dir):
     assert [i for i, _ in picked] == [0, 2, 0] and (truncated, skipped) == (0, 2)
     with pytest.raises(ConfigError, match="100 prompts in a row were longer than max_prompt_length=1"):
         draw_prompts(draw, random.Random(0), t, tok, 1, PromptLimit(1, skip=True))
+
+
+def test_a_task_of_your_own_is_named_by_path(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+    from posttrain.tasks.arithmetic import ArithmeticTask
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mytask.py").write_text(
+        "from posttrain.tasks.arithmetic import ArithmeticTask\n"
+        "class Doubled(ArithmeticTask):\n"
+        "    name = 'doubled'\n"
+        "class Broken:\n"
+        "    def __init__(self, config):\n"
+        "        pass\n")
+    built = make_task(TaskConfig(name="./mytask.py:Doubled", test_size=3))
+    assert isinstance(built, ArithmeticTask) and built.name == "doubled" and len(built.test) == 3
+    with pytest.raises(ConfigError, match=r"task './mytask.py:Broken' lacks check, train_problem, .*corpus"):
+        make_task(TaskConfig(name="./mytask.py:Broken"))
+    with pytest.raises(ConfigError, match=r"cannot load task 'nope.py:T': no file"):
+        make_task(TaskConfig(name="nope.py:T"))
+    result = CliRunner().invoke(app, ["rl", "-", "task=./mytask.py:Doubled", "model=none", "--dry-run"])
+    assert result.exit_code == 0, result.output

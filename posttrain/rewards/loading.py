@@ -43,22 +43,30 @@ def load_reward(spec: str | Callable) -> Callable[..., list[float | None]]:
     if not sep or not where or not attr:
         raise ConfigError(f"unknown reward '{spec}'{suggest(spec, list(REWARDS))}; a function of your own is "
                           "'package.module:function' or 'path/to/file.py:function'")
-    module = _file_module(spec, where) if _is_file(where) else _module(spec, where)
-    fn: object = module
-    for part in attr.split("."):
-        if not hasattr(fn, part):
-            raise ConfigError(f"cannot load reward '{spec}': {where} has no '{attr}'")
-        fn = getattr(fn, part)
+    fn = load_object(spec, "reward")
     if not callable(fn):
         raise ConfigError(f"reward '{spec}' is not a function (it is a {type(fn).__name__})")
     return fn
+
+
+def load_object(spec: str, what: str) -> object:
+    """What ``pkg.mod:name`` or ``path/to/file.py:name`` (``name`` may be dotted: ``Class.method``) names, the
+    working directory importable; ConfigError "cannot load <what> '<spec>': ..." when it cannot be had."""
+    where, _, attr = spec.rpartition(":")
+    module = _file_module(spec, where, what) if _is_file(where) else _module(spec, where, what)
+    found: object = module
+    for part in attr.split("."):
+        if not hasattr(found, part):
+            raise ConfigError(f"cannot load {what} '{spec}': {where} has no '{attr}'")
+        found = getattr(found, part)
+    return found
 
 
 def _is_file(where: str) -> bool:
     return where.endswith(".py") or "/" in where or os.sep in where
 
 
-def _module(spec: str, name: str):
+def _module(spec: str, name: str, what: str):
     """Module ``name``, the working directory importable."""
     cwd = os.getcwd()
     if cwd not in sys.path:
@@ -67,19 +75,19 @@ def _module(spec: str, name: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name == name or name.startswith(f"{exc.name}."):  # the module itself (or its package) is missing
-            raise ConfigError(f"cannot load reward '{spec}': no module named '{exc.name}' (looked in the working "
+            raise ConfigError(f"cannot load {what} '{spec}': no module named '{exc.name}' (looked in the working "
                               f"directory {cwd} and sys.path)") from None
-        raise ConfigError(f"cannot load reward '{spec}': importing {name} failed: {describe(exc)}") from None
+        raise ConfigError(f"cannot load {what} '{spec}': importing {name} failed: {describe(exc)}") from None
     except Exception as exc:  # the module's own code failed
-        raise ConfigError(f"cannot load reward '{spec}': importing {name} failed: {describe(exc)}") from None
+        raise ConfigError(f"cannot load {what} '{spec}': importing {name} failed: {describe(exc)}") from None
 
 
-def _file_module(spec: str, where: str):
+def _file_module(spec: str, where: str, what: str):
     """The Python file ``where`` as a module, loaded once per resolved path."""
     path = Path(where).expanduser()
     full = (path if path.is_absolute() else Path.cwd() / path).resolve()
     if not full.is_file():
-        raise ConfigError(f"cannot load reward '{spec}': no file {full}" + (
+        raise ConfigError(f"cannot load {what} '{spec}': no file {full}" + (
             f" ({where} is relative to the working directory {Path.cwd()})" if not path.is_absolute() else ""))
     name = f"{FILE_MODULES}{full.stem}_{hashlib.sha1(str(full).encode()).hexdigest()[:8]}"
     if name in sys.modules:
@@ -91,7 +99,7 @@ def _file_module(spec: str, where: str):
         module_spec.loader.exec_module(module)
     except BaseException as exc:  # SystemExit in a user file is a config error too
         del sys.modules[name]
-        raise ConfigError(f"cannot load reward '{spec}': running {full} failed: {describe(exc)}") from None
+        raise ConfigError(f"cannot load {what} '{spec}': running {full} failed: {describe(exc)}") from None
     return module
 
 
