@@ -311,8 +311,10 @@ def load_policy(model: ModelConfig, lora: LoraConfig, device: str | torch.device
     if is_builtin_checkpoint(model.path):
         if lora.rank > 0:
             raise ConfigError(f"LoRA (lora.rank={lora.rank}) needs a Hugging Face model; {model.path} is built-in")
+        if model.chat_template is not None:
+            raise ConfigError(f"model.chat_template is for Hugging Face models; {model.path} is a built-in checkpoint")
         policy, tokenizer, _ = load_checkpoint(model.path, device)
         return policy, tokenizer
     from posttrain.models.hf import load_hf
 
-    return load_hf(model.path, model.dtype, model.tool_tokens, lora, device)
+    return load_hf(model.path, model.dtype, model.tool_tokens, lora, device, model.chat_template)

@@ -39,6 +39,7 @@ class ModelConfig:
     path: str | None = None  # a posttrain checkpoint dir, an HF model dir or hub id, or a .gguf file (None: fresh GPT)
     dtype: str = "float32"  # HF models: float32 | bfloat16 | float16
     tool_tokens: bool = False  # HF models: add the calculator's 4 special tokens (the embedding grows)
+    chat_template: str | None = None  # HF models: a Jinja chat template (text, or a file) replacing the tokenizer's
 
     def __post_init__(self):
         check_choice("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])

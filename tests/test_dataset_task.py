@@ -376,3 +376,16 @@ def test_a_task_of_your_own_is_named_by_path(tmp_path, monkeypatch):
         make_task(TaskConfig(name="nope.py:T"))
     result = CliRunner().invoke(app, ["rl", "-", "task=./mytask.py:Doubled", "model=none", "--dry-run"])
     assert result.exit_code == 0, result.output
+
+
+def test_model_chat_template_replaces_the_tokenizers(tmp_path, llama_dir):
+    from posttrain.checkpoint import load_policy
+    from posttrain.config import LoraConfig, ModelConfig
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant] {% endif %}"
+    (tmp_path / "t.jinja").write_text(template)
+    conv = {"messages": [{"role": "user", "content": "What is 1+2?"}]}
+    for given in (template, str(tmp_path / "t.jinja")):
+        _, tok = load_policy(ModelConfig(str(llama_dir), chat_template=given), LoraConfig())
+        assert tok.decode(tok.render_for_completion(conv)) == "[user] What is 1+2?\n[assistant] "

@@ -404,11 +404,13 @@ def _split_gguf(path: str) -> tuple[str, dict]:
 
 
 def load_hf(path: str, dtype: str = "float32", tool_tokens: bool = False, lora=None,
-            device: str | torch.device = "cpu") -> tuple[HFPolicy, HFTokenizer]:
+            device: str | torch.device = "cpu", chat_template: str | None = None) -> tuple[HFPolicy, HFTokenizer]:
     """Load an HF causal LM and its tokenizer from a local dir, a hub id, or a ``.gguf`` file.
 
     ``tool_tokens`` adds the calculator's four special tokens (the embedding grows; new rows are the
     mean of the old ones). ``lora`` (a LoraConfig with rank > 0) wraps the model in a peft adapter.
+    ``chat_template`` (Jinja text, or a file holding it) replaces the tokenizer's (a base model has none);
+    checkpoints save the tokenizer with it.
     """
     transformers = _require_hf()
     if dtype not in DTYPES:
@@ -424,6 +426,10 @@ def load_hf(path: str, dtype: str = "float32", tool_tokens: bool = False, lora=N
         model.hf_quantizer = None  # model saves (and trains) as the plain model it now is
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+    if chat_template is not None:
+        template = Path(chat_template).expanduser()
+        tokenizer.chat_template = template.read_text() if len(chat_template) < 4096 and template.is_file() else \
+            chat_template
     if tool_tokens and tokenizer.add_special_tokens({"additional_special_tokens": list(TOOL_TOKENS)}):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
