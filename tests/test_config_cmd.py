@@ -37,8 +37,9 @@ def test_listing_has_every_key_dotted_with_its_default_and_doc():
     lines = result.stdout.splitlines()
     assert "optim.lr: 0.003  # peak learning rate" in lines
     assert "optim.betas: [0.9, 0.95]  # AdamW betas" in lines
-    assert "task.name: arithmetic  # task name: arithmetic (built-in, generated) | gsm8k | dataset (your own prompts)" \
-        in lines
+    assert "task.name: arithmetic  # task name: arithmetic (built-in, generated) | gsm8k | dataset (your own " \
+        "prompts); or a task class of your own: pkg.mod:MyTask or path/to/file.py:MyTask (README: the Task " \
+        "interface)" in lines
     assert "model.path: null  # a posttrain checkpoint dir, an HF model dir or hub id, or a .gguf file (None: " \
            "fresh GPT)" in lines
     assert "# optim: optimizer and schedule" in lines  # a section's header: its field's comment
