@@ -49,6 +49,7 @@ from posttrain.rewards.calls import (
 )
 
 START_TIMEOUT_S = 120.0  # a worker not ready by then (imports hung) stops the run
+POLL_S = 0.2  # the longest the trainer waits on its workers without looking at pending signals
 
 
 class WorkerDied(RuntimeError):
@@ -282,7 +283,9 @@ class RewardPool:
         wait_s = None if first == float("inf") else max(0.0, first - time.monotonic())
         if not self._busy:
             wait_s = 1.0 if starting else 0.0  # a starting worker wakes the wait when it is ready
-        ready = wait(list(self._busy) + starting, wait_s)
+        # bounded: a Ctrl-C that the kernel hands to another thread does not interrupt this thread's wait, and
+        # Python raises KeyboardInterrupt only once this thread runs again
+        ready = wait(list(self._busy) + starting, POLL_S if wait_s is None else min(wait_s, POLL_S))
         for conn in ready:
             if conn not in self._busy:
                 continue  # a starting worker: _dispatch reads it
