@@ -29,14 +29,18 @@ def normalize_number(s: str) -> str | None:
     text = text.removeprefix("$").lstrip()
     if not _PLAIN_NUMBER.fullmatch(text):
         return None
-    value = Decimal(text.replace(",", ""))
-    value = -value if sign == "-" else value
-    if value == value.to_integral_value():
-        limit = sys.get_int_max_str_digits()  # 4,300 by default; 0: no limit
-        if limit and value.adjusted() >= limit:  # checked first: int() of a huge Decimal takes quadratic time
-            return None
-        return str(int(value))
-    return format(value.normalize(), "f")
+    plain = text.replace(",", "")
+    limit = sys.get_int_max_str_digits()  # 4,300 by default; 0: no limit
+    if limit and len(plain) > limit:  # first: int() of a huge Decimal takes quadratic time, and Decimal's context
+        return None  # arithmetic (the sign, the rounding) overflows past a million digits
+    value = Decimal(plain)
+    try:
+        value = -value if sign == "-" else value
+        if value == value.to_integral_value():
+            return str(int(value))
+        return format(value.normalize(), "f")
+    except ArithmeticError:  # decimal.Overflow and friends, with no limit set
+        return None
 
 
 def same_number(a: str | None, b: str | None) -> bool:

@@ -63,3 +63,12 @@ def test_every_built_in_takes_linear_time_on_100_kB(text):
                 if best < 0.2:
                     break
             assert best < 0.2, f"{name} ({mode}) took {best:.2f} s on 100 kB"
+
+
+def test_a_million_digit_answer_is_no_number_not_an_overflow():
+    """Hypothesis found it: '-' then a million 9s overflowed Decimal's context (decimal.Overflow)."""
+    from posttrain.numbers import normalize_number
+
+    huge = "-" + "9" * 1_000_000
+    assert normalize_number(huge) is None and normalize_number("9" * 4300) == "9" * 4300
+    assert normalize_number("-" + "9" * 4301) is None
