@@ -187,7 +187,9 @@ def test_a_worker_keeps_its_own_module_state_and_ctrl_c_during_a_call_ends_it(ho
         assert reward_set.score(["", ""], ["a", "b"]).values["calls_here"] == [2.0, 2.0]  # two calls in that worker
         [pid] = one.pids()
         hung = RewardSet({f"{hostile}:spin": 1.0}, timeout_s=60.0, pool=one)
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C while the call hangs
+        # Ctrl-C while the call hangs, to the main thread (as a terminal's usually lands; os.kill may hand it to
+        # any thread of the process, torch's included)
+        threading.Timer(1.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
         with pytest.raises(KeyboardInterrupt):
             hung.score(["", ""], ["hang", "b"])
         assert one.pids() == []  # the worker on the interrupted call is gone at once
