@@ -183,8 +183,8 @@ def test_a_worker_that_dies_is_replaced_and_its_samples_get_the_fallback(pool, h
 def test_a_worker_keeps_its_own_module_state_and_ctrl_c_during_a_call_ends_it(hostile, request):
     # a trainer's SIGINT handler is Python's default; in the whole captured suite the test waited out the 60 s
     # timeout instead (not reproduced alone or with -s), so the default handler is set here
-    request.addfinalizer(lambda previous=signal.signal(signal.SIGINT, signal.default_int_handler):
-                         signal.signal(signal.SIGINT, previous))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     with RewardPool(1) as one:
         reward_set = RewardSet({f"{hostile}:worker_pid": 1.0, f"{hostile}:calls_here": 1.0}, pool=one)
         reward_set.score(["", ""], ["a", "b"])
