@@ -17,7 +17,7 @@ Every function here runs in time linear in the completion's length (no backtrack
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from posttrain.numbers import NUMBER_IN_TEXT, normalize_number, same_number
 from posttrain.rewards.calls import texts
@@ -105,44 +105,42 @@ def _gold(answer: Sequence | None, n: int) -> list[str | None]:
     return golds
 
 
+def _judged(completions: list, answer: Sequence | None, right: Callable[[str, str], bool]) -> list[float | None]:
+    """1.0 where ``right(final answer, gold)``, else 0.0; None where the row has no gold."""
+    return [None if gold is None else float(right(final_answer(c), gold))
+            for c, gold in zip(texts(completions), _gold(answer, len(completions)), strict=True)]
+
+
+def gold_letter(gold: str) -> str | None:
+    """A multiple-choice gold as its letter: a letter ("B", "(B)", "b.") or a 0-based option index (1 → "B")."""
+    return chr(ord("A") + int(gold)) if gold.strip().isdigit() else choice_letter(gold.strip().upper())
+
+
 def exact_match(completions: list, answer: Sequence | None = None, **kwargs) -> list[float | None]:
     """1.0 when the final answer equals the gold after :func:`normalize_text` (the gold's text after its last
     ``####`` when it has one), else 0.0."""
-    out: list[float | None] = []
-    for c, gold in zip(texts(completions), _gold(answer, len(completions)), strict=True):
-        if gold is None:
-            out.append(None)
-            continue
-        want = normalize_text(gold.rpartition("####")[2])
-        out.append(float(normalize_text(final_answer(c)) == want))
-    return out
+    return _judged(completions, answer,
+                   lambda final, gold: normalize_text(final) == normalize_text(gold.rpartition("####")[2]))
 
 
 def numeric_match(completions: list, answer: Sequence | None = None, **kwargs) -> list[float | None]:
     """1.0 when the number the final answer gives (:func:`number_in`) equals the gold's number (its text after
     the last ``####`` when it has one) to a relative 1e-6 (``numbers.same_number``), else 0.0."""
-    out: list[float | None] = []
-    for c, gold in zip(texts(completions), _gold(answer, len(completions)), strict=True):
-        if gold is None:
-            out.append(None)
-            continue
+    def right(final: str, gold: str) -> bool:
         want = number_in(gold.rpartition("####")[2])
-        got = number_in(final_answer(c))
-        out.append(float(want is not None and same_number(got, want)))
-    return out
+        return want is not None and same_number(number_in(final), want)
+
+    return _judged(completions, answer, right)
 
 
 def multiple_choice(completions: list, answer: Sequence | None = None, **kwargs) -> list[float | None]:
-    """1.0 when the letter the final answer gives (:func:`choice_letter`) is the gold's, else 0.0. The gold is
-    a letter ("B", "(B)", "b."), or a 0-based option index (1 → "B")."""
-    out: list[float | None] = []
-    for c, gold in zip(texts(completions), _gold(answer, len(completions)), strict=True):
-        if gold is None:
-            out.append(None)
-            continue
-        want = chr(ord("A") + int(gold)) if gold.strip().isdigit() else choice_letter(gold.strip().upper())
-        out.append(float(want is not None and choice_letter(final_answer(c)) == want))
-    return out
+    """1.0 when the letter the final answer gives (:func:`choice_letter`) is the gold's (:func:`gold_letter`),
+    else 0.0."""
+    def right(final: str, gold: str) -> bool:
+        want = gold_letter(gold)
+        return want is not None and choice_letter(final) == want
+
+    return _judged(completions, answer, right)
 
 
 def regex_format(completions: list, format_regex: Sequence[str] | str | None = None, **kwargs) -> list[float | None]:

@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.evaluation import evaluate_task
-from posttrain.rewards.answers import ANSWER_REWARDS, choice_letter, final_answer, normalize_text, number_in
+from posttrain.rewards.answers import (
+    ANSWER_REWARDS,
+    choice_letter,
+    final_answer,
+    gold_letter,
+    normalize_text,
+    number_in,
+)
 from posttrain.rewards.calls import CALL_ARGS
 from posttrain.tasks.files import DataError, Row, file_rows, hub_rows, load_hub, saved_dataset, split_file
 
@@ -205,7 +212,7 @@ class DatasetTask:
         if self.reward_name == "multiple_choice":
             if not gold:
                 return choice_letter(text)
-            return chr(ord("A") + int(text)) if text.strip().isdigit() else choice_letter(text.strip().upper())
+            return gold_letter(text)
         return normalize_text(text)
 
     def evaluate(self, engine, config) -> dict[str, float]:
