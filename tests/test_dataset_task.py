@@ -389,3 +389,17 @@ def test_model_chat_template_replaces_the_tokenizers(tmp_path, llama_dir):
     for given in (template, str(tmp_path / "t.jinja")):
         _, tok = load_policy(ModelConfig(str(llama_dir), chat_template=given), LoraConfig())
         assert tok.decode(tok.render_for_completion(conv)) == "[user] What is 1+2?\n[assistant] "
+    with pytest.raises(ConfigError, match=r"'model.chat_template' is neither a Jinja template .* nor an existing "
+                                          r"file: t\.jinjaa"):
+        load_policy(ModelConfig(str(llama_dir), chat_template="t.jinjaa"), LoraConfig())
+
+
+def test_a_run_without_held_out_rows_says_it_has_no_evaluation(tmp_path, capsys):
+    t = task(write_jsonl(tmp_path / "d.jsonl", ROWS), prompt="{question}", test_size=0)
+    t.check("rl")
+    assert "dataset: no held-out rows in " in capsys.readouterr().out
+    assert t.evaluate(None, None) == {}
+    rx = task(write_jsonl(tmp_path / "r.jsonl", [{"prompt": "a"}, {"prompt": "b"}]), test_size=1,
+              reward="regex_format", format_regex=r"\d+")
+    rx.check("rl")
+    assert capsys.readouterr().out == ""  # regex_format judges held-out rows without gold answers

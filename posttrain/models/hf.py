@@ -128,6 +128,20 @@ class HFCache:
         self.next_pos = self.next_pos.index_select(0, rows)
 
 
+def read_chat_template(given: str) -> str:
+    """``model.chat_template`` as template text: Jinja text as it is (it holds ``{{`` or ``{%``), else a file to
+    read; ConfigError when that file does not exist (a mistyped path must not become the template)."""
+    if "{{" in given or "{%" in given:
+        return given
+    path = Path(given).expanduser()
+    if not path.is_file():
+        from posttrain.config_checks import ConfigError
+
+        raise ConfigError(f"config key 'model.chat_template' is neither a Jinja template (no '{{{{' or '{{%') nor "
+                          f"an existing file: {given}")
+    return path.read_text()
+
+
 class HFPolicy(nn.Module):
     """An HF causal LM with the built-in GPT's calling conventions (see the module docstring)."""
 
@@ -427,9 +441,7 @@ def load_hf(path: str, dtype: str = "float32", tool_tokens: bool = False, lora=N
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     if chat_template is not None:
-        template = Path(chat_template).expanduser()
-        tokenizer.chat_template = template.read_text() if len(chat_template) < 4096 and template.is_file() else \
-            chat_template
+        tokenizer.chat_template = read_chat_template(chat_template)
     if tool_tokens and tokenizer.add_special_tokens({"additional_special_tokens": list(TOOL_TOKENS)}):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     gen_eos = getattr(model.generation_config, "eos_token_id", None)

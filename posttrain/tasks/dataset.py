@@ -141,6 +141,9 @@ class DatasetTask:
         """DataError when the data cannot serve ``stage`` (before any model loads): ``sft`` needs rows with a
         conversation to teach; ``rl`` and ``eval`` need gold answers for the task's reward (regex_format
         needs none)."""
+        if stage in ("sft", "rl") and not (self.test and self._judgeable()):
+            print(f"dataset: no held-out rows {'with a gold answer ' if self.test else ''}in {self.data}, so the "
+                  "run has no evaluation (set task.test_split or task.test_size)")
         if stage == "sft":
             self.sft_example(random.Random(0))
         elif stage == "eval" and not self.test:
@@ -218,14 +221,20 @@ class DatasetTask:
     def evaluate(self, engine, config) -> dict[str, float]:
         """pass@k, mean reward and completion length on the first ``config.problems`` held-out rows, a sample
         right when ``config.correct`` (a reward name or path; None: the task's reward) gives it at least
-        ``config.correct_threshold``; {} (no evaluation) when no held-out row has a gold answer for the task's
-        reward, e.g. nothing is held out (``posttrain eval`` checks for rows first)."""
+        ``config.correct_threshold``; {} (no evaluation; :meth:`check` said so) when nothing is held out or no
+        held-out row has a gold answer for the task's reward (``posttrain eval`` checks for rows first)."""
+        if not self.test:
+            return {}
         if config.correct is not None:
             return evaluate_task(engine, _Judged(self, config.correct), self.test[: config.problems], config,
                                  threshold=config.correct_threshold)
-        if all(e.answer is None for e in self.test):  # nothing held out, or nothing to check it against
+        if not self._judgeable():  # nothing to check the held-out rows against
             return {}
         return evaluate_task(engine, self, self.test[: config.problems], config)
+
+    def _judgeable(self) -> bool:
+        """Whether the task's reward can judge the held-out rows (regex_format needs no gold answer)."""
+        return self.reward_name == "regex_format" or any(e.answer is not None for e in self.test)
 
     def corpus(self, r: random.Random, n: int = 2000) -> list[str]:
         """Texts to train the built-in tokenizer on: the messages of up to ``n`` rows."""
