@@ -109,6 +109,8 @@ class RunOptions:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (cpu: fp32, cuda: bf16-mixed) | fp32 | bf16-mixed | fp16-mixed | bf16-true
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, more time)
+    epochs: float = 0.0  # passes over the training data; > 0 sets steps to ⌈epochs · rows / rows per step⌉ (a task
+    # with a fixed training set: dataset, gsm8k, arithmetic with prompt_sampling.pool_size; preference pairs)
 
 
 SFT_LOSSES = ("full", "completion", "answer_only")  # SFTConfig.loss: which tokens are trained on
@@ -308,6 +310,7 @@ class RLConfig(RunOptions):
 def check_run(config: RunOptions) -> None:
     """The fields every trainer's config shares: step count, checkpointing, resume, threads."""
     check_range("steps", config.steps, 1)
+    check_range("epochs", config.epochs, 0, note=" (0: run 'steps')")
     check_range("save_every", config.save_every, 0, note=" (0: only the final checkpoint)")
     check_range("keep_last", config.keep_last, 1)
     check_range("threads", config.threads, 0, note=" (0: torch's default)")

@@ -22,8 +22,9 @@ def check_stage(stage: str, config, **options):
 def dry_run(stage: str, config) -> str:
     """The resolved ``config`` as YAML, then one line saying what was checked; raises what the checks raise
     (ConfigError, DataError)."""
-    checked = check_stage(stage, config)
-    return f"{_yaml(config)}dry run: config, {checked.summary} OK; {DONE}\n"
+    checked = check_stage(stage, config)  # first: with epochs > 0 it sets steps
+    epochs = f"{checked.epochs}\n" if checked.epochs else ""
+    return f"{_yaml(config)}{epochs}dry run: config, {checked.summary} OK; {DONE}\n"
 
 
 def dry_run_pipeline(config) -> str:
@@ -39,7 +40,9 @@ def dry_run_pipeline(config) -> str:
             lines.append(f"  {stage.name} (eval): model {stage.resolved.path}")
             continue
         options = {"reward_model": stage.reward_model is None} if stage.kind == "rl" else {}
-        lines.append(f"  {stage.name} ({stage.kind}): {check_stage(stage.kind, stage.resolved, **options).summary}")
+        checked = check_stage(stage.kind, stage.resolved, **options)
+        epochs = f"; {checked.epochs}" if checked.epochs else ""
+        lines.append(f"  {stage.name} ({stage.kind}): {checked.summary}{epochs}")
     task = make_task(config.eval.task)
     task.check("eval")
     lines.append(f"  comparison: {task_data(task)}")

@@ -26,7 +26,7 @@ from rich.table import Table
 from posttrain.checkpoint import load_policy
 from posttrain.config import LoraConfig, ModelConfig, TaskConfig, suggest
 from posttrain.engine import Engine, SamplingParams
-from posttrain.evaluation import maj_at_k, pass_at_k
+from posttrain.evaluation import SampleFailures, maj_at_k, pass_at_k
 from posttrain.metrics import StepProgress
 from posttrain.random_streams import group_seed
 from posttrain.tasks import make_task
@@ -36,6 +36,7 @@ from posttrain.trainers.rollout import completion_text
 
 SPLITS = ("test", "train")
 FLAGS = (("format", "Correct format"), ("plausible", "Plausibly correct"), ("exact", "Exact correct"))
+FAILED_GRADE = {"answer": None, "format": False, "plausible": False, "exact": False}  # a grade that raised
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: tried on the hub when no such local path
 
 
@@ -150,7 +151,8 @@ def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: Sam
              seed: int, out: str | Path, progress: bool = True) -> dict[str, float]:
     """Sample ``samples`` completions per problem, ``batch`` problems per engine call (a problem's
     samples share its prefilled prompt), grade them with ``task.grade`` (completions decoded without
-    their stop token), write one problem_record per line to ``out`` (overwritten, flushed per line)
+    their stop token; a grade that raises counts the sample wrong, ``grade_failures`` in the report), write
+    one problem_record per line to ``out`` (overwritten, flushed per line)
     and return ``summarize`` of the records. Problem p samples its group from ``group_seed(seed, p)``, so
     the same seed gives the same samples whatever ``batch``."""
     tok = engine.tokenizer
@@ -158,6 +160,7 @@ def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: Sam
     out.parent.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     exact = 0
+    failures = SampleFailures(f"the {task.name} task's grade")
     bar = StepProgress(f"eval {task.name}", len(problems), ("exact",), enabled=progress)
     with out.open("w", encoding="utf-8") as f, bar:
         for start in range(0, len(problems), batch):
@@ -169,7 +172,7 @@ def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: Sam
             for i, (problem, conv) in enumerate(zip(chunk, convs, strict=True)):
                 rows = range(i * samples, (i + 1) * samples)  # problem i's samples, in row order
                 texts = [completion_text(tok, rollout, j) for j in rows]
-                grades = [task.grade(conv, t) for t in texts]
+                grades = [failures.call(task.grade, conv, t, fallback=FAILED_GRADE) for t in texts]
                 gold = grades[0].get("gold", conv["answer"])  # the dataset task's gold as its answers are read
                 record = problem_record(problem.question, gold, len(prompts[i]), texts,
                                         [int(rollout.lengths[j]) for j in rows], grades)
@@ -178,4 +181,5 @@ def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: Sam
                 records.append(record)
                 exact += sum(record["exact"])
                 bar.update({"exact": exact / (len(records) * samples)})
-    return summarize(records)
+    failures.report(len(records) * samples)
+    return summarize(records) | {"grade_failures": failures.count}

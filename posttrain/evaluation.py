@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from posttrain.config_checks import ConfigError, check_range
@@ -96,6 +98,40 @@ def maj_at_k(answers: Sequence[str | None], gold: str, k: int) -> float:
     return float(majority(answers[:k]) == gold)
 
 
+class SampleFailures:
+    """Samples whose task reward (or grade) raised or was not a finite number: each counts as wrong instead
+    of stopping the evaluation; counted, and the first one said once (on stderr) when the evaluation ends."""
+
+    def __init__(self, what: str):
+        self.what, self.count, self.first = what, 0, None
+
+    def call(self, fn: Callable, *args, fallback):
+        """``fn(*args)``, or ``fallback`` (counted) when it raises or gives a non-finite number."""
+        try:
+            value = fn(*args)
+        except Exception as err:  # noqa: BLE001 - any error of the task's code is the sample's, not the run's
+            return self._failed(f"{type(err).__name__}: {err}", fallback)
+        if isinstance(value, float) and not math.isfinite(value):
+            return self._failed(f"returned {value}", fallback)
+        return value
+
+    def _failed(self, why: str, fallback):
+        self.count += 1
+        self.first = self.first or why[:300]
+        return fallback
+
+    def report(self, samples: int) -> None:
+        """One line on stderr when any sample failed."""
+        if self.count:
+            print(f"evaluation: {self.what} failed on {self.count} of {samples} samples, counted as wrong "
+                  f"(first: {self.first})", file=sys.stderr)
+
+
+def task_reward(task, conv: dict, completion: str) -> float:
+    """``task.reward`` as a float (a None or a string raises here, inside the isolation)."""
+    return float(task.reward(conv, completion))
+
+
 def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, threshold: float = 1.0
                   ) -> dict[str, float]:
     """Sample ``config.samples`` completions per held-out problem and score them with the task.
@@ -103,13 +139,16 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, thr
     Returns ``eval/pass@k`` for each k in ``config.ks`` (unbiased estimator; a completion counts as
     correct when its reward is ≥ ``threshold``), ``eval/reward`` (mean reward per completion) and
     ``eval/mean_length`` (completion tokens). Problems go through the engine ``chunk`` at a time; problem
-    p samples its group from ``group_seed(config.seed, p)``, so its samples do not depend on ``chunk``.
+    p samples its group from ``group_seed(config.seed, p)``, so its samples do not depend on ``chunk``. A
+    sample whose ``task.reward`` raises or is not finite gets reward 0 (:class:`SampleFailures`), counted in
+    ``eval/reward_failures``.
     """
     params = SamplingParams(config.temperature, config.top_k, None, config.max_new_tokens)
     tok = engine.tokenizer
     correct: list[list[bool]] = []
     rewards: list[float] = []
     lengths: list[int] = []
+    failures = SampleFailures(f"the {task.name} task's reward")
     for start in range(0, len(problems), chunk):
         convs = [task.prompt(p) for p in problems[start : start + chunk]]
         prompts = [tok.render_for_completion(c) for c in convs]
@@ -117,11 +156,14 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, thr
         batch = engine.generate(prompts, config.samples, params, seeds=seeds)
         for i, conv in enumerate(convs):
             rows = range(i * config.samples, (i + 1) * config.samples)
-            r = [task.reward(conv, tok.decode(batch.completion_tokens(j))) for j in rows]
+            texts = [tok.decode(batch.completion_tokens(j)) for j in rows]
+            r = [failures.call(task_reward, task, conv, t, fallback=0.0) for t in texts]
             rewards += r
             correct.append([x >= threshold for x in r])
         lengths += batch.lengths.tolist()
     out = {f"eval/pass@{k}": v for k, v in mean_pass_at_k(correct, config.ks).items()}
     out["eval/reward"] = sum(rewards) / len(rewards)
     out["eval/mean_length"] = sum(lengths) / len(lengths)
+    out["eval/reward_failures"] = failures.count
+    failures.report(len(rewards))
     return out

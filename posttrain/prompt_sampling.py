@@ -15,8 +15,8 @@ Strategies (``PromptSamplingConfig.strategy``; unset: the task's ``default_sampl
 but ``epoch`` a draw with replacement from the rng passed in:
 
 * ``epoch`` (the dataset task's default, as TRL and verl pass over a dataset): the pool in a fresh order
-  every pass, each prompt once per pass; pass e's order is the pool shuffled by ``random.Random`` seeded
-  from (pool_seed, e), and the state holds the pass and the position in it.
+  every pass, each prompt once per pass (posttrain/epoch_order.py, seeded by ``pool_seed``); the state
+  holds the pass and the position in it.
 
 * ``uniform``: every pool prompt with probability 1/N. With ``pool_size`` 0 on a task that generates
   its problems (arithmetic) there is no pool: each draw is a fresh ``task.train_problem(rng)``,
@@ -50,6 +50,8 @@ import math
 import random
 from dataclasses import dataclass
 from itertools import accumulate
+
+from posttrain.epoch_order import EpochOrder
 
 STRATEGIES = ("uniform", "epoch", "curriculum", "priority")
 CURRICULUM_ORDERS = ("label", "measured")
@@ -208,40 +210,26 @@ class UniformSampler:
 
 
 class EpochSampler(UniformSampler):
-    """Passes over the pool, each in a fresh seeded order (module doc); the rng passed to draw is not used."""
+    """Passes over the pool, each in a fresh seeded order (posttrain/epoch_order.py, seeded by ``pool_seed``);
+    the rng passed to draw is not used."""
 
     def __init__(self, pool: list, config: PromptSamplingConfig, labels: list[float]):
         super().__init__(pool, config, labels)
-        self.epoch, self.position = 0, 0  # the pass, and the next index into its order
-
-    def order(self) -> list[int]:
-        """Pass ``epoch``'s order of the pool indices."""
-        if self._cache is None:
-            self._cache = list(range(len(self.pool)))
-            random.Random(self.config.pool_seed * 1_000_003 + self.epoch).shuffle(self._cache)
-        return self._cache
+        self.passes = EpochOrder(len(pool), config.pool_seed)
 
     def draw(self, rng: random.Random, progress: float = 0.0) -> tuple[int, object]:
-        if self.position == len(self.pool):
-            self.epoch, self.position, self._cache = self.epoch + 1, 0, None
-        i = self.order()[self.position]
-        self.position += 1
+        i = self.passes.next()
         return i, self.pool[i]
 
-    def update(self, indices: list[int], successes: list[float]) -> None:
-        order = self._cache
-        super().update(indices, successes)
-        self._cache = order  # the counts do not change the pass's order
-
     def state_dict(self) -> dict:
-        return super().state_dict() | {"epoch": self.epoch, "position": self.position}
+        return super().state_dict() | self.passes.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.passes.load_state_dict(state)
 
     def metrics(self, progress: float) -> dict:
-        return super().metrics(progress) | {"sampling/epoch": self.epoch + self.position / len(self.pool)}
+        return super().metrics(progress) | {"sampling/epoch": self.passes.progress}
 
 
 class CurriculumSampler(UniformSampler):

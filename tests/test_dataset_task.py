@@ -264,12 +264,15 @@ def test_sft_on_a_messages_dataset_learns(tmp_path, llama_dir):
              "answer": r["answer"]} for r in ROWS]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     config = load_config(SFTConfig, None, [
-        f"model={llama_dir}", f"run_dir={tmp_path / 'sft'}", "steps=16", "batch_size=4", "threads=2",
+        f"model={llama_dir}", f"run_dir={tmp_path / 'sft'}", "epochs=16", "batch_size=3", "threads=2",
         "optim.lr=1e-2", "optim.warmup_steps=0", "eval.problems=2", "eval.samples=1", "eval.ks=[1]",
         "eval.max_new_tokens=4", "task.name=dataset", f"task.data={data}", "task.test_size=2",
         "task.reward=numeric_match"])
     train_sft(config, progress=False)
-    loss = [r["loss"] for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "loss" in r]
+    assert config.steps == 22  # ⌈16 epochs · 4 training rows / 3 per step⌉
+    metrics = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
+    assert [r["data/epoch"] for r in metrics if "data/epoch" in r][:3] == [0.75, 1.5, 2.25]  # each row once a pass
+    loss = [r["loss"] for r in metrics if "loss" in r]
     assert sum(loss[-3:]) < 0.6 * sum(loss[:3])
 
 

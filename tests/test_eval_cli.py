@@ -187,7 +187,7 @@ def test_arithmetic_on_a_builtin_checkpoint_writes_the_default_file(gpt_checkpoi
     records = read_jsonl(tmp_path / "eval_arithmetic_test.jsonl")
     assert [r["question"] for r in records] == [p.question for p in ArithmeticTask(test_size=3).test]
     assert all(len(r["completions"]) == 2 and all(1 <= n <= 8 for n in r["completion_tokens"]) for r in records)
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == summarize(records)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == summarize(records) | {"grade_failures": 0}
     assert invoke(*args).exit_code == 0
     assert read_jsonl(tmp_path / "eval_arithmetic_test.jsonl") == records  # same seed, same samples; overwritten
 
@@ -201,6 +201,24 @@ def test_a_problems_samples_do_not_depend_on_the_batch(gpt, tok, tmp_path):
     by_one = read_jsonl(tmp_path / "1.jsonl")
     assert len({c for r in by_one for c in r["completions"]}) > 3  # samples do differ
     assert read_jsonl(tmp_path / "5.jsonl") == by_one
+
+
+def test_a_grade_that_raises_counts_its_sample_wrong(gpt, tok, tmp_path, capsys):
+    task, engine = ArithmeticTask(test_size=4), Engine(gpt, tok)
+    calls = []
+
+    def grade(conv, completion):
+        calls.append(completion)
+        if len(calls) % 2:
+            raise RecursionError("maximum recursion depth exceeded")
+        return ArithmeticTask.grade(task, conv, completion)
+
+    task.grade = grade
+    params = SamplingParams(temperature=1.0, top_k=10, max_new_tokens=8)
+    report = run_eval(engine, task, task.test, 2, params, 4, seed=0, out=tmp_path / "e.jsonl", progress=False)
+    assert report["grade_failures"] == 4 and report["samples"] == 8
+    assert all(r["exact"][0] is False and r["answers"][0] is None for r in read_jsonl(tmp_path / "e.jsonl"))
+    assert "grade failed on 4 of 8 samples, counted as wrong (first: RecursionError" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -242,4 +260,4 @@ def test_gsm8k_end_to_end_on_a_tiny_llama(gsm8k_dir, tmp_path):
         for flag in ("format", "plausible", "exact"):
             assert [g[flag] for g in regraded] == r[flag]
         assert all(f or not e for f, e in zip(r["format"], r["exact"], strict=True))  # exact implies format
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == summarize(records)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == summarize(records) | {"grade_failures": 0}

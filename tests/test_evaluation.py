@@ -73,3 +73,29 @@ def test_evaluate_task_samples_do_not_depend_on_the_chunk(gpt, tok):
     assert evaluate_task(engine, task, task.test, config, chunk=4) == by_one
     assert evaluate_task(engine, task, task.test, EvalConfig(problems=5, samples=3, ks=(1, 3), max_new_tokens=8,
                                                              seed=1), chunk=1) != by_one
+
+
+class _Flaky:
+    """The arithmetic task with a reward that raises on every third call and is NaN on every fifth."""
+
+    def __init__(self, task):
+        self.task, self.name, self.calls = task, task.name, 0
+
+    def prompt(self, problem):
+        return self.task.prompt(problem)
+
+    def reward(self, conv, completion):
+        self.calls += 1
+        if self.calls % 3 == 0:
+            raise ValueError("exceeds the limit (4300 digits) for integer string conversion")
+        return float("nan") if self.calls % 5 == 0 else self.task.reward(conv, completion)
+
+
+def test_a_failing_task_reward_costs_its_sample_not_the_evaluation(gpt, tok, capsys):
+    task, engine = ArithmeticTask(test_size=5), Engine(gpt, tok)
+    config = EvalConfig(problems=5, samples=3, ks=(1, 3), max_new_tokens=8)
+    out = evaluate_task(engine, _Flaky(task), task.test, config)
+    assert out["eval/reward_failures"] == 5 + 2  # calls 3, 6, 9, 12, 15 raise; 5 and 10 are NaN
+    assert evaluate_task(engine, task, task.test, config)["eval/reward_failures"] == 0
+    err = capsys.readouterr().err
+    assert "the arithmetic task's reward failed on 7 of 15 samples, counted as wrong (first: ValueError" in err

@@ -145,7 +145,7 @@ class DatasetTask:
             print(f"dataset: no held-out rows {'with a gold answer ' if self.test else ''}in {self.data}, so the "
                   "run has no evaluation (set task.test_split or task.test_size)")
         if stage == "sft":
-            self.sft_example(random.Random(0))
+            self.sft_rows()
         elif stage == "eval" and not self.test:
             raise DataError(f"{self.data}: no held-out rows to evaluate (set task.test_split, or task.test_size)")
         elif self.reward_name != "regex_format" and all(e.answer is None for e in self.train + self.test):
@@ -173,13 +173,18 @@ class DatasetTask:
         """No difficulty label: every row ties, so a label curriculum keeps the data's own order."""
         return 0.0
 
-    def sft_example(self, r: random.Random) -> dict:
-        """A training row's conversation to teach (DataError if the data has none)."""
-        rows = [e for e in self.train if e.sft is not None]
+    def sft_rows(self) -> list[dict]:
+        """The conversations SFT teaches, one per training row that has one, in data order (SFT passes over
+        them by epochs; DataError if the data has none)."""
+        rows = [{"messages": e.sft} for e in self.train if e.sft is not None]
         if not rows:
             raise DataError("SFT on the dataset task needs rows with 'messages' (ending with the assistant's turn) "
                             "or a 'completion' column next to the prompt")
-        return {"messages": r.choice(rows).sft}
+        return rows
+
+    def sft_example(self, r: random.Random) -> dict:
+        """A training row's conversation to teach, drawn uniformly at random (DataError if the data has none)."""
+        return r.choice(self.sft_rows())
 
     def prompt(self, problem: Example) -> dict:
         """The conversation the model answers, carrying the gold answer and the row's columns."""
@@ -257,7 +262,7 @@ class _Judged:
     def __init__(self, task: DatasetTask, correct: str, timeout_s: float = 30.0):
         from posttrain.rewards import RewardSet  # here: the rewards import the tasks
 
-        self.task = task
+        self.task, self.name = task, task.name
         self.judge = RewardSet({correct: 1.0}, timeout_s, fallback=0.0, max_failure_rate=1.0)
 
     def prompt(self, problem: Example) -> dict:

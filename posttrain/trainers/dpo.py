@@ -35,7 +35,7 @@ from posttrain.metrics import StepProgress
 from posttrain.preference_config import DPOConfig
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
-from posttrain.trainers.checks import Checked, task_data
+from posttrain.trainers.checks import Checked, resolve_epochs, task_data
 from posttrain.trainers.model_engine import ModelEngine, resolve_device, resolve_precision
 from posttrain.trainers.pairs import (
     EncodedPair,
@@ -134,13 +134,14 @@ def check_inputs(config: DPOConfig) -> Checked:
     load, and the evaluation task's data, when a task is set, loads and has gold answers (ConfigError /
     DataError otherwise)."""
     pairs = load_pairs(config.data)
+    epochs = resolve_epochs(config, len(pairs[0]), config.batch_size, "pairs")
     summary = f"data ({len(pairs[0])} train / {len(pairs[1])} test pairs"
     task = None
     if config.task is not None:
         task = make_task(config.task)
         task.check("eval")
         summary += f"; eval task {task_data(task)}"
-    return Checked(summary + ")", task=task, pairs=pairs)
+    return Checked(summary + ")", task=task, pairs=pairs, epochs=epochs)
 
 
 def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, float]]:
@@ -149,12 +150,14 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    checked = check_inputs(config)  # sets steps when epochs > 0
+    if checked.epochs:
+        print(f"dpo: {checked.epochs}")
     run = Run(config, "dpo")
     if nothing_to_do(run, print):
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
-    checked = check_inputs(config)
     task = checked.task
     model, tokenizer = load_policy(config.model, config.lora)
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from posttrain.config import ConfigError
+from posttrain.epoch_order import pass_order
 from posttrain.optim import lr_at
 from posttrain.preference_config import PreferenceDataConfig
 from posttrain.tasks.arithmetic import ArithmeticTask, preference_pair
@@ -137,15 +138,13 @@ def sequence_logps(model, batch: PairBatch) -> Tensor:
 
 
 def batches(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """The pair indices of optimizer step ``step``: epochs of seeded shuffles of range(n), read in order,
+    """The pair indices of optimizer step ``step``: passes over range(n) in posttrain/epoch_order.py's orders,
     so any step's batch follows from (step, seed) alone (exact resume needs no data state)."""
     start = step * batch_size
     out: list[int] = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
-        order = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        out += order[offset : offset + batch_size - len(out)]
+        out += pass_order(n, seed, epoch)[offset : offset + batch_size - len(out)]
     return out
 
 

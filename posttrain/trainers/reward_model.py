@@ -24,7 +24,7 @@ from posttrain.metrics import StepProgress
 from posttrain.models.heads import RewardModel
 from posttrain.preference_config import RMConfig
 from posttrain.rewards.calls import Completion, Prompt, texts
-from posttrain.trainers.checks import Checked
+from posttrain.trainers.checks import Checked, resolve_epochs
 from posttrain.trainers.model_engine import ModelEngine, resolve_device, resolve_precision
 from posttrain.trainers.pairs import (
     EncodedPair,
@@ -112,7 +112,8 @@ def check_inputs(config: RMConfig) -> Checked:
     """The checks before the model loads (``train_reward_model`` and ``posttrain rm --dry-run``): the
     preference pairs load (ConfigError otherwise)."""
     pairs = load_pairs(config.data)
-    return Checked(f"data ({len(pairs[0])} train / {len(pairs[1])} test pairs)", pairs=pairs)
+    epochs = resolve_epochs(config, len(pairs[0]), config.batch_size, "pairs")
+    return Checked(f"data ({len(pairs[0])} train / {len(pairs[1])} test pairs)", pairs=pairs, epochs=epochs)
 
 
 def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, float]:
@@ -120,12 +121,14 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    checked = check_inputs(config)  # sets steps when epochs > 0
+    if checked.epochs:
+        print(f"rm: {checked.epochs}")
     run = Run(config, "rm")
     if nothing_to_do(run, print):
         return run.state["extra"].get("last_eval", {})
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
-    checked = check_inputs(config)
     trunk, tokenizer = load_policy(config.model, config.lora)
     rm = ModelEngine(RewardModel.from_policy(trunk), config.optim, device, precision, config.activation_checkpointing)
     state = TrainerState()

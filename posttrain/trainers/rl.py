@@ -66,7 +66,7 @@ from posttrain.rewards import RewardFailed, check_reward_specs, overlong_penalty
 from posttrain.rewards.pool import RewardPool
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
-from posttrain.trainers.checks import Checked, task_data
+from posttrain.trainers.checks import Checked, resolve_epochs, task_data
 from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_device, resolve_precision
 from posttrain.trainers.objectives import Mismatch, PolicyLoss, PolicyObjective, ValueLoss, ValueObjective
 from posttrain.trainers.reward_model import RewardScorer, check_reward_checkpoint
@@ -117,19 +117,22 @@ def check_inputs(config: RLConfig, reward_model: bool = True, reward_funcs: Mapp
     if reward_model and "reward_model" in config.rewards:
         check_reward_checkpoint(config.reward_model.path)
     sampler = make_sampler(config.prompt_sampling, task)
+    epochs = resolve_epochs(config, len(sampler.pool) if hasattr(sampler, "pool") else None,
+                            config.prompts_per_step, "prompts")
     names = list(config.rewards or {"task": 1.0})
     summary = (f"data ({task_data(task)}), rewards ({len(names)} function{'s' * (len(names) > 1)}: "
                f"{', '.join(names)})")
-    return Checked(summary, task=task, sampler=sampler)
+    return Checked(summary, task=task, sampler=sampler, epochs=epochs)
 
 
-def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None) -> RLSetup:
+def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, checked: Checked | None = None
+          ) -> RLSetup:
     """Load the policy on the configured device and precision, and build everything around it, after
-    :func:`check_inputs` (a reward, data or sampler it cannot use is an error before any model loads).
-    ``reward_funcs``: reward functions given as objects (the Python API), by the names ``config.rewards``
-    weighs them under."""
+    :func:`check_inputs` (a reward, data or sampler it cannot use is an error before any model loads; pass
+    its ``checked`` when it ran already). ``reward_funcs``: reward functions given as objects (the Python
+    API), by the names ``config.rewards`` weighs them under."""
     reward_funcs = dict(reward_funcs or {})
-    checked = check_inputs(config, reward_funcs=reward_funcs)
+    checked = checked or check_inputs(config, reward_funcs=reward_funcs)
     task = checked.task
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
@@ -169,11 +172,14 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     ``reward_funcs``: reward functions given as objects (see :func:`setup`)."""
     if config.threads > 0:
         torch.set_num_threads(config.threads)
+    checked = check_inputs(config, reward_funcs=reward_funcs)  # sets steps when epochs > 0
+    if checked.epochs:
+        print(f"rl: {checked.epochs}")
     run = Run(config, "rl")
     if nothing_to_do(run, print):
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     torch.manual_seed(config.seed)
-    rl = setup(config, reward_funcs)
+    rl = setup(config, reward_funcs, checked)
     state = RLState(kl_coef=config.kl_coef, before=before or {}, last_eval=before or {},
                     prompt_sampling=rl.sampler.state_dict())
     parts = Parts(rl.policy.module, rl.tokenizer, state, engines={"policy": rl.policy},

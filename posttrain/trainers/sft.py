@@ -31,6 +31,7 @@ import torch
 from posttrain.checkpoint import load_policy
 from posttrain.config import SFTConfig
 from posttrain.engine import Engine
+from posttrain.epoch_order import EpochOrder
 from posttrain.metrics import StepProgress
 from posttrain.models.gpt import GPT
 from posttrain.optim import lr_at
@@ -38,7 +39,7 @@ from posttrain.sft_data import check_packing, draw_examples, make_rows, resolve_
 from posttrain.tasks import make_task
 from posttrain.tokenizer import Tokenizer
 from posttrain.tools import default_registry
-from posttrain.trainers.checks import Checked, task_data
+from posttrain.trainers.checks import Checked, resolve_epochs, task_data
 from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_device, resolve_precision
 from posttrain.trainers.pairs import context_length
 from posttrain.trainers.run import Parts, Run, TrainerState, end_step, health_gate, nothing_to_do
@@ -60,17 +61,28 @@ def build_policy(config: SFTConfig, task, resume_from: Path | None = None):
 
 def check_inputs(config: SFTConfig) -> Checked:
     """The checks before the model loads (``train_sft`` and ``posttrain sft --dry-run``): the task's data loads
-    and has conversations to teach (DataError / ConfigError otherwise)."""
+    and has conversations to teach (DataError / ConfigError otherwise); with ``epochs`` > 0 it sets ``steps``."""
     task = make_task(config.task)
     task.check("sft")
-    return Checked(f"data ({task_data(task)})", task=task)
+    rows = training_rows(task)
+    epochs = resolve_epochs(config, None if rows is None else len(rows), config.batch_size, "conversations")
+    return Checked(f"data ({task_data(task)})", task=task, epochs=epochs)
+
+
+def training_rows(task) -> list | None:
+    """What one SFT epoch passes over: the task's conversations (``sft_rows``: the dataset task, read in epoch
+    order), else its training problems (gsm8k: drawn at random, ``epochs`` counts them), else None (arithmetic
+    generates them)."""
+    return task.sft_rows() if hasattr(task, "sft_rows") else getattr(task, "train", None)
 
 
 @dataclass
 class SFTState(TrainerState):
-    """Checkpointed besides the weights: the data counts (truncated, skipped, empty steps)."""
+    """Checkpointed besides the weights: the data counts (truncated, skipped, empty steps) and, for a task
+    read in epoch order, the pass and position (posttrain/epoch_order.py)."""
 
     data: dict = field(default_factory=lambda: {"truncated": 0, "skipped": 0, "empty_steps": 0})
+    order: dict = field(default_factory=dict)
 
 
 def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
@@ -78,12 +90,15 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)  # LoRA init, new token rows, dropout: the same in a restarted run
+    checked = check_inputs(config)  # sets steps when epochs > 0
+    if checked.epochs:
+        print(f"sft: {checked.epochs}")
     run = Run(config, "sft")
     if nothing_to_do(run, print):
         return run.state["extra"].get("last_eval", {})
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
-    task = check_inputs(config).task
+    task = checked.task
     model, tokenizer = build_policy(config, task, run.resume_from)
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)
     limit = resolve_max_length(config.max_length, context_length(model))
@@ -92,6 +107,12 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     engine = Engine(model, tokenizer, default_registry())
     state = SFTState()
     parts = Parts(model, tokenizer, state, engines={"policy": policy}, rngs={"data": random.Random(config.seed + 1)})
+    conversations = task.sft_rows() if hasattr(task, "sft_rows") else None
+    order = EpochOrder(len(conversations), config.seed) if conversations else None
+
+    def next_example() -> dict:
+        """The next conversation: in epoch order where the task lists them, else a draw from the task."""
+        return conversations[order.next()] if order else task.sft_example(parts.rngs["data"])
 
     def evaluate() -> dict:
         model.eval()
@@ -112,8 +133,11 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
             policy.set_lr(lr)
             counts = state.data
-            examples = draw_examples(lambda: task.sft_example(parts.rngs["data"]), tokenizer, config.batch_size,
-                                     config.loss, limit, config.overlong, counts)
+            if order and state.order:  # the state's copy: also after a resume or a rollback
+                order.load_state_dict(state.order)
+            examples = draw_examples(next_example, tokenizer, config.batch_size, config.loss, limit, config.overlong,
+                                     counts)
+            state.order = order.state_dict() if order else {}
             announce_overlong(counts, announced, limit, config.overlong, bar.print)
             rows = make_rows(examples, tokenizer.pad_id, config.packing, config.max_length).to(device)
             events: list = []
@@ -141,6 +165,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
                 "data/skipped": counts["skipped"],
                 "data/empty_steps": counts.get("empty_steps", 0),
                 "data/pad_fraction": rows.pad_fraction,
+                **({"data/epoch": order.progress} if order else {}),
                 "timing_s/step": elapsed,
                 **policy.metrics(),
                 "throughput/tokens_per_s": n_tokens / max(elapsed, 1e-9),
