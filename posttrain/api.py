@@ -14,8 +14,9 @@ Each takes objects the way TRL's trainers do and runs the CLI's code (``train_rl
 - ``args``: the stage's config dataclass, or a dict of overrides (nested, or dotted keys: ``{"optim.lr": 1e-5}``);
 - ``GRPOTrainer``'s ``reward_funcs``: one or a list of callables (TRL's signature, called in this process;
   named ``api:<__name__>`` in the saved config, ``<__name__>`` in the metrics), reward names or paths
-  (``"numeric_match"``, ``"./my_rewards.py:fn"``, run as configured), or a directory holding a posttrain
-  reward-model checkpoint (scored as ``reward_model``); ``reward_weights``: one weight each (default 1.0).
+  (``"numeric_match"``, ``"./my_rewards.py:fn"``, run as configured), or a reward-model directory (a posttrain
+  ``rm`` checkpoint, or an HF sequence classifier such as TRL's ``RewardTrainer`` writes; scored as
+  ``reward_model``); ``reward_weights``: one weight each (default 1.0).
   Give either ``reward_funcs`` or ``args``' ``rewards``, not both.
 
 The GRPO defaults are posttrain's ``algorithm=grpo`` preset and the dataset task (``prompt`` column,

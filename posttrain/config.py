@@ -163,7 +163,8 @@ class CriticConfig:
 class RewardModelConfig:
     """A learned reward model as an RL reward source, named ``reward_model`` in ``rewards``."""
 
-    path: str | None = None  # a reward-model checkpoint (`posttrain rm`'s checkpoints/final); None: none
+    path: str | None = None  # a reward model: `posttrain rm`'s checkpoints/final, or an HF *ForSequenceClassification
+    # directory with one label (TRL's RewardTrainer output); None: none
     clamp: tuple[float, float] = (-10.0, 10.0)  # scores are clipped to [low, high] before they are used
     batch_size: int = 64  # completions per reward-model forward (no gradients)
 

@@ -61,6 +61,35 @@ def test_grpo_trainer_takes_an_hf_model_object_and_a_datasets_dataset(tmp_path, 
     assert [m["step"] for m in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "reward" in m] == [1, 2]
 
 
+def test_an_hf_sequence_classifier_is_a_reward_function_as_in_trl(tmp_path, llama_dir):
+    """A model path as a reward (TRL's RewardTrainer output): it scores each row at its last real token, the
+    same alone or padded in a batch, and GRPO trains on its scores."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from posttrain import GRPOTrainer
+    from posttrain.trainers.reward_model import RewardScorer, load_reward_model
+
+    config = LlamaConfig.from_pretrained(llama_dir, num_labels=1)
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    LlamaForSequenceClassification(config).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(rm_dir)
+    scorer = RewardScorer(*load_reward_model(rm_dir))
+    prompts, replies = [r["prompt"] for r in ROWS[:3]], ["3", "the answer is 7", "11 11 11 11"]
+    batch = scorer.score(prompts, replies)  # (3,), rows of different lengths, right-padded
+    alone = torch.cat([scorer.score([p], [c]) for p, c in zip(prompts, replies, strict=True)])
+    torch.testing.assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+    assert batch.std() > 0
+
+    trainer = GRPOTrainer(model=str(llama_dir), reward_funcs=[str(rm_dir)], train_dataset=ROWS,
+                          args={**SMALL, "run_dir": str(tmp_path / "r"), "steps": 1})
+    assert trainer.config.rewards == {"reward_model": 1.0} and trainer.config.reward_model.path == str(rm_dir)
+    trainer.train(progress=False)
+    metrics = [m for m in read_jsonl(tmp_path / "r" / "metrics.jsonl") if "reward" in m]
+    assert metrics[0]["rewards/reward_model/failures"] == 0 and metrics[0]["rewards/reward_model/std"] > 0
+
+
 def test_bad_arguments_are_clear_errors(tmp_path, llama_dir):
     from posttrain import GRPOTrainer
 

@@ -167,7 +167,7 @@ def test_dry_run_of_a_pipeline_does_not_need_the_checkpoints_it_would_write(tmp_
     (["optim.lrr=1"], "config error: unknown config key 'optim.lrr' (did you mean 'lr'?)"),
     (["task.name=dataset", "task.data=BAD"], "data error: BAD:2: malformed JSON"),
     (["rewards={MISSING:score: 1.0}"], "config error: config key 'rewards': cannot load reward 'MISSING:score'"),
-    (["reward_model.path=NOWHERE"], "config error: NOWHERE is not a reward-model checkpoint"),
+    (["reward_model.path=NOWHERE"], "config error: NOWHERE is not a reward model: neither a posttrain checkpoint"),
     (["prompt_sampling.strategy=priority"], "config error: prompt_sampling.strategy 'priority' tracks each prompt"),
 ])
 def test_dry_run_stops_on_a_bad_key_data_file_or_reward_with_one_line(tmp_path, no_model, args, message):

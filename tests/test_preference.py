@@ -207,7 +207,8 @@ def test_a_reward_model_set_but_not_used_is_an_error():
 def test_a_policy_checkpoint_is_not_a_reward_model(tmp_path):
     from posttrain.trainers.reward_model import load_reward_model
 
-    with pytest.raises(ConfigError, match=rf"^{tmp_path} is not a reward-model checkpoint \(no reward_head"):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path} is not a reward model: neither a posttrain checkpoint \(no "
+                                          "reward_head"):
         load_reward_model(tmp_path)
 
 

@@ -22,6 +22,7 @@ from posttrain.checkpoint import load_policy, restore_module
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, RewardModelConfig
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import RewardModel
+from posttrain.models.hf_reward import is_sequence_classifier, load_sequence_classifier
 from posttrain.preference_config import RMConfig
 from posttrain.rewards.calls import Completion, Prompt, texts
 from posttrain.trainers.checks import Checked, resolve_epochs
@@ -154,18 +155,23 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
 
 
 def check_reward_checkpoint(path: str | Path) -> Path:
-    """``path`` as a Path; ConfigError unless it holds a reward-model checkpoint (the head's weights)."""
+    """``path`` as a Path; ConfigError unless it holds a reward-model checkpoint (the head's weights) or a
+    Hugging Face sequence-classification model (TRL's ``RewardTrainer`` output)."""
     path = Path(path)
-    if not (path / f"{HEAD}.safetensors").exists():
-        raise ConfigError(f"{path} is not a reward-model checkpoint (no {HEAD}.safetensors); train one with "
-                          "`posttrain rm` and use its checkpoints/final")
+    if not (path / f"{HEAD}.safetensors").exists() and not is_sequence_classifier(path):
+        raise ConfigError(f"{path} is not a reward model: neither a posttrain checkpoint (no {HEAD}.safetensors; "
+                          "train one with `posttrain rm` and use its checkpoints/final) nor a Hugging Face "
+                          "*ForSequenceClassification directory")
     return path
 
 
 def load_reward_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
-    """A reward model written by :func:`train_reward_model` (its ``checkpoints/final`` or any step) →
-    (RewardModel in eval mode, its tokenizer)."""
+    """A reward model written by :func:`train_reward_model` (its ``checkpoints/final`` or any step), or an HF
+    sequence classifier with one label (posttrain/models/hf_reward.py) → (the model in eval mode, its
+    tokenizer); either is called as ``model(idx, pad_mask)`` (B, T) → (B,)."""
     path = check_reward_checkpoint(path)
+    if is_sequence_classifier(path):
+        return load_sequence_classifier(path, dtype, device)
     trunk, tokenizer = load_policy(ModelConfig(str(path), dtype=dtype), LoraConfig(), device)
     model = RewardModel(trunk, trunk.hidden_size)
     restore_module(model.head, path, HEAD)
@@ -193,7 +199,8 @@ class RewardScorer:
     def __init__(self, model: RewardModel, tokenizer, batch_size: int = 64, clamp: tuple[float, float] = (-10, 10),
                  policy_tokenizer=None):
         self.model, self.tokenizer, self.batch_size, self.clamp = model, tokenizer, batch_size, clamp
-        self.limit = context_length(model.trunk)
+        self.limit = context_length(getattr(model, "trunk", model))
+        self.device = next(model.parameters()).device
         self.same_vocab = policy_tokenizer is not None and vocabulary(policy_tokenizer) == vocabulary(tokenizer)
 
     @classmethod
@@ -225,7 +232,7 @@ class RewardScorer:
         with torch.no_grad():
             for start in range(0, len(seqs), self.batch_size):
                 ids, pad_mask = right_pad(seqs[start : start + self.batch_size], self.tokenizer.pad_id)  # (b, T)
-                out.append(self.model(ids.to(self.model.trunk.device), pad_mask.to(self.model.trunk.device)).cpu())
+                out.append(self.model(ids.to(self.device), pad_mask.to(self.device)).cpu())
         return torch.cat(out).clamp(*self.clamp) if out else torch.zeros(0)
 
     def __call__(self, prompts: list[Prompt], completions: list[Completion], conv: list[dict] | None = None,
