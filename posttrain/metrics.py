@@ -142,7 +142,9 @@ class StepProgress:
         self._progress.console.print(text)
 
     def print_metrics(self, label: str, metrics: dict) -> None:
-        self.print(f"{label}: " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        """One line of the metrics (a failure count shows only when it is not 0; the logs keep every value)."""
+        shown = {k: v for k, v in metrics.items() if not (k.endswith("failures") and v == 0)}
+        self.print(f"{label}: " + "  ".join(f"{k}={v:.3f}" for k, v in shown.items()))
 
 
 def eval_due(step: int, total: int, every: int) -> bool:

@@ -314,7 +314,7 @@ def nothing_to_do(run: Run, notice: Callable[[str], None]) -> bool:
     if run.resume_from is None or run.start_step < run.config.steps:
         return False
     notice(f"{run.dir}: already complete at step {run.start_step} ({run.resume_from}); nothing left to train. "
-           f"Raise steps to train on, or use another run_dir.")
+           f"Raise steps (or epochs) to train on, or use another run_dir.")
     if run.resume_from.resolve().parent == run.checkpoints.root.resolve():
         run.checkpoints.prune()  # a run killed between its final save and the pruning after it
     return True
