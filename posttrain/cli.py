@@ -22,6 +22,7 @@ def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = N
     """The config from a YAML file and overrides (``--resume X`` is the override ``resume=X``); ``-`` (or a
     first argument that is itself a key=value) means no file: defaults plus overrides."""
     overrides = [*(overrides or []), *([f"resume={resume}"] if resume else [])]
+    overrides = _launch(overrides)
     if str(config) == "-":
         config = None
     elif "=" in str(config) and not config.exists():
@@ -31,6 +32,34 @@ def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = N
     except ConfigError as err:
         typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+def _launch(overrides: list[str]) -> list[str]:
+    """``nproc=N`` among the overrides: N > 1 in a single process starts the same command again as N processes
+    on this machine (``torchrun --standalone --nproc_per_node=N``, which this process becomes); the overrides
+    without it otherwise."""
+    import os
+    import sys
+
+    from posttrain.distributed import launched_world
+
+    given = [o for o in overrides if o.startswith("nproc=")]
+    if not given:
+        return overrides
+    try:
+        nproc = int(given[-1].partition("=")[2])
+    except ValueError:
+        nproc = 0
+    if nproc < 1:
+        typer.secho(f"config error: 'nproc' must be a whole number >= 1, got {given[-1]!r}", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(2)
+    if nproc > 1 and launched_world().size == 1:
+        argv = [a for a in sys.argv[1:] if not a.startswith("nproc=")]
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={nproc}", "-m", "posttrain", *argv])
+    return [o for o in overrides if not o.startswith("nproc=")]
 
 
 def _dry_run(stage: str, config) -> None:
@@ -73,6 +102,18 @@ def _run_errors():
         typer.secho(f"{'checkpoint' if isinstance(err, CheckpointError) else 'file'} error: {err}",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(4) from None
+
+
+@app.callback()
+def _ranks() -> None:
+    """Under torchrun only rank 0 prints (every rank's errors still reach stderr)."""
+    import os
+    import sys
+
+    from posttrain.distributed import launched_world
+
+    if not launched_world().main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 @app.command()
@@ -256,12 +297,14 @@ def eval_(
     import torch
     from rich.console import Console
 
+    from posttrain.distributed import single_process_only
     from posttrain.engine import SamplingParams
     from posttrain.eval_report import load_eval, report_table, run_eval
 
     if threads > 0:
         torch.set_num_threads(threads)
     try:
+        single_process_only("posttrain eval")
         params = SamplingParams(temperature, top_k or None, None, max_new_tokens)
         fields = [f"name={task}", f"test_size={problems}", *([f"data={data}"] if data else []),
                   *([f"format={fmt}"] if fmt else []), *(task_option or [])]

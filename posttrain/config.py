@@ -20,6 +20,7 @@ import yaml
 
 from posttrain.algorithms.presets import RL_FALLBACK, RL_PRESETS
 from posttrain.config_checks import ConfigError, check_choice, check_range, suggest
+from posttrain.distributed import DistributedConfig
 from posttrain.engine import SamplingParams
 from posttrain.evaluation import EvalConfig
 from posttrain.metrics import SINKS
@@ -106,6 +107,7 @@ class RunOptions:
     keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
     log: LogConfig = field(default_factory=LogConfig)  # metric sinks
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # health checks and their actions
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # under torchrun: how ranks split work
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (cpu: fp32, cuda: bf16-mixed) | fp32 | bf16-mixed | fp16-mixed | bf16-true
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, more time)

@@ -114,8 +114,9 @@ class StepProgress:
     """A progress bar over training steps that shows a few live metrics. ``initial``: steps already done
     (a resumed run); the ETA comes from the speed of this run's steps only."""
 
-    def __init__(self, description: str, total: int, keys: tuple[str, ...], enabled: bool = True, initial: int = 0):
-        self.keys = keys
+    def __init__(self, description: str, total: int, keys: tuple[str, ...], enabled: bool = True, initial: int = 0,
+                 quiet: bool = False):
+        self.keys, self.quiet = keys, quiet  # quiet: print nothing at all (a rank other than 0)
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -123,7 +124,7 @@ class StepProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
-            disable=not enabled,
+            disable=not enabled or quiet,
         )
         self._task = self._progress.add_task(description, total=total, completed=initial, info="")
 
@@ -139,7 +140,8 @@ class StepProgress:
         self._progress.update(self._task, advance=1, info=info)
 
     def print(self, text: str) -> None:
-        self._progress.console.print(text)
+        if not self.quiet:
+            self._progress.console.print(text)
 
     def print_metrics(self, label: str, metrics: dict) -> None:
         """One line of the metrics (a failure count shows only when it is not 0; the logs keep every value)."""

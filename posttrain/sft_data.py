@@ -215,11 +215,12 @@ def make_rows(examples: list[Example], pad_id: int, packing: bool, max_length: i
     return pack_rows(examples, pad_id, max_length or max(len(e.ids) for e in examples))
 
 
-def sft_loss(model, rows: Rows) -> tuple[torch.Tensor, int]:
-    """(loss, counted tokens N): loss = −Σ log π(target) / N over every counted target of ``rows``."""
+def sft_loss(model, rows: Rows, normaliser: int | None = None) -> tuple[torch.Tensor, int]:
+    """(loss, counted tokens N): loss = −Σ log π(target) / max(normaliser, 1) over every counted target of
+    ``rows``; ``normaliser``: N by default, the step's count over all ranks under data parallelism."""
     logp = _logprobs(model, rows)  # (R, T), 0 where the target is −1
     n_tokens = rows.counted
-    return -logp.sum() / max(n_tokens, 1), n_tokens
+    return -logp.sum() / max(n_tokens if normaliser is None else normaliser, 1), n_tokens
 
 
 def check_packing(model, tolerance: float | None = None) -> None:

@@ -163,11 +163,11 @@ def test_packing_without_max_length_fills_rows_to_the_longest_example_not_the_co
 
     widths = []
 
-    def spy(model, rows):
+    def spy(model, rows, normaliser=None):
         doc_lengths = [(rows.doc_ids[r] == d).sum().item() for r in range(len(rows.doc_ids))
                        for d in range(int(rows.doc_ids[r].max()) + 1)]  # each example's input positions
         widths.append((rows.inputs.shape[1], max(doc_lengths)))
-        return sft_loss(model, rows)
+        return sft_loss(model, rows, normaliser)
 
     monkeypatch.setattr(sft_trainer, "sft_loss", spy)
     config = load_config(SFTConfig, None, [f"run_dir={tmp_path}", *TINY_SFT, "steps=2", "packing=true"])

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
+from posttrain.distributed import data_parallel
 from posttrain.engine import Engine
 from posttrain.metrics import StepProgress
 from posttrain.preference_config import DPOConfig
@@ -92,16 +93,17 @@ def dpo_terms(model, batch: PairBatch, ref: Tensor, config: DPOConfig) -> tuple[
 
 
 def dpo_step(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad_id: int, reference,
-             ref_logps: Tensor | None, config: DPOConfig, gate) -> dict[str, float]:
-    """One optimizer step on ``pairs[rows]``: mean loss over the pairs (micro-batches weighted by their
-    share), clipped; ``gate(loss, grad_norm)`` (the health checks) decides whether it is applied."""
+             ref_logps: Tensor | None, config: DPOConfig, gate, n_pairs: int | None = None) -> dict[str, float]:
+    """One optimizer step on ``pairs[rows]``: mean loss over the step's ``n_pairs`` pairs (default: the rows;
+    data parallel: over all ranks), micro-batches weighted by their share, clipped; ``gate(loss, grad_norm)``
+    (the health checks) decides whether it is applied."""
     def micro_batches():
         for batch, ref in chunks(engine, pairs, rows, pad_id, config.micro_batch, reference, ref_logps):
             with engine.autocast():
                 terms = dpo_terms(engine.module, batch, ref, config)
             yield terms
 
-    return pair_step(engine, len(rows), micro_batches(), gate)
+    return pair_step(engine, n_pairs or len(rows), micro_batches(), gate)
 
 
 def evaluate_dpo(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, reference, ref_logps: Tensor | None,
@@ -153,22 +155,22 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     checked = check_inputs(config)  # sets steps when epochs > 0
     if checked.epochs:
         print(f"dpo: {checked.epochs}")
-    run = Run(config, "dpo")
+    world, device = data_parallel(config, resolve_device(config.device))
+    run = Run(config, "dpo", world)
     if nothing_to_do(run, print):
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
-    device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
     task = checked.task
     model, tokenizer = load_policy(config.model, config.lora)
-    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, world=world)
     # before any restore: the starting policy (precomputing: the model itself, scored before it trains)
     reference = model if config.precompute_ref else model.reference()
     engine = Engine(model, tokenizer, default_registry()) if task is not None else None
     state = PairState()
     parts = Parts(model, tokenizer, state, engines={"policy": policy})
     pad = tokenizer.pad_id
-    with StepProgress("dpo", config.steps, ("loss", "rewards/accuracies", "eval/rewards/accuracies"), progress,
-                      initial=run.start_step) as bar:
+    with StepProgress("dpo", config.steps, ("loss", "rewards/accuracies", "eval/rewards/accuracies"),
+                      progress and world.main, initial=run.start_step, quiet=not world.main) as bar:
         run.check_config(bar.print)
         train, test = prepare_pairs(config, tokenizer, model, bar.print, checked.pairs)
         ref_train = ref_test = None
@@ -178,12 +180,15 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
             reference = None  # no longer needed: its memory goes back
 
         def evaluate() -> dict:
+            """Rank 0's held-out metrics, on every rank."""
+            if not world.main:
+                return world.broadcast(None)
             out = evaluate_dpo(policy, test, pad, reference, ref_test, config)
             if task is not None:
                 model.eval()
                 with policy.autocast():
                     out |= task.evaluate(engine, config.eval)
-            return out
+            return world.broadcast(out)
 
         run.open(bar.print)
         step = run.restore(parts) if run.resume_from else 0
@@ -194,8 +199,8 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
             if run.needs_start_checkpoint:
                 run.save(0, parts)
 
-        def update(rows: list[int], gate) -> dict:
-            return dpo_step(policy, train, rows, pad, reference, ref_train, config, gate)
+        def update(rows: list[int], n_pairs: int, gate) -> dict:
+            return dpo_step(policy, train, rows, pad, reference, ref_train, config, gate, n_pairs)
 
         train_on_pairs(run, parts, bar, policy, step, len(train), config, update, evaluate, config.eval.every)
     run.close()

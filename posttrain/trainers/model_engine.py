@@ -27,6 +27,7 @@ from torch import nn
 
 from posttrain.config import OptimConfig
 from posttrain.config_checks import ConfigError, suggest
+from posttrain.distributed import World
 from posttrain.optim import clip_grad, make_optimizer, set_lr
 from posttrain.trainers.packing import PackedModule, Packing, group_by_tokens, packing_problem
 
@@ -96,7 +97,7 @@ class ModelEngine:
 
     def __init__(self, module: nn.Module, optim: OptimConfig | None, device: torch.device, precision: str,
                  activation_checkpointing: bool = False, max_tokens_per_micro_batch: int = 4096,
-                 packing: bool = True):
+                 packing: bool = True, world: World | None = None):
         if precision == "bf16-true":  # the weights only: buffers (rotary frequencies) keep their precision
             for p in module.parameters():
                 p.data = p.data.to(torch.bfloat16)
@@ -110,6 +111,7 @@ class ModelEngine:
         self.grad_clip = optim.grad_clip if optim is not None else 0.0
         self.optimizer = make_optimizer(module, optim) if optim is not None else None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
+        self.world = world or World()  # data parallel: gradients are summed over its ranks before each step
         self.version = 0  # optimizer updates applied so far (the policy version)
         self.overflows = 0  # fp16-mixed: updates the gradient scaler skipped for an inf/NaN gradient
 
@@ -136,7 +138,12 @@ class ModelEngine:
         fp16-mixed: the gradient is unscaled first; an inf/NaN gradient of a finite loss is the scaler's
         overflow signal (the scale halves, the update is skipped, ``overflows`` counts it) and does not reach
         the gate, until the scale has fallen below 1: then no scale helps, and the gate sees the non-finite
-        gradient (a health event) as it does a non-finite loss."""
+        gradient (a health event) as it does a non-finite loss.
+
+        Under data parallelism every rank calls this once per step (also one that had no rows): the gradients
+        are summed over the ranks first (posttrain/distributed.py), so the norm, the gate's inputs (``loss``
+        must be the global loss) and so the decision are the same on every rank."""
+        self.world.all_reduce_grads(self.module)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad(self.module, self.grad_clip)

@@ -162,13 +162,17 @@ def pair_step(engine: ModelEngine, n_pairs: int, micro_batches, gate) -> dict[st
     """One optimizer step of a pair loss: ``micro_batches`` yields (per-pair losses (m,), per-pair statistics
     {name: (m,)}) under the engine's autocast; each micro-batch's loss sum / ``n_pairs`` is backpropagated
     (the gradient of the mean over all pairs), then the update is applied when ``gate(loss, grad_norm)``
-    allows. Returns the mean loss and statistics, the grad norm and ``health/skipped_update``."""
+    allows. Returns the mean loss and statistics, the grad norm and ``health/skipped_update``. Under data
+    parallelism ``micro_batches`` are this rank's pairs and ``n_pairs`` the step's pairs over all ranks: the
+    sums are added up over the ranks (the engine's world) before the gate sees them."""
     total, stats = 0.0, {}
     for loss, parts in micro_batches:
         engine.backward(loss.sum() / n_pairs)
         total += loss.sum().item() / n_pairs
         for k, v in parts.items():
             stats[k] = stats.get(k, 0.0) + v.sum().item() / n_pairs
+    total, *values = engine.world.sum([total, *stats.values()])
+    stats = dict(zip(stats, values, strict=True))
     version = engine.version
     grad_norm, _ = engine.optim_step(lambda g: gate(total, g), loss=total)
     return {"loss": total, "grad_norm": grad_norm, "health/skipped_update": float(engine.version == version), **stats}
@@ -178,8 +182,9 @@ def train_on_pairs(run: Run, parts: Parts, bar, engine: ModelEngine, step: int, 
                    update: Callable[[list[int], Callable], dict], evaluate: Callable[[], dict],
                    eval_every: int) -> None:
     """The loop the reward-model and DPO trainers share, from ``step`` to ``config.steps``: schedule the
-    learning rate, take the step's pairs (:func:`batches`), ``update(rows, gate) -> metrics`` (one
-    optimizer step, applied only when the health ``gate`` allows), then :func:`end_step`."""
+    learning rate, take the step's pairs (:func:`batches`), ``update(rows, n, gate) -> metrics`` (one
+    optimizer step on this rank's share ``rows`` of the step's ``n`` pairs, applied only when the health
+    ``gate`` allows), then :func:`end_step`."""
     while step < config.steps:
         t0 = time.perf_counter()
         parts.model.train()
@@ -188,7 +193,7 @@ def train_on_pairs(run: Run, parts: Parts, bar, engine: ModelEngine, step: int, 
         events: list = []
         rows = batches(n_pairs, config.batch_size, step, config.seed)
         with out_of_memory(step + 1, "update"):
-            stats = update(rows, health_gate(run.monitor, step + 1, events))
+            stats = update(engine.world.shard(rows), len(rows), health_gate(run.monitor, step + 1, events))
         metrics = {"step": step + 1, **stats, "learning_rate": lr, "timing_s/step": time.perf_counter() - t0,
                    **engine.metrics()}
         step = end_step(run, parts, bar, step, metrics, events, evaluate, eval_every)

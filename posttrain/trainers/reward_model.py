@@ -20,6 +20,7 @@ from torch import Tensor
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy, restore_module
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, RewardModelConfig
+from posttrain.distributed import data_parallel
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import RewardModel
 from posttrain.models.hf_reward import is_sequence_classifier, load_sequence_classifier
@@ -87,10 +88,12 @@ def evaluate_pairs(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, m
     return out
 
 
-def bt_step(engine: ModelEngine, pairs: list[EncodedPair], config: RMConfig, pad_id: int, gate) -> dict[str, float]:
+def bt_step(engine: ModelEngine, pairs: list[EncodedPair], config: RMConfig, pad_id: int, gate,
+            n_pairs: int | None = None) -> dict[str, float]:
     """One optimizer step on ``pairs``: the Bradley–Terry loss over micro-batches (weighted by their share of
-    the pairs, so the gradient is the whole batch's), clipped; ``gate(loss, grad_norm)`` decides whether
-    it is applied (the health checks)."""
+    the step's ``n_pairs`` pairs, default ``len(pairs)``; data parallel: over all ranks, so the gradient is
+    the whole batch's), clipped; ``gate(loss, grad_norm)`` decides whether it is applied (the health
+    checks). The accuracy metrics are over every rank's pairs."""
     chosen, rejected = [], []
 
     def micro_batches():
@@ -105,8 +108,10 @@ def bt_step(engine: ModelEngine, pairs: list[EncodedPair], config: RMConfig, pad
             rejected.append(scores[m:].detach().cpu())
             yield loss.expand(m), {}  # the micro-batch's mean loss for each of its m pairs
 
-    out = pair_step(engine, len(pairs), micro_batches(), gate)
-    return out | pair_metrics(torch.cat(chosen), torch.cat(rejected))
+    out = pair_step(engine, n_pairs or len(pairs), micro_batches(), gate)
+    scores = engine.world.gather(list(zip(torch.cat(chosen).tolist(), torch.cat(rejected).tolist(), strict=True)))
+    chosen_all, rejected_all = torch.tensor(scores).T  # (N,), (N,)
+    return out | pair_metrics(chosen_all, rejected_all)
 
 
 def check_inputs(config: RMConfig) -> Checked:
@@ -125,17 +130,18 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
     checked = check_inputs(config)  # sets steps when epochs > 0
     if checked.epochs:
         print(f"rm: {checked.epochs}")
-    run = Run(config, "rm")
+    world, device = data_parallel(config, resolve_device(config.device))
+    run = Run(config, "rm", world)
     if nothing_to_do(run, print):
         return run.state["extra"].get("last_eval", {})
-    device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
     trunk, tokenizer = load_policy(config.model, config.lora)
-    rm = ModelEngine(RewardModel.from_policy(trunk), config.optim, device, precision, config.activation_checkpointing)
+    rm = ModelEngine(RewardModel.from_policy(trunk), config.optim, device, precision, config.activation_checkpointing,
+                     world=world)
     state = TrainerState()
     parts = Parts(trunk, tokenizer, state, engines={"rm": rm}, modules={HEAD: rm.module.head})
-    with StepProgress("rm", config.steps, ("loss", "accuracy", "eval/accuracy"), progress,
-                      initial=run.start_step) as bar:
+    with StepProgress("rm", config.steps, ("loss", "accuracy", "eval/accuracy"), progress and world.main,
+                      initial=run.start_step, quiet=not world.main) as bar:
         run.check_config(bar.print)
         train, test = prepare_pairs(config, tokenizer, trunk, bar.print, checked.pairs)
         run.open(bar.print)
@@ -144,10 +150,13 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
             run.save(0, parts)
 
         def evaluate() -> dict:
-            return evaluate_pairs(rm, test, tokenizer.pad_id, config.micro_batch, config.use_margin)
+            """Rank 0's held-out metrics, on every rank."""
+            if not world.main:
+                return world.broadcast(None)
+            return world.broadcast(evaluate_pairs(rm, test, tokenizer.pad_id, config.micro_batch, config.use_margin))
 
-        def update(rows: list[int], gate) -> dict:
-            return bt_step(rm, [train[i] for i in rows], config, tokenizer.pad_id, gate)
+        def update(rows: list[int], n_pairs: int, gate) -> dict:
+            return bt_step(rm, [train[i] for i in rows], config, tokenizer.pad_id, gate, n_pairs)
 
         train_on_pairs(run, parts, bar, rm, step, len(train), config, update, evaluate, config.eval_every)
     run.close()

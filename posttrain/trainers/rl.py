@@ -56,6 +56,7 @@ from posttrain.algorithms import advantages as adv_fns
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
 from posttrain.config import OptimConfig, RLConfig
+from posttrain.distributed import single_process_only
 from posttrain.engine import Engine
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import ValueModel
@@ -170,6 +171,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     """Run RL as configured (resuming per ``config.resume``); returns {"before": eval metrics, "after": eval
     metrics}. ``before``: the initial policy's metrics when the caller has them (with ``eval_before`` off);
     ``reward_funcs``: reward functions given as objects (see :func:`setup`)."""
+    single_process_only("posttrain rl")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     checked = check_inputs(config, reward_funcs=reward_funcs)  # sets steps when epochs > 0

@@ -33,6 +33,7 @@ from posttrain.checkpoint import (
     set_random_state,
 )
 from posttrain.config import ConfigError, save_config, to_dict
+from posttrain.distributed import World
 from posttrain.metrics import JsonlWriter, eval_due, open_sinks
 from posttrain.monitor import Event, Monitor
 from posttrain.trainers.model_engine import ModelEngine, out_of_memory
@@ -95,11 +96,25 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
             if a.get(k) != b.get(k) and not k.startswith(IGNORED_KEYS)}
 
 
-class Run:
-    """One trainer's run directory. ``config`` has run_dir, resume, save_every, keep_last, log, monitor."""
+class _Discard:
+    """The logs of a rank other than 0: rank 0 writes the run's files, the other ranks nothing."""
 
-    def __init__(self, config, stage: str):
-        self.config, self.stage = config, stage
+    position = 0
+
+    def write(self, record: dict) -> None:
+        """Nothing."""
+
+    def close(self) -> None:
+        """Nothing."""
+
+
+class Run:
+    """One trainer's run directory. ``config`` has run_dir, resume, save_every, keep_last, log, monitor.
+    Under data parallelism every rank has one and reads the checkpoint it resumes from, but only rank 0
+    (``world.main``) writes: logs, config, checkpoints (the others wait for each save to finish)."""
+
+    def __init__(self, config, stage: str, world: World | None = None):
+        self.config, self.stage, self.world = config, stage, world or World()
         self.dir = Path(config.run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = CheckpointDir(self.dir / "checkpoints", config.keep_last)
@@ -145,6 +160,9 @@ class Run:
 
     def open(self, notice: Callable[[str], None]) -> None:
         """Save config.yaml, open the logs (cut back to the checkpoint's lengths) and the optional sinks."""
+        if not self.world.main:
+            self.logs = {name: _Discard() for name in LOGS}
+            return
         save_config(self.config, self.dir / "config.yaml")
         inside = self.resume_from is not None and self.resume_from.resolve().parent == self.checkpoints.root.resolve()
         lengths = self.state.get("logs", {}) if inside else {}
@@ -189,8 +207,17 @@ class Run:
         restore_rng(state["rng"], load_file(path / "rng.safetensors"))  # last: loading may draw random numbers
         return state["step"]
 
-    def save(self, step: int, parts: Parts, final: bool = False) -> Path:
-        """A resumable checkpoint of ``step``; ``final`` also points ``checkpoints/final`` at it."""
+    def save(self, step: int, parts: Parts, final: bool = False) -> Path | None:
+        """A resumable checkpoint of ``step``; ``final`` also points ``checkpoints/final`` at it. Written by
+        rank 0 (every rank holds the same weights and state); every rank returns once it is on disk."""
+        if not self.world.main:
+            self.world.barrier()
+            return None
+        path = self._save(step, parts, final)
+        self.world.barrier()
+        return path
+
+    def _save(self, step: int, parts: Parts, final: bool) -> Path:
         rng_json, rng_tensors = rng_state()
         state = {"step": step, "stage": self.stage, "rng": rng_json,
                  "rngs": {name: random_state(rng) for name, rng in parts.rngs.items()},
@@ -239,7 +266,8 @@ class Run:
             self.stop(step, f"no checkpoint from before step {step - 1} to roll back to (keep_last "
                              f"{self.config.keep_last}, save_every {self.config.save_every})", notice)
         restored = self.restore(parts, path)
-        self.checkpoints.discard_after(restored)
+        if self.world.main:
+            self.checkpoints.discard_after(restored)
         monitor.lr_scale, monitor.rollbacks = lr_scale, rollbacks  # the lowered lr survives the restore
         self.logs["events"].write({"step": step, "check": "rollback", "action": "rollback", "values": {
             "restored_step": restored, "lr_scale": lr_scale},
@@ -315,7 +343,7 @@ def nothing_to_do(run: Run, notice: Callable[[str], None]) -> bool:
         return False
     notice(f"{run.dir}: already complete at step {run.start_step} ({run.resume_from}); nothing left to train. "
            f"Raise steps (or epochs) to train on, or use another run_dir.")
-    if run.resume_from.resolve().parent == run.checkpoints.root.resolve():
+    if run.world.main and run.resume_from.resolve().parent == run.checkpoints.root.resolve():
         run.checkpoints.prune()  # a run killed between its final save and the pruning after it
     return True
 

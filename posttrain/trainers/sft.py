@@ -30,6 +30,7 @@ import torch
 
 from posttrain.checkpoint import load_policy
 from posttrain.config import SFTConfig
+from posttrain.distributed import World, data_parallel
 from posttrain.engine import Engine
 from posttrain.epoch_order import EpochOrder
 from posttrain.metrics import StepProgress
@@ -93,14 +94,14 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     checked = check_inputs(config)  # sets steps when epochs > 0
     if checked.epochs:
         print(f"sft: {checked.epochs}")
-    run = Run(config, "sft")
+    world, device = data_parallel(config, resolve_device(config.device))
+    run = Run(config, "sft", world)
     if nothing_to_do(run, print):
         return run.state["extra"].get("last_eval", {})
-    device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device, config.model.dtype)
     task = checked.task
     model, tokenizer = build_policy(config, task, run.resume_from)
-    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing)
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, world=world)
     limit = resolve_max_length(config.max_length, context_length(model))
     if config.packing:
         check_packing(model)
@@ -115,12 +116,15 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
         return conversations[order.next()] if order else task.sft_example(parts.rngs["data"])
 
     def evaluate() -> dict:
+        """Rank 0's held-out evaluation, on every rank."""
+        if not world.main:
+            return world.broadcast(None)
         model.eval()
         with policy.autocast():
-            return task.evaluate(engine, config.eval)
+            return world.broadcast(task.evaluate(engine, config.eval))
 
-    with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress,
-                      initial=run.start_step) as bar:
+    with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress and world.main,
+                      initial=run.start_step, quiet=not world.main) as bar:
         run.check_config(bar.print)
         run.open(bar.print)
         step = run.restore(parts) if run.resume_from else 0
@@ -139,18 +143,14 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
                                      counts)
             state.order = order.state_dict() if order else {}
             announce_overlong(counts, announced, limit, config.overlong, bar.print)
-            rows = make_rows(examples, tokenizer.pad_id, config.packing, config.max_length).to(device)
+            rows = make_rows(world.shard(examples), tokenizer.pad_id, config.packing, config.max_length).to(device)
+            n_tokens, positions, width = world.sum([rows.counted, rows.positions, rows.inputs.numel()])
             events: list = []
-            n_tokens, applied, trained = rows.counted, False, {}
+            applied, trained = False, {}
             if n_tokens:
                 with out_of_memory(step + 1, "update", knob="batch_size or max_length"):
-                    with policy.autocast():
-                        loss, _ = sft_loss(model, rows)
-                    policy.backward(loss)
-                    version = policy.version
-                    grad_norm, _ = policy.optim_step(partial(health_gate(run.monitor, step + 1, events), loss.item()),
-                                                     loss=loss.item())
-                trained, applied = {"loss": loss.item(), "grad_norm": grad_norm}, policy.version > version
+                    trained, applied = sft_update(policy, rows, int(n_tokens), world,
+                                                  health_gate(run.monitor, step + 1, events))
             else:  # no loss (none logged) and no AdamW step: its momentum and weight decay would move the weights
                 counts["empty_steps"] = counts.get("empty_steps", 0) + 1  # .get: checkpoints from before the count
                 announce_empty(announced, config.loss, config.overlong, bar.print)
@@ -159,12 +159,12 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
                 "step": step + 1,
                 **trained,
                 "learning_rate": lr,
-                "tokens": n_tokens,
+                "tokens": int(n_tokens),
                 "health/skipped_update": float(not applied),
                 "data/truncated": counts["truncated"],
                 "data/skipped": counts["skipped"],
                 "data/empty_steps": counts.get("empty_steps", 0),
-                "data/pad_fraction": rows.pad_fraction,
+                "data/pad_fraction": 1.0 - positions / max(width, 1),
                 **({"data/epoch": order.progress} if order else {}),
                 "timing_s/step": elapsed,
                 **policy.metrics(),
@@ -173,6 +173,23 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             step = end_step(run, parts, bar, step, metrics, events, evaluate, config.eval.every)
     run.close()
     return state.last_eval
+
+
+def sft_update(policy: ModelEngine, rows, n_tokens: int, world: World, gate) -> tuple[dict[str, float], bool]:
+    """One optimizer step on this rank's ``rows``, its loss normalised by ``n_tokens``, the step's counted
+    tokens over all ranks, so the gradients summed over the ranks are the whole batch's (posttrain/
+    distributed.py). A rank whose rows count no token still joins the step. Returns ({"loss": the global
+    loss, "grad_norm"}, whether the update was applied)."""
+    local = 0.0
+    if rows.counted:
+        with policy.autocast():
+            loss, _ = sft_loss(policy.module, rows, n_tokens)
+        policy.backward(loss)
+        local = loss.item()
+    (loss_value,) = world.sum([local])
+    version = policy.version
+    grad_norm, _ = policy.optim_step(partial(gate, loss_value), loss=loss_value)
+    return {"loss": loss_value, "grad_norm": grad_norm}, policy.version > version
 
 
 def announce_overlong(counts: dict[str, int], announced: set[str], limit: int, overlong: str, notice) -> None:

@@ -1,0 +1,160 @@
+"""Data parallelism with torch.distributed: the :class:`World` a run is part of, passed explicitly.
+
+A run started by ``torchrun --nproc_per_node=N -m posttrain ...`` finds ``WORLD_SIZE``, ``RANK`` and
+``LOCAL_RANK`` in its environment and joins the process group (gloo on the CPU, NCCL on CUDA, each rank on
+``cuda:LOCAL_RANK``); a plain run is the world of one process and makes no collective call.
+
+``strategy: ddp``: every rank holds the whole model and optimizer; each optimizer step's gradients are summed
+over the ranks once (:meth:`World.all_reduce_grads`, ``torch.distributed.all_reduce``) after every rank ran
+its own micro-batches, so a rank may run more micro-batches than another, or none. The trainer divides each
+rank's loss by the *global* normaliser (the step's token count over all ranks), so the summed gradient is
+the single-process gradient of the global batch:
+
+    ∇ (Σ_r Σ_{t ∈ rank r} ℓ_t) / N_global  =  Σ_r ∇ (Σ_{t ∈ rank r} ℓ_t / N_global)
+
+Deviation from ``torch.nn.parallel.DistributedDataParallel``: the same reduction without its bucketing and
+overlap of communication with the backward pass, because DDP's reducer needs every rank to make the same
+number of synchronised backward calls through the wrapper, which a token-budget micro-batching (and a rank
+with no rows) does not give.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from posttrain.config_checks import ConfigError, check_choice, check_range
+
+STRATEGIES = ("ddp",)
+
+
+@dataclass
+class DistributedConfig:
+    """How a run under torchrun splits its work (``RunOptions.distributed``); ignored in a single process."""
+
+    strategy: str = "ddp"  # ddp: every rank holds the model, gradients are summed over ranks once per step
+    timeout_s: float = 600.0  # a collective that waits longer (a rank that died or hangs) ends the job
+
+    def __post_init__(self):
+        check_choice("distributed.strategy", self.strategy, list(STRATEGIES))
+        check_range("distributed.timeout_s", self.timeout_s, 0, low_open=True)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: ``rank`` of ``size`` processes (``local_rank`` on its node)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that prints, writes logs and checkpoints."""
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        """This rank's share of a global list: items rank, rank + size, rank + 2·size, ..."""
+        return items[self.rank :: self.size]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the ranks (float64 on the host; the values themselves in one process)."""
+        if self.size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def all_reduce_grads(self, module: torch.nn.Module) -> None:
+        """Sum every parameter's gradient over the ranks (a rank that computed none sends zeros), flattened
+        into one buffer per dtype so that the job makes a few collectives, not one per tensor."""
+        if self.size == 1:
+            return
+        params = [p for p in module.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for dtype in sorted({p.grad.dtype for p in params}, key=str):
+            grads = [p.grad for p in params if p.grad.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                g.copy_(part.view_as(g))
+
+    def gather(self, items: list) -> list:
+        """Every rank's ``items`` (picklable), concatenated in rank order, on every rank."""
+        if self.size == 1:
+            return list(items)
+        parts: list = [None] * self.size
+        dist.all_gather_object(parts, list(items))
+        return [x for part in parts for x in part]
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (a picklable value: evaluation metrics, a decision)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+def launched_world() -> World:
+    """The world torchrun's environment describes (one process when there is none)."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def join(config: DistributedConfig, device: torch.device) -> World:
+    """Join the process group torchrun set up (gloo for the CPU, NCCL for CUDA, with ``config.timeout_s``)
+    and return this process's :class:`World`; a single process joins nothing. Under CUDA each rank uses
+    ``cuda:LOCAL_RANK``: a device index in the config is a ConfigError."""
+    world = launched_world()
+    if world.size == 1:
+        return world
+    if device.type == "cuda":
+        if device.index not in (None, world.local_rank):
+            raise ConfigError(f"config key 'device' is {device} under torchrun: use device=cuda (each rank takes "
+                              "cuda:LOCAL_RANK)")
+        torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=config.timeout_s))
+    return world
+
+
+def rank_device(device: torch.device, world: World) -> torch.device:
+    """The device this rank trains on: ``cuda:LOCAL_RANK`` under CUDA, else ``device``."""
+    return torch.device("cuda", world.local_rank) if device.type == "cuda" and world.size > 1 else device
+
+
+def data_parallel(config, device: torch.device) -> tuple[World, torch.device]:
+    """A trainer's world and its rank's device: :func:`join` with ``config.distributed``, then the check that
+    the global ``config.batch_size`` gives every rank at least one row."""
+    world = join(config.distributed, device)
+    if config.batch_size < world.size:
+        raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is the global batch: it must be at least "
+                          f"the number of processes ({world.size})")
+    return world, rank_device(device, world)
+
+
+def leave() -> None:
+    """Leave the process group (at the end of a run under torchrun)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def single_process_only(what: str) -> None:
+    """ConfigError when ``what`` is started as one of several processes: it does not split its work across
+    ranks yet, and N copies of one run would write the same files."""
+    world = launched_world()
+    if world.size > 1:
+        raise ConfigError(f"{what} does not run data-parallel yet (sft, rm and dpo do): started as {world.size} "
+                          "processes by torchrun; run it as one process")

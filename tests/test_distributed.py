@@ -1,0 +1,110 @@
+"""Data parallelism: N processes under torchrun (gloo, CPU) equal one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from posttrain.distributed import World
+from posttrain.metrics import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def test_a_shard_is_every_size_th_item_from_the_rank():
+    items = list(range(7))
+    assert [World(r, 3).shard(items) for r in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert World().shard(items) == items and World().sum([1.5, 2]) == [1.5, 2]
+
+
+def _rows(tmp_path: Path) -> Path:
+    """Conversations of very different lengths (2 to about 90 answer tokens), so the two ranks of a step hold
+    very different token counts: a per-rank mean of means would give another gradient."""
+    rows = []
+    for i in range(12):
+        answer = " ".join(["seven plus five is twelve"] * (1 + (i * 7) % 18)) if i % 2 else str(i)
+        rows.append({"messages": [{"role": "user", "content": f"Question {i}: say something"},
+                                  {"role": "assistant", "content": answer}]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _pairs(tmp_path: Path) -> Path:
+    """Preference pairs whose replies range from a word to about 60 tokens."""
+    rows = [{"prompt": f"Question {i}: say something", "chosen": " ".join(["seven plus five"] * (1 + i % 9)),
+             "rejected": str(i)} for i in range(14)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+COMMON = ["steps=3", "optim.warmup_steps=0", "save_every=0", "threads=1"]
+SFT = ["-", "task.name=dataset", "task.test_size=2", "task.reward=regex_format", "task.format_regex=.*",
+       "batch_size=4", "gpt.n_layer=1", "gpt.n_embd=32", "gpt.n_head=2", "gpt.n_kv_head=1", "gpt.max_seq_len=160",
+       "optim.lr=3e-3", "optim.schedule=constant", "eval.every=0", "eval.problems=2", "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=2"]
+PAIRS = ["-", "data.test_size=2", "batch_size=6", "micro_batch=2", "optim.lr=1e-3"]
+
+
+def _run(tmp_path: Path, stage: str, name: str, nproc: int, *args: str) -> Path:
+    """``posttrain STAGE ... nproc=N`` (N > 1: it starts itself again under torchrun); its run directory."""
+    run_dir = tmp_path / name
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "posttrain", stage, args[0], *COMMON, *args[1:], f"run_dir={run_dir}",
+           f"nproc={nproc}", "--no-progress"]  # args[0]: the config ('-': none); later overrides win
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _same_run(one: Path, two: Path, keys: tuple[str, ...]) -> None:
+    """The same final weights (‖a − b‖ / ‖a‖ ≤ 1e-5 per tensor: float32 sums in another order, through AdamW)
+    and the same logged values; the two-process run's logs written once (by rank 0)."""
+    final = Path("checkpoints") / "final"
+    for name in ("model.safetensors", "reward_head.safetensors"):
+        if not (one / final / name).exists():
+            continue
+        a, b = load_file(one / final / name), load_file(two / final / name)
+        for key in a:
+            assert ((a[key] - b[key]).norm() / a[key].norm().clamp_min(1e-6)).item() <= 1e-5, key
+    rows_one = [r for r in read_jsonl(one / "metrics.jsonl") if r["step"] > 0]
+    rows_two = [r for r in read_jsonl(two / "metrics.jsonl") if r["step"] > 0]
+    assert [r["step"] for r in rows_two] == [1, 2, 3]
+    for r1, r2 in zip(rows_one, rows_two, strict=True):
+        for key in (k for k in keys if k in r1):  # eval/... on the last step only
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-7), key
+    assert all(k in rows_two[-1] for k in keys)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
+def test_sft_dpo_and_rm_on_two_processes_equal_one_process(tmp_path):
+    data = [f"task.data={_rows(tmp_path)}"]
+    one = _run(tmp_path, "sft", "sft1", 1, *SFT, *data)
+    _same_run(one, _run(tmp_path, "sft", "sft2", 2, *SFT, *data), ("tokens", "loss", "grad_norm", "eval/reward"))
+    _run(tmp_path, "sft", "cut", 2, *SFT, *data, "steps=2")  # a 2-process run of 2 steps, resumed by 1 process
+    _same_run(one, _run(tmp_path, "sft", "cut", 1, *SFT, *data), ("tokens", "loss", "grad_norm", "eval/reward"))
+    pairs = [f"data.source={_pairs(tmp_path)}", f"model={one / 'checkpoints' / 'final'}"]
+    dpo = (*PAIRS, *pairs, "task=null", "eval.every=0")
+    _same_run(_run(tmp_path, "dpo", "dpo1", 1, *dpo), _run(tmp_path, "dpo", "dpo2", 2, *dpo),
+              ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "eval/loss"))
+    rm = (*PAIRS, *pairs, "eval_every=0", "center_coef=0.1")  # without it the head bias has no gradient: Adam
+    # would turn float noise into full steps of it
+    _same_run(_run(tmp_path, "rm", "rm1", 1, *rm), _run(tmp_path, "rm", "rm2", 2, *rm),
+              ("loss", "grad_norm", "accuracy", "eval/accuracy"))
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
+def test_a_stage_that_is_not_data_parallel_yet_refuses_two_processes(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "posttrain", "rl", "-",
+                           f"run_dir={tmp_path / 'rl'}", "model=nowhere"], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "config error: posttrain rl does not run data-parallel yet (sft, rm and dpo do)" in proc.stderr
