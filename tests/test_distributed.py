@@ -49,7 +49,8 @@ def _pairs(tmp_path: Path) -> Path:
 COMMON = ["steps=3", "optim.warmup_steps=0", "save_every=0", "threads=1"]
 SFT = ["-", "task.name=dataset", "task.test_size=2", "task.reward=regex_format", "task.format_regex=.*",
        "batch_size=4", "gpt.n_layer=1", "gpt.n_embd=32", "gpt.n_head=2", "gpt.n_kv_head=1", "gpt.max_seq_len=160",
-       "optim.lr=3e-3", "optim.schedule=constant", "eval.every=0", "eval.problems=2", "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=2"]
+       "optim.lr=3e-3", "optim.schedule=constant", "eval.every=0", "eval.problems=2", "eval.samples=1",
+       "eval.ks=[1]", "eval.max_new_tokens=2"]
 PAIRS = ["-", "data.test_size=2", "batch_size=6", "micro_batch=2", "optim.lr=1e-3"]
 
 
