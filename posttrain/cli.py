@@ -14,38 +14,37 @@ RESUME_HELP = ("auto: go on from RUN_DIR/checkpoints/latest if there is one (the
                "a checkpoint directory (same as resume=...)")
 DRY_RUN_HELP = ("check the config, the data and the rewards as a run does before its model loads, print the "
                 "resolved config, and stop: no model is loaded, nothing is written")
+STAGES = {"SFTConfig": "sft", "RMConfig": "rm", "DPOConfig": "dpo", "RLConfig": "rl"}  # config class -> command
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Post-train language models: SFT, reward models, DPO, RL with verifiable or learned rewards.")
 
 
-def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = None):
+def _load(cls, config: Path, overrides: list[str] | None, resume: str | None = None, launch: bool = True):
     """The config from a YAML file and overrides (``--resume X`` is the override ``resume=X``); ``-`` (or a
-    first argument that is itself a key=value) means no file: defaults plus overrides."""
+    first argument that is itself a key=value) means no file: defaults plus overrides. ``nproc=N`` (N > 1,
+    with ``launch``) starts the command again as N processes (:func:`_launch`)."""
     overrides = [*(overrides or []), *([f"resume={resume}"] if resume else [])]
-    overrides = _launch(overrides)
     if str(config) == "-":
         config = None
     elif "=" in str(config) and not config.exists():
         config, overrides = None, [str(config), *overrides]
+    nproc, overrides = _nproc(overrides)
     try:
-        return load_config(cls, config, overrides)
+        loaded = load_config(cls, config, overrides)
     except ConfigError as err:
         typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    if nproc > 1 and launch:
+        _launch(nproc, loaded)
+    return loaded
 
 
-def _launch(overrides: list[str]) -> list[str]:
-    """``nproc=N`` among the overrides: N > 1 in a single process starts the same command again as N processes
-    on this machine (``torchrun --standalone --nproc_per_node=N``, which this process becomes); the overrides
-    without it otherwise."""
-    import os
-    import sys
-
-    from posttrain.distributed import launched_world
-
+def _nproc(overrides: list[str]) -> tuple[int, list[str]]:
+    """(N of an ``nproc=N`` override, 1 without one; the other overrides)."""
     given = [o for o in overrides if o.startswith("nproc=")]
+    rest = [o for o in overrides if not o.startswith("nproc=")]
     if not given:
-        return overrides
+        return 1, rest
     try:
         nproc = int(given[-1].partition("=")[2])
     except ValueError:
@@ -54,12 +53,45 @@ def _launch(overrides: list[str]) -> list[str]:
         typer.secho(f"config error: 'nproc' must be a whole number >= 1, got {given[-1]!r}", fg=typer.colors.RED,
                     err=True)
         raise typer.Exit(2)
-    if nproc > 1 and launched_world().size == 1:
-        argv = [a for a in sys.argv[1:] if not a.startswith("nproc=")]
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={nproc}", "-m", "posttrain", *argv])
-    return [o for o in overrides if not o.startswith("nproc=")]
+    return nproc, rest
+
+
+def _launch(nproc: int, config) -> None:
+    """Start the same command again as ``nproc`` processes on this machine (``torchrun --standalone
+    --nproc_per_node=N``, which this process becomes), after the checks that can fail before any process
+    starts: the config (loaded already), a global batch the processes can share, and enough GPUs for CUDA.
+    Inside a torchrun job it does nothing (that job's size is what it is)."""
+    import os
+    import sys
+
+    import torch
+
+    from posttrain.distributed import launched_world
+    from posttrain.trainers.model_engine import resolve_device
+
+    if launched_world().size > 1:
+        return
+    if not any(a.startswith("nproc=") for a in sys.argv):  # called in-process (a test runner), not a command line
+        typer.secho("config error: nproc=N starts the command again under torchrun: use it on the command line",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    problem = None
+    if isinstance(config, RLConfig):
+        problem = "posttrain rl does not run data-parallel yet (sft, rm and dpo do): leave out nproc"
+    elif getattr(config, "batch_size", nproc) < nproc:
+        problem = f"batch_size ({config.batch_size}) is the global batch: it must be at least nproc ({nproc})"
+    elif resolve_device(config.device).type == "cuda" and torch.cuda.device_count() < nproc:
+        problem = f"nproc={nproc} but this machine has {torch.cuda.device_count()} CUDA device(s): use device=cpu"
+    if problem:
+        typer.secho(f"config error: {problem}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    from posttrain.dry_run import check_stage
+
+    check_stage(STAGES[type(config).__name__], config)  # bad data or rewards: one line here, not one per process
+    argv = [a for a in sys.argv[1:] if not a.startswith("nproc=")]
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", "-m", "posttrain", *argv])
 
 
 def _dry_run(stage: str, config) -> None:
@@ -131,7 +163,10 @@ def demo(
 ) -> None:
     """SFT the built-in GPT from scratch, then RL (Dr. GRPO); print held-out pass@1/pass@8 before and after RL.
     With --preference: reward model, DPO and PPO-with-the-reward-model from the SFT model."""
+    from posttrain.distributed import single_process_only
+
     with _run_errors():
+        single_process_only("posttrain demo")
         if preference:
             from posttrain.demo_preference import run_preference_demo
 
@@ -157,7 +192,7 @@ def sft(
     from posttrain.trainers.sft import train_sft
 
     with _run_errors():
-        loaded = _load(SFTConfig, config, overrides, resume)
+        loaded = _load(SFTConfig, config, overrides, resume, launch=not dry_run)
         if dry_run:
             return _dry_run("sft", loaded)
         train_sft(loaded, progress=progress)
@@ -175,7 +210,7 @@ def rl(
     from posttrain.trainers.rl import train_rl
 
     with _run_errors():
-        loaded = _load(RLConfig, config, overrides, resume)
+        loaded = _load(RLConfig, config, overrides, resume, launch=not dry_run)
         if dry_run:
             return _dry_run("rl", loaded)
         train_rl(loaded, progress=progress)
@@ -194,7 +229,7 @@ def rm(
     from posttrain.trainers.reward_model import train_reward_model
 
     with _run_errors():
-        loaded = _load(RMConfig, config, overrides, resume)
+        loaded = _load(RMConfig, config, overrides, resume, launch=not dry_run)
         if dry_run:
             return _dry_run("rm", loaded)
         train_reward_model(loaded, progress=progress)
@@ -213,7 +248,7 @@ def dpo(
     from posttrain.trainers.dpo import train_dpo
 
     with _run_errors():
-        loaded = _load(DPOConfig, config, overrides, resume)
+        loaded = _load(DPOConfig, config, overrides, resume, launch=not dry_run)
         if dry_run:
             return _dry_run("dpo", loaded)
         train_dpo(loaded, progress=progress)
@@ -233,9 +268,11 @@ def pipeline(
     """Run stages (sft, rm, dpo, rl, eval) in order, each from an earlier stage's output, into RUN_DIR/<stage>/;
     finished stages are skipped. Ends with one table comparing every policy (pass@1, pass@K, maj@K, format
     rate, mean length), also written to RUN_DIR/comparison.md and comparison.json."""
+    from posttrain.distributed import single_process_only
     from posttrain.pipeline import load_pipeline, run_pipeline
 
     with _run_errors():
+        single_process_only("posttrain pipeline")
         loaded = load_pipeline(config, overrides or [])
         if dry_run:
             from posttrain.dry_run import dry_run_pipeline

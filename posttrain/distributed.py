@@ -20,6 +20,7 @@ with no rows) does not give.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ class DistributedConfig:
     """How a run under torchrun splits its work (``RunOptions.distributed``); ignored in a single process."""
 
     strategy: str = "ddp"  # ddp: every rank holds the model, gradients are summed over ranks once per step
-    timeout_s: float = 600.0  # a collective that waits longer (a rank that died or hangs) ends the job
+    timeout_s: float = 1800.0  # a collective that waits longer ends the job (a rank died or hangs); the other ranks
+    # wait this long for rank 0's evaluations and checkpoint saves, so keep it above the longest of those
 
     def __post_init__(self):
         check_choice("distributed.strategy", self.strategy, list(STRATEGIES))
@@ -70,11 +72,17 @@ class World:
         return t.tolist()
 
     def all_reduce_grads(self, module: torch.nn.Module) -> None:
-        """Sum every parameter's gradient over the ranks (a rank that computed none sends zeros), flattened
-        into one buffer per dtype so that the job makes a few collectives, not one per tensor."""
+        """Sum every parameter's gradient over the ranks, flattened into one buffer per dtype so that the job
+        makes a few collectives, not one per tensor. A parameter no rank computed a gradient for keeps none
+        (as in one process: AdamW then leaves it alone, weight decay included); one that only some ranks
+        reached gets zeros from the others."""
         if self.size == 1:
             return
         params = [p for p in module.parameters() if p.requires_grad]
+        device = params[0].device if params else torch.device("cpu")
+        reached = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)  # (P,)
+        dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        params = [p for p, anywhere in zip(params, reached.tolist(), strict=True) if anywhere]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -101,6 +109,15 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def agree(self, what: str, value) -> None:
+        """ConfigError on every rank unless every rank has the same ``value`` (what each rank read for itself:
+        the step count, the data): ranks that disagree would train on different batches, or hang."""
+        values = self.gather([value])
+        if any(v != values[0] for v in values):
+            raise ConfigError(f"the {self.size} processes do not agree on {what}: "
+                              + "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                              + " (every node must see the same files: put run_dir and the data on a shared disk)")
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
@@ -120,13 +137,17 @@ def join(config: DistributedConfig, device: torch.device) -> World:
     if world.size == 1:
         return world
     if device.type == "cuda":
-        if device.index not in (None, world.local_rank):
+        if device.index is not None:
             raise ConfigError(f"config key 'device' is {device} under torchrun: use device=cuda (each rank takes "
                               "cuda:LOCAL_RANK)")
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"{world.size} processes on a node with {torch.cuda.device_count()} CUDA device(s): "
+                              "start at most one process per GPU, or use device=cpu")
         torch.cuda.set_device(world.local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    if not dist.is_initialized():  # host-side sums and objects go through gloo, CUDA tensors through NCCL
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=config.timeout_s))
+        atexit.register(dist.destroy_process_group)
     return world
 
 
@@ -135,20 +156,16 @@ def rank_device(device: torch.device, world: World) -> torch.device:
     return torch.device("cuda", world.local_rank) if device.type == "cuda" and world.size > 1 else device
 
 
-def data_parallel(config, device: torch.device) -> tuple[World, torch.device]:
-    """A trainer's world and its rank's device: :func:`join` with ``config.distributed``, then the check that
-    the global ``config.batch_size`` gives every rank at least one row."""
+def data_parallel(config, device: torch.device, data: str) -> tuple[World, torch.device]:
+    """A trainer's world and its rank's device: :func:`join` with ``config.distributed``, then the checks that
+    every rank read the same step count and ``data`` (a summary of the training data) and that the global
+    ``config.batch_size`` gives every rank at least one row."""
     world = join(config.distributed, device)
+    world.agree("the step count and the training data", f"steps {config.steps}, {data}")
     if config.batch_size < world.size:
         raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is the global batch: it must be at least "
                           f"the number of processes ({world.size})")
     return world, rank_device(device, world)
-
-
-def leave() -> None:
-    """Leave the process group (at the end of a run under torchrun)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def single_process_only(what: str) -> None:

@@ -49,9 +49,15 @@ class EpochOrder:
         return self.epoch + self.position / self.size
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "size": self.size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; ConfigError if it was made for a set of another size."""
+        if state.get("size", self.size) != self.size:
+            from posttrain.config_checks import ConfigError
+
+            raise ConfigError(f"the checkpoint passes over {state['size']} training rows, this config's data has "
+                              f"{self.size}: resume with the data the run started with, or use another run_dir")
         if state["epoch"] != self.epoch:
             self._order = None  # another pass: its own order (the same pass keeps the one already shuffled)
         self.epoch, self.position = state["epoch"], state["position"]

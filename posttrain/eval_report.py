@@ -173,7 +173,8 @@ def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: Sam
                 rows = range(i * samples, (i + 1) * samples)  # problem i's samples, in row order
                 texts = [completion_text(tok, rollout, j) for j in rows]
                 grades = [failures.call(task.grade, conv, t, fallback=FAILED_GRADE) for t in texts]
-                gold = grades[0].get("gold", conv["answer"])  # the dataset task's gold as its answers are read
+                graded = next((g for g in grades if g is not FAILED_GRADE), {})  # a grade that did not fail
+                gold = graded.get("gold", conv["answer"])  # the dataset task's gold as its answers are read
                 record = problem_record(problem.question, gold, len(prompts[i]), texts,
                                         [int(rollout.lengths[j]) for j in rows], grades)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")

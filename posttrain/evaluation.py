@@ -140,8 +140,8 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, thr
     correct when its reward is ≥ ``threshold``), ``eval/reward`` (mean reward per completion) and
     ``eval/mean_length`` (completion tokens). Problems go through the engine ``chunk`` at a time; problem
     p samples its group from ``group_seed(config.seed, p)``, so its samples do not depend on ``chunk``. A
-    sample whose ``task.reward`` raises or is not finite gets reward 0 (:class:`SampleFailures`), counted in
-    ``eval/reward_failures``.
+    sample whose ``task.reward`` raises or is not finite gets reward 0 and never counts as correct
+    (:class:`SampleFailures`), counted in ``eval/reward_failures``.
     """
     params = SamplingParams(config.temperature, config.top_k, None, config.max_new_tokens)
     tok = engine.tokenizer
@@ -157,9 +157,9 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, thr
         for i, conv in enumerate(convs):
             rows = range(i * config.samples, (i + 1) * config.samples)
             texts = [tok.decode(batch.completion_tokens(j)) for j in rows]
-            r = [failures.call(task_reward, task, conv, t, fallback=0.0) for t in texts]
-            rewards += r
-            correct.append([x >= threshold for x in r])
+            r = [failures.call(task_reward, task, conv, t, fallback=None) for t in texts]  # None: it failed
+            rewards += [0.0 if x is None else x for x in r]
+            correct.append([x is not None and x >= threshold for x in r])
         lengths += batch.lengths.tolist()
     out = {f"eval/pass@{k}": v for k, v in mean_pass_at_k(correct, config.ks).items()}
     out["eval/reward"] = sum(rewards) / len(rewards)

@@ -52,7 +52,7 @@ from posttrain.config import (
 )
 from posttrain.preference_config import DPOConfig, RMConfig
 from posttrain.rewards import check_reward_specs
-from posttrain.trainers.run import IGNORED_KEYS, config_changes
+from posttrain.trainers.run import IGNORED_KEYS, config_changes, defaults_of
 
 CONFIGS = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "rl": RLConfig}  # kind -> its trainer config
 TRAINERS = {"sft": ("posttrain.trainers.sft", "train_sft"), "rm": ("posttrain.trainers.reward_model",
@@ -313,7 +313,8 @@ def check_finished(config: PipelineConfig, state: dict, notice) -> None:
     for i, stage in enumerate(config.stages):
         record = state["stages"].get(stage.name)
         changed = record and config_changes(trained_settings(record["config"]), trained_settings(to_dict(
-            stage.resolved)))  # trained_settings of the record too: one written with more keys compares alike
+            stage.resolved)), defaults_of(stage.resolved))  # trained_settings of the record too: one written
+        # with more keys compares alike
         if not changed:
             continue
         changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -362,8 +363,9 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, console: Console
             console.print(f"[bold]pipeline[/bold]: stage '{stage.name}' ({stage.kind}) -> {root / stage.name}")
             module, name = TRAINERS[stage.kind]
             start = time.perf_counter()
+            settings = trained_settings(to_dict(stage.resolved))  # as configured (epochs > 0 sets steps in training)
             getattr(importlib.import_module(module), name)(stage.resolved, progress=progress)
-            state["stages"][stage.name] = {"kind": stage.kind, "config": trained_settings(to_dict(stage.resolved)),
+            state["stages"][stage.name] = {"kind": stage.kind, "config": settings,
                                            "wall_s": time.perf_counter() - start}
             write_state(root, state)
         elif stage.kind != "eval":

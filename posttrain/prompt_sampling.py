@@ -222,7 +222,7 @@ class EpochSampler(UniformSampler):
         return i, self.pool[i]
 
     def state_dict(self) -> dict:
-        return super().state_dict() | self.passes.state_dict()
+        return super().state_dict() | {k: v for k, v in self.passes.state_dict().items() if k != "size"}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

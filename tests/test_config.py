@@ -455,3 +455,12 @@ def test_a_section_that_checks_itself_in_config_key_style_is_passed_through():
     """MonitorConfig raises ValueError("config key 'monitor....' ..."): a ConfigError, not prefixed again."""
     with pytest.raises(ConfigError, match=r"^config key 'monitor\.window' "):
         load_config(RLConfig, overrides=["monitor.window=0"])
+
+
+def test_a_key_added_since_a_config_was_saved_is_no_change_at_its_default():
+    from posttrain.trainers.run import config_changes, defaults_of
+
+    new = to_dict(SFTConfig())
+    old = {k: v for k, v in new.items() if k not in ("epochs", "distributed")}  # saved before those keys existed
+    assert config_changes(old, new, defaults_of(SFTConfig())) == {}
+    assert config_changes(old, new | {"epochs": 2.0}, defaults_of(SFTConfig())) == {"epochs": (None, 2.0)}

@@ -109,3 +109,15 @@ def test_a_stage_that_is_not_data_parallel_yet_refuses_two_processes(tmp_path):
                           timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
     assert "config error: posttrain rl does not run data-parallel yet (sft, rm and dpo do)" in proc.stderr
+
+
+def test_nproc_is_checked_before_any_process_starts(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for args, message in [
+        (["sft", "-", "batch_size=1", "nproc=2"], "batch_size (1) is the global batch: it must be at least nproc (2)"),
+        (["rl", "-", "nproc=2"], "posttrain rl does not run data-parallel yet"),
+        (["sft", "-", "nproc=0"], "'nproc' must be a whole number >= 1"),
+    ]:
+        proc = subprocess.run([sys.executable, "-m", "posttrain", *args, f"run_dir={tmp_path}"], capture_output=True,
+                              text=True, env=env, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.count("config error") == 1 and message in proc.stderr, proc.stderr

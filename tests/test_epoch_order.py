@@ -65,3 +65,18 @@ def test_epochs_over_preference_pairs_and_in_the_dry_run():
                                            "task=null"])
     out = dry_run("dpo", config)
     assert config.steps == 7 and "2 epochs of 100 pairs, 32 per step: 7 steps" in out and "steps: 7" in out
+
+
+def test_epochs_with_steps_or_dynamic_sampling_is_a_config_error():
+    from posttrain.trainers.rl import check_inputs
+
+    with pytest.raises(ConfigError, match=r"'epochs' \(1\) and 'steps' \(40\) are both set"):
+        check_inputs(load_config(RLConfig, None, ["epochs=1", "steps=40", "prompt_sampling.pool_size=64"]),
+                     reward_model=False)
+    with pytest.raises(ConfigError, match="does not fit dynamic_sampling"):
+        check_inputs(load_config(RLConfig, None, ["epochs=1", "algorithm=dapo", "prompt_sampling.pool_size=64"]),
+                     reward_model=False)
+    config = load_config(RLConfig, None, ["epochs=1", "prompt_sampling.pool_size=64"])
+    check_inputs(config, reward_model=False)
+    check_inputs(config, reward_model=False)  # checked twice (a dry run, then the run): the same steps
+    assert config.steps == 4

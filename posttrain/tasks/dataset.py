@@ -114,6 +114,7 @@ class DatasetTask:
             e.columns = {k: e.columns.get(k) for k in keys}
         self.reward_name, self.reward_fn, self.format_regex = reward, ANSWER_REWARDS[reward], format_regex
         self.data, self.columns_seen = "the data", "unknown"  # for messages (from_config sets them)
+        self._sft_rows: list[dict] | None = None  # sft_rows(), built once
 
     @classmethod
     def from_config(cls, config) -> DatasetTask:
@@ -176,7 +177,9 @@ class DatasetTask:
     def sft_rows(self) -> list[dict]:
         """The conversations SFT teaches, one per training row that has one, in data order (SFT passes over
         them by epochs; DataError if the data has none)."""
-        rows = [{"messages": e.sft} for e in self.train if e.sft is not None]
+        if self._sft_rows is None:
+            self._sft_rows = [{"messages": e.sft} for e in self.train if e.sft is not None]
+        rows = self._sft_rows
         if not rows:
             raise DataError("SFT on the dataset task needs rows with 'messages' (ending with the assistant's turn) "
                             "or a 'completion' column next to the prompt")

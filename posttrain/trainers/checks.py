@@ -30,12 +30,24 @@ def task_data(task) -> str:
 def resolve_epochs(config, rows: int | None, per_step: int, unit: str) -> str:
     """With ``config.epochs`` > 0, set ``config.steps`` to :func:`~posttrain.epoch_order.epoch_steps` of the
     ``rows`` training rows read ``per_step`` at a time and return a phrase saying so ("2 epochs of 1,000
-    prompts, 16 per step: 125 steps"); "" with epochs 0. ConfigError when ``rows`` is None (the task
-    generates its training data: there is no epoch to count)."""
+    prompts, 16 per step: 125 steps"); "" with epochs 0. The count is of the rows read: rows a step leaves
+    out (SFT's ``overlong=skip``, pairs over ``data.max_length``) still use up their place in the pass.
+    ConfigError when ``rows`` is None (the task generates its training data: there is no epoch to count),
+    when ``steps`` was set too (not at its default), or with RL's dynamic sampling (a step then draws an
+    unknown number of prompts)."""
     if not config.epochs:
         return ""
     if rows is None:
         raise ConfigError("config key 'epochs' needs a fixed training set, but the task generates its problems: "
                           "set steps instead (or, for RL, prompt_sampling.pool_size)")
-    config.steps = epoch_steps(config.epochs, rows, per_step)
-    return f"{config.epochs:g} epochs of {rows:,} {unit}, {per_step} per step: {config.steps} steps"
+    default = type(config).__dataclass_fields__["steps"].default
+    steps = epoch_steps(config.epochs, rows, per_step)
+    if config.steps not in (default, steps):  # steps == steps: resolved by an earlier check of this config
+        raise ConfigError(f"config keys 'epochs' ({config.epochs:g}) and 'steps' ({config.steps}) are both set: "
+                          "give one (epochs sets the step count)")
+    if getattr(config, "dynamic_sampling", False):
+        raise ConfigError("config key 'epochs' does not fit dynamic_sampling (a step draws more prompts until its "
+                          "groups have signal, so a pass takes an unknown number of steps): set steps instead")
+    config.steps = steps
+    return (f"{config.epochs:g} epoch{'s' * (config.epochs != 1)} of {rows:,} {unit}, {per_step} per step: "
+            f"{config.steps} steps")

@@ -155,7 +155,7 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     checked = check_inputs(config)  # sets steps when epochs > 0
     if checked.epochs:
         print(f"dpo: {checked.epochs}")
-    world, device = data_parallel(config, resolve_device(config.device))
+    world, device = data_parallel(config, resolve_device(config.device), checked.summary)
     run = Run(config, "dpo", world)
     if nothing_to_do(run, print):
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}

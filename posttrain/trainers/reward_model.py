@@ -130,7 +130,7 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
     checked = check_inputs(config)  # sets steps when epochs > 0
     if checked.epochs:
         print(f"rm: {checked.epochs}")
-    world, device = data_parallel(config, resolve_device(config.device))
+    world, device = data_parallel(config, resolve_device(config.device), checked.summary)
     run = Run(config, "rm", world)
     if nothing_to_do(run, print):
         return run.state["extra"].get("last_eval", {})

@@ -41,7 +41,7 @@ from posttrain.trainers.model_engine import ModelEngine, out_of_memory
 LOGS = ("metrics", "samples", "events")
 # Config keys a resumed run may not change: they decide what the checkpoint's tensors are.
 FIXED_KEYS = ("model", "lora", "gpt", "task.name", "advantage", "critic")
-IGNORED_KEYS = ("resume", "threads")
+IGNORED_KEYS = ("resume", "threads", "distributed")  # how a run is executed, not what it computes
 
 
 class RunStopped(RuntimeError):
@@ -89,11 +89,19 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(old: dict, new: dict) -> dict[str, tuple]:
-    """Dotted keys whose values differ between two config dicts → (old, new)."""
-    a, b = flatten(old), flatten(new)
+def config_changes(old: dict, new: dict, defaults: dict | None = None) -> dict[str, tuple]:
+    """Dotted keys whose values differ between two config dicts → (old, new). With ``defaults`` (the config
+    class's defaults), a key the old config lacks (it was written before the key existed) is a change only
+    when the new value is not the default."""
+    a, b, d = flatten(old), flatten(new), flatten(defaults or {})
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and not k.startswith(IGNORED_KEYS)}
+            if a.get(k) != b.get(k) and not k.startswith(IGNORED_KEYS)
+            and not (k not in a and k in d and b.get(k) == d[k])}
+
+
+def defaults_of(config) -> dict:
+    """The plain data of a config class's defaults (for :func:`config_changes`)."""
+    return to_dict(type(config)())
 
 
 class _Discard:
@@ -119,8 +127,10 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = CheckpointDir(self.dir / "checkpoints", config.keep_last)
         self.monitor = Monitor(config.monitor)
-        self.resume_from = self._resume_point()
+        # decided by rank 0 alone: another rank could otherwise already see a checkpoint rank 0 has just written
+        self.resume_from = self.world.broadcast(self._resume_point() if self.world.main else None)
         self.state = json.loads((self.resume_from / "trainer_state.json").read_text()) if self.resume_from else {}
+        self._start_checkpoint = self.world.broadcast(self._needs_start_checkpoint() if self.world.main else None)
         self.logs: dict[str, JsonlWriter] = {}
         self.sinks: list = []
 
@@ -149,7 +159,7 @@ class Run:
         saved = self.resume_from / "config.yaml" if self.resume_from else None
         if saved is None or not saved.exists():
             return
-        changes = config_changes(yaml.safe_load(saved.read_text()), to_dict(self.config))
+        changes = config_changes(yaml.safe_load(saved.read_text()), to_dict(self.config), defaults_of(self.config))
         fixed = {k: v for k, v in changes.items() if k.startswith(FIXED_KEYS)}
         if fixed:
             raise ConfigError(f"cannot resume {self.resume_from} with a different " + ", ".join(
@@ -235,7 +245,10 @@ class Run:
     @property
     def needs_start_checkpoint(self) -> bool:
         """Rollback needs a good checkpoint to go back to: save one before the first step (unless this run
-        directory already has one from before it)."""
+        directory already had one from before it when the run started)."""
+        return self._start_checkpoint
+
+    def _needs_start_checkpoint(self) -> bool:
         rollback = any(getattr(self.config.monitor, f"{check}_action") == "rollback"
                        for check in ("kl", "grad", "nonfinite", "entropy", "length", "zero_std"))
         return rollback and self.checkpoints.before(self.start_step + 1) is None

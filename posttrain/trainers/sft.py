@@ -94,7 +94,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     checked = check_inputs(config)  # sets steps when epochs > 0
     if checked.epochs:
         print(f"sft: {checked.epochs}")
-    world, device = data_parallel(config, resolve_device(config.device))
+    world, device = data_parallel(config, resolve_device(config.device), checked.summary)
     run = Run(config, "sft", world)
     if nothing_to_do(run, print):
         return run.state["extra"].get("last_eval", {})
