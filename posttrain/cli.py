@@ -76,10 +76,9 @@ def _launch(nproc: int, config) -> None:
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     problem = None
-    if isinstance(config, RLConfig):
-        problem = "posttrain rl does not run data-parallel yet (sft, rm and dpo do): leave out nproc"
-    elif getattr(config, "batch_size", nproc) < nproc:
-        problem = f"batch_size ({config.batch_size}) is the global batch: it must be at least nproc ({nproc})"
+    key = "prompts_per_step" if isinstance(config, RLConfig) else "batch_size"
+    if getattr(config, key) < nproc:
+        problem = f"{key} ({getattr(config, key)}) is the global batch: it must be at least nproc ({nproc})"
     elif resolve_device(config.device).type == "cuda" and torch.cuda.device_count() < nproc:
         problem = f"nproc={nproc} but this machine has {torch.cuda.device_count()} CUDA device(s): use device=cpu"
     if problem:

@@ -159,11 +159,12 @@ def rank_device(device: torch.device, world: World) -> torch.device:
 def data_parallel(config, device: torch.device, data: str) -> tuple[World, torch.device]:
     """A trainer's world and its rank's device: :func:`join` with ``config.distributed``, then the checks that
     every rank read the same step count and ``data`` (a summary of the training data) and that the global
-    ``config.batch_size`` gives every rank at least one row."""
+    batch (``batch_size``; RL: ``prompts_per_step``) gives every rank at least one row (one prompt group)."""
     world = join(config.distributed, device)
     world.agree("the step count and the training data", f"steps {config.steps}, {data}")
-    if config.batch_size < world.size:
-        raise ConfigError(f"config key 'batch_size' ({config.batch_size}) is the global batch: it must be at least "
+    key = "batch_size" if hasattr(config, "batch_size") else "prompts_per_step"
+    if getattr(config, key) < world.size:
+        raise ConfigError(f"config key '{key}' ({getattr(config, key)}) is the global batch: it must be at least "
                           f"the number of processes ({world.size})")
     return world, rank_device(device, world)
 
@@ -173,5 +174,5 @@ def single_process_only(what: str) -> None:
     ranks yet, and N copies of one run would write the same files."""
     world = launched_world()
     if world.size > 1:
-        raise ConfigError(f"{what} does not run data-parallel yet (sft, rm and dpo do): started as {world.size} "
+        raise ConfigError(f"{what} does not run data-parallel yet (sft, rm, dpo and rl do): started as {world.size} "
                           "processes by torchrun; run it as one process")

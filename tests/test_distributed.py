@@ -67,7 +67,8 @@ def _run(tmp_path: Path, stage: str, name: str, nproc: int, *args: str) -> Path:
 
 def _same_run(one: Path, two: Path, keys: tuple[str, ...]) -> None:
     """The same final weights (‖a − b‖ / ‖a‖ ≤ 1e-5 per tensor: float32 sums in another order, through AdamW)
-    and the same logged values; the two-process run's logs written once (by rank 0)."""
+    and the same logged values (to 1e-4: the policy loss is a sum of terms that nearly cancel); the
+    two-process run's logs written once (by rank 0)."""
     final = Path("checkpoints") / "final"
     for name in ("model.safetensors", "reward_head.safetensors"):
         if not (one / final / name).exists():
@@ -80,12 +81,12 @@ def _same_run(one: Path, two: Path, keys: tuple[str, ...]) -> None:
     assert [r["step"] for r in rows_two] == [1, 2, 3]
     for r1, r2 in zip(rows_one, rows_two, strict=True):
         for key in (k for k in keys if k in r1):  # eval/... on the last step only
-            assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-7), key
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key  # a loss of terms that cancel
     assert all(k in rows_two[-1] for k in keys)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
-def test_sft_dpo_and_rm_on_two_processes_equal_one_process(tmp_path):
+def test_sft_dpo_rm_and_rl_on_two_processes_equal_one_process(tmp_path):
     data = [f"task.data={_rows(tmp_path)}"]
     one = _run(tmp_path, "sft", "sft1", 1, *SFT, *data)
     _same_run(one, _run(tmp_path, "sft", "sft2", 2, *SFT, *data), ("tokens", "loss", "grad_norm", "eval/reward"))
@@ -95,6 +96,21 @@ def test_sft_dpo_and_rm_on_two_processes_equal_one_process(tmp_path):
     dpo = (*PAIRS, *pairs, "task=null", "eval.every=0")
     _same_run(_run(tmp_path, "dpo", "dpo1", 1, *dpo), _run(tmp_path, "dpo", "dpo2", 2, *dpo),
               ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "eval/loss"))
+    rl_data = tmp_path / "questions.jsonl"
+    rl_data.write_text("".join(json.dumps({"question": f"Question {i}: say something", "answer": str(i)}) + "\n"
+                               for i in range(10)))
+    (tmp_path / "rw.py").write_text("def length(completions, **kwargs):\n"
+                                    "    return [min(len(c), 40) / 40 for c in completions]\n")
+    rl = ["-", f"model={one / 'checkpoints' / 'final'}", "task.name=dataset", f"task.data={rl_data}",
+          "task.prompt={question}", "task.test_size=2", "task.reward=regex_format", "task.format_regex=.*",
+          "rewards={rw.py:length: 1.0}", "reward_workers=0", "prompts_per_step=4", "samples_per_prompt=3",
+          "sampling.max_new_tokens=8", "optim.lr=1e-3", "eval_before=false", "eval.every=0", "eval.problems=2",
+          "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=2", "mismatch_every=1"]
+    for algorithm in ("dr_grpo", "ppo"):
+        args = (*rl, f"algorithm={algorithm}", *(("critic.warmup_steps=1",) if algorithm == "ppo" else ()))
+        _same_run(_run(tmp_path, "rl", f"{algorithm}1", 1, *args), _run(tmp_path, "rl", f"{algorithm}2", 2, *args),
+                  ("reward", "completions/mean_length", "grad_norm", "policy_loss", "mismatch/kl", "eval/reward",
+                   *(("value_loss", "kl") if algorithm == "ppo" else ())))
     rm = (*PAIRS, *pairs, "eval_every=0", "center_coef=0.1")  # without it the head bias has no gradient: Adam
     # would turn float noise into full steps of it
     _same_run(_run(tmp_path, "rm", "rm1", 1, *rm), _run(tmp_path, "rm", "rm2", 2, *rm),
@@ -104,18 +120,18 @@ def test_sft_dpo_and_rm_on_two_processes_equal_one_process(tmp_path):
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
 def test_a_stage_that_is_not_data_parallel_yet_refuses_two_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "posttrain", "rl", "-",
-                           f"run_dir={tmp_path / 'rl'}", "model=nowhere"], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=tmp_path)
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "posttrain", "pipeline",
+                           str(ROOT / "posttrain" / "configs" / "pipeline_sft_rl.yaml"), f"run_dir={tmp_path / 'p'}"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "config error: posttrain rl does not run data-parallel yet (sft, rm and dpo do)" in proc.stderr
+    assert "config error: posttrain pipeline does not run data-parallel yet (sft, rm, dpo and rl do)" in proc.stderr
 
 
 def test_nproc_is_checked_before_any_process_starts(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for args, message in [
         (["sft", "-", "batch_size=1", "nproc=2"], "batch_size (1) is the global batch: it must be at least nproc (2)"),
-        (["rl", "-", "nproc=2"], "posttrain rl does not run data-parallel yet"),
+        (["rl", "-", "prompts_per_step=1", "nproc=2"], "prompts_per_step (1) is the global batch"),
         (["sft", "-", "nproc=0"], "'nproc' must be a whole number >= 1"),
     ]:
         proc = subprocess.run([sys.executable, "-m", "posttrain", *args, f"run_dir={tmp_path}"], capture_output=True,

@@ -56,7 +56,7 @@ from posttrain.algorithms import advantages as adv_fns
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
 from posttrain.config import OptimConfig, RLConfig
-from posttrain.distributed import single_process_only
+from posttrain.distributed import World, data_parallel, rank_device
 from posttrain.engine import Engine
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import ValueModel
@@ -126,16 +126,18 @@ def check_inputs(config: RLConfig, reward_model: bool = True, reward_funcs: Mapp
     return Checked(summary, task=task, sampler=sampler, epochs=epochs)
 
 
-def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, checked: Checked | None = None
-          ) -> RLSetup:
+def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, checked: Checked | None = None,
+          world: World | None = None) -> RLSetup:
     """Load the policy on the configured device and precision, and build everything around it, after
     :func:`check_inputs` (a reward, data or sampler it cannot use is an error before any model loads; pass
     its ``checked`` when it ran already). ``reward_funcs``: reward functions given as objects (the Python
-    API), by the names ``config.rewards`` weighs them under."""
+    API), by the names ``config.rewards`` weighs them under. ``world``: the data-parallel job it is part of
+    (default: one process)."""
     reward_funcs = dict(reward_funcs or {})
     checked = checked or check_inputs(config, reward_funcs=reward_funcs)
     task = checked.task
-    device = resolve_device(config.device)
+    world = world or World()
+    device = rank_device(resolve_device(config.device), world)
     precision = resolve_precision(config.precision, device, config.model.dtype)
     model, tokenizer = load_policy(config.model, config.lora)
     learned = "reward_model" in config.rewards
@@ -145,7 +147,7 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
                     config.reward_on_error, config.reward_max_failure_rate, config.steps,
                     pool=RewardPool(config.reward_workers))  # started and closed by train_rl
     tokens = config.max_tokens_per_micro_batch
-    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, tokens)
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, tokens, world=world)
     reference = None
     if config.kl_coef > 0:  # LoRA: the same weights with the adapter off
         reference = ModelEngine(model.reference(), None, device, precision, max_tokens_per_micro_batch=tokens)
@@ -153,7 +155,7 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
     critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
     if config.advantage == "gae":
         critic = ModelEngine(ValueModel.from_policy(model), critic_optim, device, precision,
-                             config.activation_checkpointing, tokens)
+                             config.activation_checkpointing, tokens, world=world)
         critic_objective = ValueObjective(ValueLoss(config.loss_agg, config.sampling.max_new_tokens,
                                                     config.critic.value_clip or None))
     objective = PolicyObjective(PolicyLoss(
@@ -171,17 +173,17 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     """Run RL as configured (resuming per ``config.resume``); returns {"before": eval metrics, "after": eval
     metrics}. ``before``: the initial policy's metrics when the caller has them (with ``eval_before`` off);
     ``reward_funcs``: reward functions given as objects (see :func:`setup`)."""
-    single_process_only("posttrain rl")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     checked = check_inputs(config, reward_funcs=reward_funcs)  # sets steps when epochs > 0
     if checked.epochs:
         print(f"rl: {checked.epochs}")
-    run = Run(config, "rl")
+    world, _ = data_parallel(config, resolve_device(config.device), checked.summary)
+    run = Run(config, "rl", world)
     if nothing_to_do(run, print):
         return {"before": run.state["extra"]["before"], "after": run.state["extra"]["last_eval"]}
     torch.manual_seed(config.seed)
-    rl = setup(config, reward_funcs, checked)
+    rl = setup(config, reward_funcs, checked, world)
     state = RLState(kl_coef=config.kl_coef, before=before or {}, last_eval=before or {},
                     prompt_sampling=rl.sampler.state_dict())
     parts = Parts(rl.policy.module, rl.tokenizer, state, engines={"policy": rl.policy},
@@ -192,7 +194,8 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     reported: set[str] = set()  # reward functions whose first failure was printed
 
     with rl.scorer.pool, StepProgress("rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"),
-                                      progress, initial=run.start_step) as bar:  # the reward workers end with the run
+                                      progress and world.main, initial=run.start_step,
+                                      quiet=not world.main) as bar:  # the reward workers end with the run
         run.check_config(bar.print)
         run.open(bar.print)
         if rl.scorer.placement() is not None:
@@ -239,10 +242,13 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 
 
 def evaluate(rl: RLSetup) -> dict:
-    """The task's held-out evaluation of the current policy."""
+    """The task's held-out evaluation of the current policy (made by rank 0, on every rank)."""
+    world = rl.policy.world
+    if not world.main:
+        return world.broadcast(None)
     rl.policy.module.eval()
     with rl.policy.autocast():
-        return rl.task.evaluate(rl.rollout, rl.config.eval)
+        return world.broadcast(rl.task.evaluate(rl.rollout, rl.config.eval))
 
 
 def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) -> Rollout:
@@ -256,7 +262,7 @@ def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) 
                      config.sampling, seed=config.seed, step=step, dynamic=config.dynamic_sampling,
                      max_rounds=config.max_sampling_rounds,
                      draw=partial(rl.sampler.draw, progress=step / config.steps),
-                     limit=PromptLimit(config.max_prompt_length, config.long_prompts == "skip"))
+                     limit=PromptLimit(config.max_prompt_length, config.long_prompts == "skip"), world=rl.policy.world)
     rl.sampler.update(ro.pool_ids, ro.success)
     state.prompt_sampling = rl.sampler.state_dict()
     return ro
@@ -350,7 +356,8 @@ def update(rl: RLSetup, state: RLState, data: TrainBatch, step: int, monitor: Mo
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     healthy = True
-    rl.objective.mismatch = Mismatch() if track_mismatch else None
+    rl.objective.mismatch = Mismatch() if track_mismatch and rl.policy.world.size == 1 else None  # ranks see
+    # only their rows of the forward: under data parallelism the all-rows check every mismatch_every steps
     engines = [e for e in (rl.policy, rl.critic) if e is not None]
     ran, real = sum(e.tokens_run for e in engines), sum(e.tokens_real for e in engines)
     for rows in minibatch_rows(len(data.mask), config.ppo_epochs, config.minibatches, gen):
@@ -370,6 +377,7 @@ def update(rl: RLSetup, state: RLState, data: TrainBatch, step: int, monitor: Mo
             break
     rl.objective.mismatch = None
     ran, real = sum(e.tokens_run for e in engines) - ran, sum(e.tokens_real for e in engines) - real
+    ran, real = rl.policy.world.sum([ran, real])  # every rank's forwards
     padding = {"data/pad_fraction": 1.0 - real / ran} if ran else {}
     return healthy, {k: v / counts[k] for k, v in sums.items()} | padding
 
@@ -449,10 +457,10 @@ def policy_update(engine: ModelEngine, objective: PolicyObjective, data: TrainBa
     (``policy_loss``: the minibatch's loss)."""
     normaliser = objective.share(data.mask[rows])
     running = rows[live[rows]]
-    sums = engine.forward_backward(data, running, normaliser, objective)
-    total_loss = float(sums.pop("loss"))
+    sums = global_sums(engine, engine.forward_backward(data, engine.world.shard(running), normaliser, objective))
+    total_loss = sums.pop("loss")
     live_share = max(float(objective.share(data.mask[running]) / normaliser), 1e-12)
-    stats = {k: float(v) if k == "policy_loss" else float(v) / live_share for k, v in sums.items()}
+    stats = {k: v if k == "policy_loss" else v / live_share for k, v in sums.items()}
     grad_norm, _ = engine.optim_step(None if gate is None else lambda g: gate(total_loss, g, stats.get("entropy")),
                                      loss=total_loss)
     return stats | {"grad_norm": grad_norm}
@@ -462,7 +470,16 @@ def critic_update(engine: ModelEngine, objective: ValueObjective, data: TrainBat
                   gate=None) -> dict[str, float]:
     """One optimizer step of the critic on minibatch ``rows``: the clipped value loss against the returns,
     aggregated like the policy loss; ``gate`` as in :func:`policy_update`."""
-    sums = engine.forward_backward(data, rows, objective.share(data.mask[rows]), objective)
-    value_loss = float(sums["loss"])
+    sums = global_sums(engine, engine.forward_backward(data, engine.world.shard(rows), objective.share(data.mask[rows]),
+                                                       objective))
+    value_loss = sums["loss"]
     grad_norm, _ = engine.optim_step(None if gate is None else lambda g: gate(value_loss, g), loss=value_loss)
-    return {"value_loss": value_loss, "vf_clipfrac": float(sums["vf_clipfrac"]), "critic/grad_norm": grad_norm}
+    return {"value_loss": value_loss, "vf_clipfrac": sums["vf_clipfrac"], "critic/grad_norm": grad_norm}
+
+
+def global_sums(engine: ModelEngine, sums: dict) -> dict[str, float]:
+    """``forward_backward``'s weighted sums over this rank's rows, added up over the ranks (data parallel: each
+    rank runs its share of a minibatch's rows; the normaliser is the whole minibatch's)."""
+    world = engine.world
+    keys = sorted(set(world.gather(list(sums)))) if world.size > 1 else list(sums)  # a rank with no rows has none
+    return dict(zip(keys, world.sum([float(sums.get(k, 0.0)) for k in keys]), strict=True))

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from posttrain.algorithms.advantages import group_stats
 from posttrain.config import ConfigError
+from posttrain.distributed import World
 from posttrain.engine import Engine, RolloutBatch, SamplingParams
 from posttrain.prompt_sampling import TaskStream
 from posttrain.random_streams import group_seed
@@ -199,6 +200,7 @@ def collect(
     max_rounds: int = 1,
     draw: Callable[[random.Random], tuple[int, object]] | None = None,
     limit: PromptLimit = PromptLimit(),
+    world: World | None = None,
 ) -> Rollout:
     """Generate ``group_size`` completions for ``prompts`` prompts and score them.
 
@@ -215,6 +217,9 @@ def collect(
     posttrain/prompt_sampling.py); default a fresh ``task.train_problem(prompt_rng)`` (index −1). Every
     group drawn, kept or not, is reported in ``pool_ids`` and ``success`` for the sampler to learn from.
     ``limit``: how long a prompt may be (:func:`draw_prompts`); what it cut or left out is counted.
+
+    Data parallel (``world``): every rank draws the same prompts and generates its share of the groups
+    (:func:`generate_groups`); the rest of the step runs on the whole batch, the same on every rank.
     """
     draw = draw or TaskStream(task).draw
     tok, G = engine.tokenizer, group_size
@@ -232,7 +237,7 @@ def collect(
         picked, drawn, ids, cut, left_out = draw_prompts(draw, prompt_rng, task, tok, prompts, limit)
         truncated, skipped = truncated + cut, skipped + left_out
         seeds = [group_seed(seed, step, i, rounds - 1) for i in range(prompts)]
-        batch = engine.generate(ids, G, sampling, seeds=seeds)
+        batch = generate_groups(engine, ids, G, sampling, seeds, world or World())
         done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
         row_convs = [drawn[i // G] for i in range(len(drawn) * G)]
         scores = scorer(row_convs, done, batch, step)
@@ -257,6 +262,28 @@ def collect(
     batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
     return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std,
                    first_metrics, breakdown, pool_ids, success, extra, truncated, skipped)
+
+
+def generate_groups(engine: Engine, ids: list[list[int]], group_size: int, sampling: SamplingParams,
+                    seeds: list[int], world: World) -> RolloutBatch:
+    """``engine.generate`` of ``group_size`` samples for each prompt of ``ids``; under data parallelism each rank
+    generates prompts rank, rank + size, ... and the ranks' rows are gathered back into prompt order, so every
+    rank holds the whole batch. A group's samples come from its own seed, so they do not depend on which rank
+    or batch made them."""
+    if world.size == 1:
+        return engine.generate(ids, group_size, sampling, seeds=seeds)
+    mine = world.shard(list(range(len(ids))))
+    local = engine.generate([ids[i] for i in mine], group_size, sampling, seeds=[seeds[i] for i in mine])
+    parts = world.gather([local])  # (host tensors) rank r's batch holds prompts r, r + size, ... in that order
+    whole = RolloutBatch.concat(parts, engine.tokenizer.pad_id)
+    starts = [0]
+    for part in parts[:-1]:
+        starts.append(starts[-1] + len(part.lengths))
+    rows = [starts[i % world.size] + (i // world.size) * group_size + j  # prompt i's rows, in prompt order
+            for i in range(len(ids)) for j in range(group_size)]
+    ordered = whole.select(torch.tensor(rows))
+    ordered.group_ids = torch.arange(len(ids)).repeat_interleave(group_size)
+    return ordered
 
 
 def group_success(solved: list[bool], group_size: int) -> list[float]:
