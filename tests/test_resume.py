@@ -40,20 +40,22 @@ def run_to_end(args: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-def run_with_kills(args: list[str], run_dir: Path, kills: int, rng: random.Random) -> int:
+def run_with_kills(args: list[str], run_dir: Path, kills: int, rng: random.Random, job: bool = False) -> int:
     """Start the run; SIGKILL it ``kills`` times at random moments once it has logged a random number of
     rows (plus a random few ms, so kills land mid-step, mid-log and mid-checkpoint); resume it each time
-    (resume=auto is the default) and let the last attempt finish. Returns how many kills landed."""
+    (resume=auto is the default) and let the last attempt finish. Returns how many kills landed. ``job``:
+    the run is a torchrun job (``nproc=N``): the kill takes its whole process group, launcher and ranks."""
     landed = 0
     for attempt in range(kills + 1):
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                start_new_session=job)
         if attempt < kills:
             target = rng.randint(1, 8)
             while proc.poll() is None and _rows(run_dir / "metrics.jsonl") < target:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.15))
             if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL) if job else os.kill(proc.pid, signal.SIGKILL)
                 landed += 1
         _, err = proc.communicate(timeout=300)
         if proc.returncode == 0:
@@ -107,6 +109,19 @@ def test_rl_ppo_killed_at_random_moments_resumes_exactly(sft_reference, tmp_path
     resumed = tmp_path / "resumed"
     landed = run_with_kills(cli("rl", resumed, [*TINY_RL, model]), resumed, kills=3, rng=random.Random(3))
     assert landed >= 2
+    assert_same_run(reference, resumed, ("model.safetensors", "critic.safetensors"))
+    assert read_jsonl(reference / "samples.jsonl") == read_jsonl(resumed / "samples.jsonl")
+
+
+def test_a_two_process_rl_job_killed_at_random_moments_resumes_exactly(sft_reference, tmp_path):
+    """Data parallel: the whole job (torchrun and both ranks) killed and started again gives the rows and
+    weights of the same 2-process job never interrupted, bit for bit."""
+    model = f"model={sft_reference / 'checkpoints' / 'final'}"
+    reference, resumed = tmp_path / "ref", tmp_path / "resumed"
+    run_to_end(cli("rl", reference, [*TINY_RL, model, "nproc=2"]))
+    landed = run_with_kills(cli("rl", resumed, [*TINY_RL, model, "nproc=2"]), resumed, kills=2,
+                            rng=random.Random(5), job=True)
+    assert landed >= 1
     assert_same_run(reference, resumed, ("model.safetensors", "critic.safetensors"))
     assert read_jsonl(reference / "samples.jsonl") == read_jsonl(resumed / "samples.jsonl")
 
