@@ -139,11 +139,10 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             counts = state.data
             if order and state.order:  # the state's copy: also after a resume or a rollback
                 order.load_state_dict(state.order)
-            examples = draw_examples(next_example, tokenizer, config.batch_size, config.loss, limit, config.overlong,
-                                     counts)
+            mine = draw_share(next_example, tokenizer, config, limit, counts, world)
             state.order = order.state_dict() if order else {}
             announce_overlong(counts, announced, limit, config.overlong, bar.print)
-            rows = make_rows(world.shard(examples), tokenizer.pad_id, config.packing, config.max_length).to(device)
+            rows = make_rows(mine, tokenizer.pad_id, config.packing, config.max_length).to(device)
             n_tokens, positions, width = world.sum([rows.counted, rows.positions, rows.inputs.numel()])
             events: list = []
             applied, trained = False, {}
@@ -173,6 +172,22 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             step = end_step(run, parts, bar, step, metrics, events, evaluate, config.eval.every)
     run.close()
     return state.last_eval
+
+
+def draw_share(next_example, tokenizer, config: SFTConfig, limit: int, counts: dict, world: World) -> list:
+    """This rank's share of the step's ``batch_size`` examples, drawn as one process draws them (``counts``:
+    the step's truncated and skipped examples over all ranks). With ``overlong=truncate`` no example is left
+    out, so the batch's conversations are drawn and each rank renders only its own; with ``skip`` which ones
+    make the batch depends on every rendering, so each rank renders them all."""
+    if world.size == 1 or config.overlong != "truncate":
+        examples = draw_examples(next_example, tokenizer, config.batch_size, config.loss, limit, config.overlong,
+                                 counts)
+        return world.shard(examples)
+    convs = world.shard([next_example() for _ in range(config.batch_size)])
+    local = {"truncated": 0, "skipped": 0}
+    mine = draw_examples(iter(convs).__next__, tokenizer, len(convs), config.loss, limit, config.overlong, local)
+    counts["truncated"] += int(world.sum([local["truncated"]])[0])
+    return mine
 
 
 def sft_update(policy: ModelEngine, rows, n_tokens: int, world: World, gate) -> tuple[dict[str, float], bool]:
