@@ -110,7 +110,7 @@ class _Trainer:
     def __init__(self, model: Any, args: Any, processing_class: Any = None):
         from posttrain.distributed import single_process_only
 
-        single_process_only("the Python API")  # each rank would write the run's data files; the CLI runs sft/rm/dpo
+        single_process_only("the Python API")  # each rank would write the run's data files; the CLI runs them
         self.fields = _as_dict(self.config_cls, args)
         self.run_dir = Path(self.fields.get("run_dir") or self.config_cls.run_dir)
         self.fields.setdefault("model", {})["path"] = _model_path(model, processing_class, self.run_dir)

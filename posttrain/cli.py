@@ -107,6 +107,7 @@ def _run_errors():
     a reward function failing past reward_on_error / reward_max_failure_rate exits 6 (each with the message,
     not a traceback)."""
     from posttrain.checkpoint import CheckpointError
+    from posttrain.distributed import leave
     from posttrain.rewards import RewardFailed
     from posttrain.tasks.files import DataError
     from posttrain.trainers.model_engine import OutOfMemory
@@ -114,6 +115,7 @@ def _run_errors():
 
     try:
         yield
+        leave()  # under torchrun: every rank leaves the process group together
     except ConfigError as err:
         typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

@@ -308,6 +308,10 @@ class RLConfig(RunOptions):
         check_range("mismatch_every", self.mismatch_every, 0, note=" (0: never)")
         check_range("sampling.temperature", self.sampling.temperature, 0, low_open=True,
                     note=" for RL (0 is greedy: a group of identical samples has no signal)")
+        if self.overlong == "penalty" and self.overlong_buffer > self.sampling.max_new_tokens:
+            raise ConfigError(f"config key 'overlong_buffer' ({self.overlong_buffer}) must be at most "
+                              f"sampling.max_new_tokens ({self.sampling.max_new_tokens}): the soft overlong penalty "
+                              "ramps over the last overlong_buffer tokens of the budget")
 
 
 def check_run(config: RunOptions) -> None:

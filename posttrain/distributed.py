@@ -20,9 +20,9 @@ with no rows) does not give.
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +118,33 @@ class World:
                               + "; ".join(f"rank {r}: {v}" for r, v in enumerate(values))
                               + " (every node must see the same files: put run_dir and the data on a shared disk)")
 
+    def on_main(self, fn, *args):
+        """``fn(*args)`` computed by rank 0 and its result on every rank; an exception it raises is raised on
+        every rank (so every rank stops with the same one line). For what must not be computed N times or
+        could come out differently on different ranks: rewards (a judge, a timeout, randomness)."""
+        if self.size == 1:
+            return fn(*args)
+        out = None
+        if self.main:
+            try:
+                out = (True, fn(*args))
+            except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+                out = (False, err)
+        try:
+            ok, value = self.broadcast(out)
+        except Exception as err:  # rank 0's result or exception could not be pickled
+            raise RuntimeError(f"rank 0's result could not be sent to the other ranks: {err}") from None
+        if not ok:
+            raise value
+        return value
+
+    def raise_any(self, error: Exception | None) -> None:
+        """Raise the first rank's ``error`` (in rank order) on every rank, when any rank has one."""
+        errors = self.gather([error]) if self.size > 1 else [error]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
@@ -144,11 +171,31 @@ def join(config: DistributedConfig, device: torch.device) -> World:
             raise ConfigError(f"{world.size} processes on a node with {torch.cuda.device_count()} CUDA device(s): "
                               "start at most one process per GPU, or use device=cpu")
         torch.cuda.set_device(world.local_rank)
+    _die_with_launcher()
     if not dist.is_initialized():  # host-side sums and objects go through gloo, CUDA tensors through NCCL
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=config.timeout_s))
-        atexit.register(dist.destroy_process_group)
     return world
+
+
+def leave() -> None:
+    """After a run that ended well on every rank: wait for the others, then leave the process group together.
+    (A rank that left while another still held its connections open could make that one abort: gloo's
+    network thread fails on a peer that hung up.) A run that failed leaves no group: torchrun ends the job."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _die_with_launcher() -> None:
+    """On Linux, have the kernel SIGKILL this rank when the process that started it (torchrun's agent) dies:
+    torchrun starts each rank in a session of its own, so killing the launcher would otherwise leave the
+    ranks training and writing the run directory."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
 
 
 def rank_device(device: torch.device, world: World) -> torch.device:
@@ -159,7 +206,8 @@ def rank_device(device: torch.device, world: World) -> torch.device:
 def data_parallel(config, device: torch.device, data: str) -> tuple[World, torch.device]:
     """A trainer's world and its rank's device: :func:`join` with ``config.distributed``, then the checks that
     every rank read the same step count and ``data`` (a summary of the training data) and that the global
-    batch (``batch_size``; RL: ``prompts_per_step``) gives every rank at least one row (one prompt group)."""
+    batch (``batch_size``; RL: ``prompts_per_step``) gives every rank at least one row to start a step with (one
+    prompt group to generate; a rank's share of an update's rows may still be empty)."""
     world = join(config.distributed, device)
     world.agree("the step count and the training data", f"steps {config.steps}, {data}")
     key = "batch_size" if hasattr(config, "batch_size") else "prompts_per_step"

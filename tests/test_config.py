@@ -464,3 +464,8 @@ def test_a_key_added_since_a_config_was_saved_is_no_change_at_its_default():
     old = {k: v for k, v in new.items() if k not in ("epochs", "distributed")}  # saved before those keys existed
     assert config_changes(old, new, defaults_of(SFTConfig())) == {}
     assert config_changes(old, new | {"epochs": 2.0}, defaults_of(SFTConfig())) == {"epochs": (None, 2.0)}
+
+
+def test_an_overlong_buffer_longer_than_the_budget_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"'overlong_buffer' \(16\) must be at most sampling.max_new_tokens \(8\)"):
+        load_config(RLConfig, None, ["algorithm=dapo", "sampling.max_new_tokens=8"])

@@ -100,17 +100,21 @@ def test_sft_dpo_rm_and_rl_on_two_processes_equal_one_process(tmp_path):
     rl_data.write_text("".join(json.dumps({"question": f"Question {i}: say something", "answer": str(i)}) + "\n"
                                for i in range(10)))
     (tmp_path / "rw.py").write_text("def length(completions, **kwargs):\n"
-                                    "    return [min(len(c), 40) / 40 for c in completions]\n")
+                                    "    return [min(len(c), 40) / 40 for c in completions]\n\n\n"
+                                    "def sparse(completions, **kwargs):  # few groups with signal\n"
+                                    "    return [float(len(c) % 5 == 0) for c in completions]\n")
     rl = ["-", f"model={one / 'checkpoints' / 'final'}", "task.name=dataset", f"task.data={rl_data}",
           "task.prompt={question}", "task.test_size=2", "task.reward=regex_format", "task.format_regex=.*",
           "rewards={rw.py:length: 1.0}", "reward_workers=0", "prompts_per_step=4", "samples_per_prompt=3",
           "sampling.max_new_tokens=8", "optim.lr=1e-3", "eval_before=false", "eval.every=0", "eval.problems=2",
-          "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=2", "mismatch_every=1"]
-    for algorithm in ("dr_grpo", "ppo"):
-        args = (*rl, f"algorithm={algorithm}", *(("critic.warmup_steps=1",) if algorithm == "ppo" else ()))
+          "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=2"]
+    cases = {"dr_grpo": (), "ppo": ("critic.warmup_steps=1",),  # dapo: rounds of dynamic sampling, sparse rows
+             "dapo": ("rewards={rw.py:sparse: 1.0}", "minibatches=2", "max_sampling_rounds=3", "overlong_buffer=4")}
+    for algorithm, extra in cases.items():
+        args = (*rl, f"algorithm={algorithm}", *extra)
         _same_run(_run(tmp_path, "rl", f"{algorithm}1", 1, *args), _run(tmp_path, "rl", f"{algorithm}2", 2, *args),
-                  ("reward", "completions/mean_length", "grad_norm", "policy_loss", "mismatch/kl", "eval/reward",
-                   *(("value_loss", "kl") if algorithm == "ppo" else ())))
+                  ("reward", "sampling/rounds", "completions/mean_length", "grad_norm", "policy_loss", "mismatch/kl",
+                   "eval/reward", *(("value_loss", "kl") if algorithm == "ppo" else ())))
     rm = (*PAIRS, *pairs, "eval_every=0", "center_coef=0.1")  # without it the head bias has no gradient: Adam
     # would turn float noise into full steps of it
     _same_run(_run(tmp_path, "rm", "rm1", 1, *rm), _run(tmp_path, "rm", "rm2", 2, *rm),

@@ -47,6 +47,7 @@ def run_with_kills(args: list[str], run_dir: Path, kills: int, rng: random.Rando
     the run is a torchrun job (``nproc=N``): the kill takes its whole process group, launcher and ranks."""
     landed = 0
     for attempt in range(kills + 1):
+        rows_before = _rows(run_dir / "metrics.jsonl")
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                 start_new_session=job)
         if attempt < kills:
@@ -62,6 +63,8 @@ def run_with_kills(args: list[str], run_dir: Path, kills: int, rng: random.Rando
             break
         assert proc.returncode == -signal.SIGKILL, err[-3000:]
     assert proc.returncode == 0
+    if job and landed:  # the ranks died with the launcher (else they finished the run and this attempt had
+        assert _rows(run_dir / "metrics.jsonl") > rows_before  # nothing left to train)
     return landed
 
 

@@ -145,6 +145,7 @@ class ModelEngine:
         must be the global loss) and so the decision are the same on every rank."""
         self.world.all_reduce_grads(self.module)
         if self.scaler is not None:
+            self.scaler.scale(torch.zeros((), device=self.device))  # a rank with no rows yet: the scale starts
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_grad(self.module, self.grad_clip)
         if (self.scaler is not None and not math.isfinite(grad_norm) and math.isfinite(loss)

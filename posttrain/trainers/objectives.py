@@ -123,3 +123,13 @@ class Mismatch:
         if self.count is None or float(self.count) == 0:
             return {}
         return {"mismatch/logprob_diff_max": float(self.diff_max), "mismatch/kl": float(self.kl_sum / self.count)}
+
+    def combined(self, world) -> dict[str, float]:
+        """:meth:`metrics` over every rank's tokens (data parallel: each rank ran its share of the rows)."""
+        if world.size == 1:
+            return self.metrics()
+        kl_sum, count = world.sum([float(self.kl_sum or 0.0), float(self.count or 0.0)])
+        diff_max = max(world.gather([float(self.diff_max) if self.diff_max is not None else 0.0]))
+        if count == 0:
+            return {}
+        return {"mismatch/logprob_diff_max": diff_max, "mismatch/kl": kl_sum / count}

@@ -145,7 +145,8 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
     sources |= reward_funcs
     scorer = Scorer(task, config.rewards, config.reward_timeout, config.reward_fallback, sources,
                     config.reward_on_error, config.reward_max_failure_rate, config.steps,
-                    pool=RewardPool(config.reward_workers))  # started and closed by train_rl
+                    pool=RewardPool(config.reward_workers if world.main else 0))  # started and closed by train_rl;
+    # under data parallelism rank 0 scores every rollout (posttrain/trainers/rollout.py)
     tokens = config.max_tokens_per_micro_batch
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, tokens, world=world)
     reference = None
@@ -356,8 +357,7 @@ def update(rl: RLSetup, state: RLState, data: TrainBatch, step: int, monitor: Mo
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     healthy = True
-    rl.objective.mismatch = Mismatch() if track_mismatch and rl.policy.world.size == 1 else None  # ranks see
-    # only their rows of the forward: under data parallelism the all-rows check every mismatch_every steps
+    rl.objective.mismatch = Mismatch() if track_mismatch else None
     engines = [e for e in (rl.policy, rl.critic) if e is not None]
     ran, real = sum(e.tokens_run for e in engines), sum(e.tokens_real for e in engines)
     for rows in minibatch_rows(len(data.mask), config.ppo_epochs, config.minibatches, gen):
@@ -367,8 +367,8 @@ def update(rl: RLSetup, state: RLState, data: TrainBatch, step: int, monitor: Mo
             part |= critic_update(rl.critic, rl.critic_objective, data, rows, critic_gate)
         if update_actor and bool(live[rows].any()):
             part |= policy_update(rl.policy, rl.objective, data, rows, live, gate)
-        if rl.objective.mismatch is not None:
-            part |= rl.objective.mismatch.metrics()
+        if rl.objective.mismatch is not None:  # each rank saw its rows of the forward: combined over the ranks
+            part |= rl.objective.mismatch.combined(rl.policy.world)
             rl.objective.mismatch = None  # the policy has moved: later minibatches are not the sampler's
         for k, v in part.items():
             sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1

@@ -219,7 +219,9 @@ def collect(
     ``limit``: how long a prompt may be (:func:`draw_prompts`); what it cut or left out is counted.
 
     Data parallel (``world``): every rank draws the same prompts and generates its share of the groups
-    (:func:`generate_groups`); the rest of the step runs on the whole batch, the same on every rank.
+    (:func:`generate_groups`); rank 0 scores the whole batch and sends the scores to the others (a reward that
+    times out, samples or fails does so once, for every rank); the rest runs on the whole batch, the same on
+    every rank.
     """
     draw = draw or TaskStream(task).draw
     tok, G = engine.tokenizer, group_size
@@ -240,11 +242,11 @@ def collect(
         batch = generate_groups(engine, ids, G, sampling, seeds, world or World())
         done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
         row_convs = [drawn[i // G] for i in range(len(drawn) * G)]
-        scores = scorer(row_convs, done, batch, step)
+        scores, solved = (world or World()).on_main(score_rows, scorer, row_convs, done, batch, step)
         r, parts_r = scores.totals, scores.rows()  # (B,), (B,)
         zero_std = group_stats(r, batch.group_ids).zero_std  # (B,)
         pool_ids += [i for i, _ in picked]
-        success += group_success(scorer.solved(row_convs, done, batch, scores, step), G)
+        success += group_success(solved, G)
         if rounds == 1:
             first, frac_zero_std, first_metrics = r, zero_std.float().mean().item(), scores.metrics
         groups = [g for g in range(len(drawn)) if not (dynamic and zero_std[g * G])][: prompts - kept]
@@ -262,6 +264,12 @@ def collect(
     batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
     return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std,
                    first_metrics, breakdown, pool_ids, success, extra, truncated, skipped)
+
+
+def score_rows(scorer: Scorer, convs: list[dict], completions: list[str], batch: RolloutBatch, step: int):
+    """(the rows' Scores, which rows solved the task): what a rollout round needs from its rewards."""
+    scores = scorer(convs, completions, batch, step)
+    return scores, scorer.solved(convs, completions, batch, scores, step)
 
 
 def generate_groups(engine: Engine, ids: list[list[int]], group_size: int, sampling: SamplingParams,

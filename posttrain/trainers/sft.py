@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from posttrain.checkpoint import load_policy
-from posttrain.config import SFTConfig
+from posttrain.config import ConfigError, SFTConfig
 from posttrain.distributed import World, data_parallel
 from posttrain.engine import Engine
 from posttrain.epoch_order import EpochOrder
@@ -184,8 +184,12 @@ def draw_share(next_example, tokenizer, config: SFTConfig, limit: int, counts: d
                                  counts)
         return world.shard(examples)
     convs = world.shard([next_example() for _ in range(config.batch_size)])
-    local = {"truncated": 0, "skipped": 0}
-    mine = draw_examples(iter(convs).__next__, tokenizer, len(convs), config.loss, limit, config.overlong, local)
+    local, mine, error = {"truncated": 0, "skipped": 0}, [], None
+    try:
+        mine = draw_examples(iter(convs).__next__, tokenizer, len(convs), config.loss, limit, config.overlong, local)
+    except (ConfigError, ValueError) as err:  # a conversation this rank alone renders: every rank stops on it
+        error = err
+    world.raise_any(error)
     counts["truncated"] += int(world.sum([local["truncated"]])[0])
     return mine
 
