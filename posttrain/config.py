@@ -111,8 +111,7 @@ class RunOptions:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (cpu: fp32, cuda: bf16-mixed) | fp32 | bf16-mixed | fp16-mixed | bf16-true
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, more time)
-    epochs: float = 0.0  # passes over the training data; > 0 sets steps to ⌈epochs · rows / rows per step⌉ (a task
-    # with a fixed training set: dataset, gsm8k, arithmetic with prompt_sampling.pool_size; preference pairs)
+    epochs: float = 0.0  # passes over the training data; > 0 sets steps to ⌈epochs · rows / rows per step⌉ (fixed data)
 
 
 SFT_LOSSES = ("full", "completion", "answer_only")  # SFTConfig.loss: which tokens are trained on
@@ -308,10 +307,9 @@ class RLConfig(RunOptions):
         check_range("mismatch_every", self.mismatch_every, 0, note=" (0: never)")
         check_range("sampling.temperature", self.sampling.temperature, 0, low_open=True,
                     note=" for RL (0 is greedy: a group of identical samples has no signal)")
-        if self.overlong == "penalty" and self.overlong_buffer > self.sampling.max_new_tokens:
+        if self.overlong == "penalty" and self.overlong_buffer > self.sampling.max_new_tokens:  # the ramp's length
             raise ConfigError(f"config key 'overlong_buffer' ({self.overlong_buffer}) must be at most "
-                              f"sampling.max_new_tokens ({self.sampling.max_new_tokens}): the soft overlong penalty "
-                              "ramps over the last overlong_buffer tokens of the budget")
+                              f"sampling.max_new_tokens ({self.sampling.max_new_tokens})")
 
 
 def check_run(config: RunOptions) -> None:
