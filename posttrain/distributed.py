@@ -71,6 +71,12 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place (on its device: gloo on the host, NCCL on CUDA)."""
+        if self.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
     def all_reduce_grads(self, module: torch.nn.Module) -> None:
         """Sum every parameter's gradient over the ranks, flattened into one buffer per dtype so that the job
         makes a few collectives, not one per tensor. A parameter no rank computed a gradient for keeps none

@@ -183,16 +183,18 @@ class ModelEngine:
 
     @torch.no_grad()
     def score(self, batch, objective) -> torch.Tensor:
-        """``objective.score`` of every row of ``batch`` under no grad, (B, L), micro-batch by micro-batch."""
+        """``objective.score`` of every row of ``batch`` under no grad, (B, L), micro-batch by micro-batch. Data
+        parallel: each rank scores its share of the rows and the scores are summed over the ranks (each row is
+        nonzero on one rank only), so every rank gets all of them."""
         was_training = self.module.training
         self.module.eval()
         out = torch.zeros_like(batch.mask)  # (B, L)
         everything = torch.arange(len(batch.mask), device=batch.mask.device)
-        for rows, micro, module, _, _ in self.micro_batches(batch, everything):
+        for rows, micro, module, _, _ in self.micro_batches(batch, self.world.shard(everything)):
             with self.autocast():
                 out[rows, : micro.width] = objective.score(module, micro).float()
         self.module.train(was_training)
-        return out * batch.mask
+        return self.world.sum_tensor(out) * batch.mask
 
     def forward_backward(self, batch, rows: torch.Tensor, normaliser: torch.Tensor,
                          objective) -> dict[str, torch.Tensor]:

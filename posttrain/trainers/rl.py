@@ -151,7 +151,8 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, tokens, world=world)
     reference = None
     if config.kl_coef > 0:  # LoRA: the same weights with the adapter off
-        reference = ModelEngine(model.reference(), None, device, precision, max_tokens_per_micro_batch=tokens)
+        reference = ModelEngine(model.reference(), None, device, precision, max_tokens_per_micro_batch=tokens,
+                                world=world)
     critic = critic_objective = None
     critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
     if config.advantage == "gae":
