@@ -90,6 +90,17 @@ def test_an_hf_sequence_classifier_is_a_reward_function_as_in_trl(tmp_path, llam
     assert metrics[0]["rewards/reward_model/failures"] == 0 and metrics[0]["rewards/reward_model/std"] > 0
 
 
+def test_a_sequence_classifier_with_several_labels_is_not_a_reward_model(tmp_path, llama_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from posttrain.trainers.reward_model import load_reward_model
+
+    LlamaForSequenceClassification(LlamaConfig.from_pretrained(llama_dir, num_labels=3)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="a sequence classifier with 3 labels; a reward model has one"):
+        load_reward_model(tmp_path)
+
+
 def test_bad_arguments_are_clear_errors(tmp_path, llama_dir):
     from posttrain import GRPOTrainer
 

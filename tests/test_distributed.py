@@ -141,3 +141,13 @@ def test_nproc_is_checked_before_any_process_starts(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "posttrain", *args, f"run_dir={tmp_path}"], capture_output=True,
                               text=True, env=env, timeout=120, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.count("config error") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_ranks_that_read_other_data_stop_with_one_line(monkeypatch):
+    from posttrain.config import ConfigError
+
+    world = World(0, 2)
+    monkeypatch.setattr(World, "gather", lambda self, items: ["steps 10, data A", "steps 10, data B"])
+    with pytest.raises(ConfigError, match="the 2 processes do not agree on the data: rank 0: steps 10, data A; "
+                                          "rank 1: steps 10, data B .every node must see the same files"):
+        world.agree("the data", "steps 10, data A")

@@ -80,3 +80,9 @@ def test_epochs_with_steps_or_dynamic_sampling_is_a_config_error():
     check_inputs(config, reward_model=False)
     check_inputs(config, reward_model=False)  # checked twice (a dry run, then the run): the same steps
     assert config.steps == 4
+
+
+def test_a_checkpoint_of_another_data_size_is_refused():
+    saved = EpochOrder(5, seed=0).state_dict()
+    with pytest.raises(ConfigError, match="the checkpoint passes over 5 training rows, this config's data has 6"):
+        EpochOrder(6, seed=0).load_state_dict(saved)
