@@ -122,10 +122,10 @@ def move_into_place(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str) -> None:
-    """An optimizer's state_dict as tensors (``optimizer.<name>.safetensors``, keys ``param.key``) and
-    everything else as JSON (``optimizer.<name>.json``)."""
-    sd = optimizer.state_dict()
+def _save_optimizer(optimizer: torch.optim.Optimizer | dict, directory: Path, name: str) -> None:
+    """An optimizer's state_dict (or the state dict itself: FSDP2's gathered one) as tensors
+    (``optimizer.<name>.safetensors``, keys ``param.key``) and everything else as JSON (``optimizer.<name>.json``)."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entry in sd["state"].items():
         for key, value in entry.items():
@@ -140,6 +140,11 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path, name: str
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, directory: str | Path, name: str) -> None:
     """Load what :func:`_save_optimizer` wrote into ``optimizer`` (whose parameters are already in place)."""
+    optimizer.load_state_dict(read_optimizer_state(directory, name))
+
+
+def read_optimizer_state(directory: str | Path, name: str) -> dict:
+    """The optimizer state dict :func:`_save_optimizer` wrote (full tensors, on the CPU)."""
     directory = Path(directory)
     meta = json.loads((directory / f"optimizer.{name}.json").read_text())
     state: dict[int, dict] = {}
@@ -154,7 +159,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, directory: str | Path, n
         for key, value in group.items():
             if key != "params" and isinstance(value, list):
                 group[key] = tuple(value)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def restore_module(module: torch.nn.Module, directory: str | Path, name: str) -> None:

@@ -30,14 +30,15 @@ import torch.distributed as dist
 
 from posttrain.config_checks import ConfigError, check_choice, check_range
 
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "fsdp2")
 
 
 @dataclass
 class DistributedConfig:
     """How a run under torchrun splits its work (``RunOptions.distributed``); ignored in a single process."""
 
-    strategy: str = "ddp"  # ddp: every rank holds the model, gradients are summed over ranks once per step
+    strategy: str = "ddp"  # ddp: every rank holds the model, gradients are summed over ranks once per step;
+    # fsdp2: weights, gradients and optimizer state sharded over the ranks (fully_shard per block; posttrain/fsdp.py)
     timeout_s: float = 1800.0  # a collective that waits longer ends the job (a rank died or hangs); the other ranks
     # wait this long for rank 0's evaluations and checkpoint saves, so keep it above the longest of those
 

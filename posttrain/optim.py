@@ -46,9 +46,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def clip_grad(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global grad norm (when ``max_norm`` > 0) and return the norm before clipping."""
+def clip_grad(model: torch.nn.Module, max_norm: float, norm: torch.Tensor | None = None) -> float:
+    """Clip the global grad norm (when ``max_norm`` > 0) and return the norm before clipping; ``norm``: that
+    norm when the caller computed it (FSDP2's sharded gradients: posttrain/fsdp.py)."""
     params = [p for p in model.parameters() if p.grad is not None]
+    if norm is not None:
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))

@@ -55,14 +55,15 @@ def chunks(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad_i
            ref_logps: Tensor | None):
     """Micro-batches of ``pairs[rows]`` on the engine's device: (batch, reference log-probs (2m,): chosen then
     rejected), the latter from the precomputed table ``ref_logps`` (N, 2) when given, else from
-    ``reference`` (no grad, in the engine's precision)."""
+    ``reference`` (no grad, in the engine's precision; FSDP2: gathered, as a LoRA reference is the policy's own
+    weights)."""
     for start in range(0, len(rows), size):
         idx = rows[start : start + size]
         batch = pair_batch([pairs[i] for i in idx], pad_id).to(engine.device)
         if ref_logps is not None:
             ref = torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]]).to(engine.device)  # (2m,)
         else:
-            with torch.no_grad(), engine.autocast():
+            with torch.no_grad(), engine.gathered(), engine.autocast():
                 ref = sequence_logps(reference, batch).float()  # (2m,)
         yield batch, ref
 
@@ -96,12 +97,15 @@ def dpo_step(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad
              ref_logps: Tensor | None, config: DPOConfig, gate, n_pairs: int | None = None) -> dict[str, float]:
     """One optimizer step on ``pairs[rows]``: mean loss over the step's ``n_pairs`` pairs (default: the rows;
     data parallel: over all ranks), micro-batches weighted by their share, clipped; ``gate(loss, grad_norm)``
-    (the health checks) decides whether it is applied."""
+    (the health checks) decides whether it is applied. FSDP2: passes beyond this rank's own repeat its first
+    micro-batch at weight 0 (:meth:`ModelEngine.lockstep`)."""
     def micro_batches():
-        for batch, ref in chunks(engine, pairs, rows, pad_id, config.micro_batch, reference, ref_logps):
+        pieces = [rows[i : i + config.micro_batch] for i in range(0, len(rows), config.micro_batch)]
+        for piece, counts in engine.lockstep(pieces, pieces[0]):
+            ((batch, ref),) = chunks(engine, pairs, piece, pad_id, len(piece), reference, ref_logps)
             with engine.autocast():
-                terms = dpo_terms(engine.module, batch, ref, config)
-            yield terms
+                loss, stats = dpo_terms(engine.module, batch, ref, config)
+            yield (loss, stats) if counts else (loss * 0.0, {})
 
     return pair_step(engine, n_pairs or len(rows), micro_batches(), gate)
 
@@ -162,9 +166,11 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     precision = resolve_precision(config.precision, device, config.model.dtype)
     task = checked.task
     model, tokenizer = load_policy(config.model, config.lora)
-    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, world=world)
-    # before any restore: the starting policy (precomputing: the model itself, scored before it trains)
+    # before any restore and before FSDP2 shards the policy: the starting policy (precomputing: the model
+    # itself, scored before it trains)
     reference = model if config.precompute_ref else model.reference()
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, world=world,
+                         strategy=config.distributed.strategy)
     engine = Engine(model, tokenizer, default_registry()) if task is not None else None
     state = PairState()
     parts = Parts(model, tokenizer, state, engines={"policy": policy})
@@ -181,14 +187,15 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
 
         def evaluate() -> dict:
             """Rank 0's held-out metrics, on every rank."""
-            if not world.main:
-                return world.broadcast(None)
-            out = evaluate_dpo(policy, test, pad, reference, ref_test, config)
-            if task is not None:
-                model.eval()
-                with policy.autocast():
-                    out |= task.evaluate(engine, config.eval)
-            return world.broadcast(out)
+            with policy.gathered():
+                if not world.main:
+                    return world.broadcast(None)
+                out = evaluate_dpo(policy, test, pad, reference, ref_test, config)
+                if task is not None:
+                    model.eval()
+                    with policy.autocast():
+                        out |= task.evaluate(engine, config.eval)
+                return world.broadcast(out)
 
         run.open(bar.print)
         step = run.restore(parts) if run.resume_from else 0

@@ -17,6 +17,7 @@ and counts applied updates in ``version`` (the policy version that tags rollouts
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from posttrain import fsdp
 from posttrain.config import OptimConfig
 from posttrain.config_checks import ConfigError, suggest
 from posttrain.distributed import World
@@ -93,15 +95,34 @@ class ModelEngine:
     group_by_tokens`), each run packed when the module can (``packing`` on and its ``packing_problem()``
     None) and padded to its widest row otherwise; trainers with their own loss call :meth:`autocast` and
     :meth:`backward` directly.
+
+    Data parallel (``world``): ``strategy`` ``ddp`` keeps the whole module on every rank and sums the
+    gradients in :meth:`optim_step`; ``fsdp2`` shards it (:mod:`posttrain.fsdp`): training passes then run in
+    lockstep (:meth:`lockstep`, with passes of weight 0 on a rank that has fewer), passes without gradients
+    run inside :meth:`gathered`, and checkpoints go through rank 0's full copy (:meth:`on_disk`).
+    ``shares``: the engine whose (sharded) weights this module uses too (LoRA's reference: the policy with
+    its adapter off).
     """
 
     def __init__(self, module: nn.Module, optim: OptimConfig | None, device: torch.device, precision: str,
                  activation_checkpointing: bool = False, max_tokens_per_micro_batch: int = 4096,
-                 packing: bool = True, world: World | None = None):
+                 packing: bool = True, world: World | None = None, strategy: str = "ddp",
+                 shares: ModelEngine | None = None):
         if precision == "bf16-true":  # the weights only: buffers (rotary frequencies) keep their precision
             for p in module.parameters():
                 p.data = p.data.to(torch.bfloat16)
+        self.world = world or World()  # data parallel: gradients are summed over its ranks before each step
+        self.owner = shares or self  # the engine that gathers this module's weights
+        self.sharded = strategy == "fsdp2" and self.world.size > 1 and shares is None
+        if self.sharded and precision == "fp16-mixed":
+            raise ConfigError("precision fp16-mixed does not run with distributed.strategy fsdp2 (its gradient "
+                              "scaler needs whole gradients): use bf16-mixed, or strategy ddp")
+        # rank 0's full copy of a sharded module, on the CPU: what checkpoints are written from and read into
+        self.twin = copy.deepcopy(module).cpu() if self.sharded and self.world.main else None
         self.module = module.to(device)
+        if self.sharded:
+            fsdp.shard(module, self.world.size, device, precision)
+        self._gathering = 0  # nesting depth of gathered()
         if activation_checkpointing:
             module.enable_activation_checkpointing()
         self.device, self.precision, self.max_tokens = device, precision, max_tokens_per_micro_batch
@@ -111,7 +132,6 @@ class ModelEngine:
         self.grad_clip = optim.grad_clip if optim is not None else 0.0
         self.optimizer = make_optimizer(module, optim) if optim is not None else None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
-        self.world = world or World()  # data parallel: gradients are summed over its ranks before each step
         self.version = 0  # optimizer updates applied so far (the policy version)
         self.overflows = 0  # fp16-mixed: updates the gradient scaler skipped for an inf/NaN gradient
 
@@ -142,12 +162,14 @@ class ModelEngine:
 
         Under data parallelism every rank calls this once per step (also one that had no rows): the gradients
         are summed over the ranks first (posttrain/distributed.py), so the norm, the gate's inputs (``loss``
-        must be the global loss) and so the decision are the same on every rank."""
-        self.world.all_reduce_grads(self.module)
+        must be the global loss) and so the decision are the same on every rank. FSDP2 reduced the gradient
+        shards in the backward passes already; their norm is summed over the ranks."""
+        if not self.sharded:
+            self.world.all_reduce_grads(self.module)
         if self.scaler is not None:
             self.scaler.scale(torch.zeros((), device=self.device))  # a rank with no rows yet: the scale starts
             self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad(self.module, self.grad_clip)
+        grad_norm = clip_grad(self.module, self.grad_clip, fsdp.grad_norm(self.module) if self.sharded else None)
         if (self.scaler is not None and not math.isfinite(grad_norm) and math.isfinite(loss)
                 and self.scaler.get_scale() >= 1.0):
             self.overflows += 1
@@ -190,9 +212,10 @@ class ModelEngine:
         self.module.eval()
         out = torch.zeros_like(batch.mask)  # (B, L)
         everything = torch.arange(len(batch.mask), device=batch.mask.device)
-        for rows, micro, module, _, _ in self.micro_batches(batch, self.world.shard(everything)):
-            with self.autocast():
-                out[rows, : micro.width] = objective.score(module, micro).float()
+        with self.gathered():
+            for rows, micro, module, _, _ in self.micro_batches(batch, self.world.shard(everything)):
+                with self.autocast():
+                    out[rows, : micro.width] = objective.score(module, micro).float()
         self.module.train(was_training)
         return self.world.sum_tensor(out) * batch.mask
 
@@ -203,17 +226,82 @@ class ModelEngine:
         ``normaliser`` is the loss's global denominator (the minibatch's tokens for token-mean, its rows
         otherwise: see ``objective.share``), so Σ over micro-batches of loss_m · share_m / normaliser is
         the loss of the whole minibatch and the gradient equals the full batch's. Returns the weighted sums
-        of the objective's statistics (tensors; the one host synchronisation reads the rows' widths)."""
+        of the objective's statistics (tensors; the one host synchronisation reads the rows' widths). FSDP2: a
+        rank with fewer micro-batches than another runs its first one again (or the batch's first row) at
+        weight 0, so that every rank runs as many passes."""
         sums: dict[str, torch.Tensor] = {}
-        for _, micro, module, ran, real in self.micro_batches(batch, rows):
-            self.tokens_run, self.tokens_real = self.tokens_run + ran, self.tokens_real + real
+        mine = list(self.micro_batches(batch, rows))
+        spare = mine[:1] or list(self.micro_batches(batch, torch.zeros(1, dtype=torch.long, device=rows.device)))
+        for (_, micro, module, ran, real), counts in self.lockstep(mine, spare[0]):
             with self.autocast():
                 loss, stats = objective.loss(module, micro)
+            if not counts:
+                self.backward(loss * 0.0)
+                continue
+            self.tokens_run, self.tokens_real = self.tokens_run + ran, self.tokens_real + real
             weight = objective.share(micro.mask) / normaliser
             self.backward(loss * weight)
             for k, v in {"loss": loss.detach(), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * weight
         return sums
+
+    def lockstep(self, items: list, spare) -> Iterator[tuple[object, bool]]:
+        """(item, True) for each of this rank's training passes ``items``; FSDP2: then (``spare``, False) until
+        every rank has run as many passes as the rank with the most (the caller runs those at weight 0)."""
+        total = fsdp.lockstep(len(items), self.device) if self.sharded else len(items)
+        for i in range(total):
+            yield (items[i], True) if i < len(items) else (spare, False)
+
+    @contextmanager
+    def gathered(self):
+        """FSDP2: every rank gathers the whole module for the passes inside (no gradients: scoring,
+        generation, evaluation), which may then differ in number between ranks; every rank must enter
+        together. A no-op otherwise, and inside another ``gathered``."""
+        owner = self.owner
+        if not owner.sharded or owner._gathering:
+            yield
+            return
+        owner._gathering += 1
+        try:
+            with fsdp.gathered(owner.module):
+                yield
+        finally:
+            owner._gathering -= 1
+
+    def on_disk(self, module: nn.Module) -> nn.Module:
+        """What a checkpoint writes for ``module`` (this engine's module or a submodule of it): the module
+        itself; FSDP2: the same part of rank 0's full copy, once :meth:`consolidate` filled it."""
+        if not self.sharded:
+            return module
+        name = next(n for n, m in self.module.named_modules() if m is module)
+        return self.twin.get_submodule(name) if self.twin is not None else module
+
+    def owns(self, module: nn.Module) -> bool:
+        return any(m is module for m in self.module.modules())
+
+    def consolidate(self) -> None:
+        """FSDP2: gather the full weights into rank 0's copy (every rank calls; a no-op otherwise)."""
+        if self.sharded:
+            state = fsdp.full_state(self.module)
+            if self.twin is not None:
+                self.twin.load_state_dict(state)
+
+    def scatter(self) -> None:
+        """FSDP2: load rank 0's full copy (a checkpoint just read into it) into every rank's shards."""
+        if self.sharded:
+            fsdp.load_full_state(self.module, self.twin.state_dict() if self.twin is not None else {})
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state dict with whole tensors (FSDP2: gathered; every rank calls)."""
+        if self.sharded:
+            return fsdp.full_optimizer_state(self.optimizer)
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if self.sharded:
+            fsdp.load_full_optimizer_state(self.optimizer, state)
+        else:
+            self.optimizer.load_state_dict(state)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The module's weights by name, detached (what a weight sync sends to the rollout engine)."""

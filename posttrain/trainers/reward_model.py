@@ -97,13 +97,17 @@ def bt_step(engine: ModelEngine, pairs: list[EncodedPair], config: RMConfig, pad
     chosen, rejected = [], []
 
     def micro_batches():
-        for start in range(0, len(pairs), config.micro_batch):
+        starts = list(range(0, len(pairs), config.micro_batch))
+        for start, counts in engine.lockstep(starts, 0):  # FSDP2: every rank runs as many passes
             batch = pair_batch(pairs[start : start + config.micro_batch], pad_id).to(engine.device)
             m = len(batch.margins)
             with engine.autocast():
                 scores = engine.module(batch.ids, batch.pad_mask).float()  # (2m,)
             loss = losses.bradley_terry_loss(scores[:m], scores[m:], batch.margins if config.use_margin else None,
                                              config.center_coef)
+            if not counts:
+                yield loss.expand(m) * 0.0, {}
+                continue
             chosen.append(scores[:m].detach().cpu())
             rejected.append(scores[m:].detach().cpu())
             yield loss.expand(m), {}  # the micro-batch's mean loss for each of its m pairs
@@ -137,7 +141,7 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
     precision = resolve_precision(config.precision, device, config.model.dtype)
     trunk, tokenizer = load_policy(config.model, config.lora)
     rm = ModelEngine(RewardModel.from_policy(trunk), config.optim, device, precision, config.activation_checkpointing,
-                     world=world)
+                     world=world, strategy=config.distributed.strategy)
     state = TrainerState()
     parts = Parts(trunk, tokenizer, state, engines={"rm": rm}, modules={HEAD: rm.module.head})
     with StepProgress("rm", config.steps, ("loss", "accuracy", "eval/accuracy"), progress and world.main,
@@ -151,9 +155,11 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
 
         def evaluate() -> dict:
             """Rank 0's held-out metrics, on every rank."""
-            if not world.main:
-                return world.broadcast(None)
-            return world.broadcast(evaluate_pairs(rm, test, tokenizer.pad_id, config.micro_batch, config.use_margin))
+            with rm.gathered():
+                if not world.main:
+                    return world.broadcast(None)
+                return world.broadcast(evaluate_pairs(rm, test, tokenizer.pad_id, config.micro_batch,
+                                                      config.use_margin))
 
         def update(rows: list[int], n_pairs: int, gate) -> dict:
             return bt_step(rm, [train[i] for i in rows], config, tokenizer.pad_id, gate, n_pairs)

@@ -147,17 +147,22 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
                     config.reward_on_error, config.reward_max_failure_rate, config.steps,
                     pool=RewardPool(config.reward_workers if world.main else 0))  # started and closed by train_rl;
     # under data parallelism rank 0 scores every rollout (posttrain/trainers/rollout.py)
-    tokens = config.max_tokens_per_micro_batch
-    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, tokens, world=world)
+    tokens, strategy = config.max_tokens_per_micro_batch, config.distributed.strategy
+    # the reference and the critic are copies of the starting policy: made before FSDP2 shards it
+    reference_module = model.reference() if config.kl_coef > 0 else None  # LoRA: the same weights, adapter off
+    critic_module = ValueModel.from_policy(model) if config.advantage == "gae" else None
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, tokens, world=world,
+                         strategy=strategy)
     reference = None
-    if config.kl_coef > 0:  # LoRA: the same weights with the adapter off
-        reference = ModelEngine(model.reference(), None, device, precision, max_tokens_per_micro_batch=tokens,
-                                world=world)
+    if reference_module is not None:
+        shares = policy if getattr(model, "is_lora", False) else None
+        reference = ModelEngine(reference_module, None, device, precision, max_tokens_per_micro_batch=tokens,
+                                world=world, strategy=strategy, shares=shares)
     critic = critic_objective = None
     critic_optim = dataclasses.replace(config.optim, lr=config.critic.lr)
-    if config.advantage == "gae":
-        critic = ModelEngine(ValueModel.from_policy(model), critic_optim, device, precision,
-                             config.activation_checkpointing, tokens, world=world)
+    if critic_module is not None:
+        critic = ModelEngine(critic_module, critic_optim, device, precision, config.activation_checkpointing, tokens,
+                             world=world, strategy=strategy)
         critic_objective = ValueObjective(ValueLoss(config.loss_agg, config.sampling.max_new_tokens,
                                                     config.critic.value_clip or None))
     objective = PolicyObjective(PolicyLoss(
@@ -246,11 +251,12 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 def evaluate(rl: RLSetup) -> dict:
     """The task's held-out evaluation of the current policy (made by rank 0, on every rank)."""
     world = rl.policy.world
-    if not world.main:
-        return world.broadcast(None)
-    rl.policy.module.eval()
-    with rl.policy.autocast():
-        return world.broadcast(rl.task.evaluate(rl.rollout, rl.config.eval))
+    with rl.policy.gathered():
+        if not world.main:
+            return world.broadcast(None)
+        rl.policy.module.eval()
+        with rl.policy.autocast():
+            return world.broadcast(rl.task.evaluate(rl.rollout, rl.config.eval))
 
 
 def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) -> Rollout:
@@ -259,7 +265,7 @@ def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) 
     config = rl.config
     rl.policy.module.eval()
     rl.sampler.load_state_dict(state.prompt_sampling)
-    with rl.policy.autocast():
+    with rl.policy.gathered(), rl.policy.autocast():  # FSDP2: each rank generates with the whole policy
         ro = collect(rl.rollout, rl.task, rl.scorer, prompt_rng, config.prompts_per_step, config.samples_per_prompt,
                      config.sampling, seed=config.seed, step=step, dynamic=config.dynamic_sampling,
                      max_rounds=config.max_sampling_rounds,

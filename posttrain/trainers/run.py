@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from posttrain.checkpoint import (
     CheckpointDir,
     random_state,
+    read_optimizer_state,
     restore_module,
-    restore_optimizer,
     restore_policy,
     restore_rng,
     rng_state,
@@ -77,8 +77,26 @@ class Parts:
     rngs: dict[str, random.Random] = field(default_factory=dict)  # the trainer's own RNGs (data order)
 
     @property
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {name: e.optimizer for name, e in self.engines.items() if e.optimizer is not None}
+    def trained(self) -> dict[str, ModelEngine]:
+        """The engines with an optimizer, by name."""
+        return {name: e for name, e in self.engines.items() if e.optimizer is not None}
+
+    @property
+    def sharded(self) -> bool:
+        return any(e.sharded for e in self.engines.values())
+
+    def on_disk(self, gather: bool = True) -> Parts:
+        """These parts as a checkpoint holds them: the modules themselves, or under FSDP2 rank 0's full copies
+        (``gather``: filled with the current weights now; every rank calls)."""
+        for engine in self.engines.values():
+            if gather:
+                engine.consolidate()
+
+        def disk(module: torch.nn.Module) -> torch.nn.Module:
+            return next((e.on_disk(module) for e in self.engines.values() if e.owns(module)), module)
+
+        return dataclasses.replace(self, model=disk(self.model),
+                                   modules={name: disk(m) for name, m in self.modules.items()})
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -203,11 +221,15 @@ class Run:
         """Load checkpoint ``path`` (default: the one resumed from) into ``parts``; returns its step."""
         path = path or self.resume_from
         state = json.loads((path / "trainer_state.json").read_text())
-        restore_policy(parts.model, path)
-        for name, module in parts.modules.items():
-            restore_module(module, path, name)
-        for name, optimizer in parts.optimizers.items():
-            restore_optimizer(optimizer, path, name)
+        disk = parts.on_disk(gather=False)  # FSDP2: rank 0 reads into its full copies, every rank takes its shards
+        if self.world.main or not parts.sharded:
+            restore_policy(disk.model, path)
+            for name, module in disk.modules.items():
+                restore_module(module, path, name)
+        for engine in parts.engines.values():
+            engine.scatter()
+        for name, engine in parts.trained.items():
+            engine.load_optimizer_state(read_optimizer_state(path, name))
         for name, engine in parts.engines.items():
             engine.load_state_dict(state.get("engines", {}).get(name, {"version": 0}))
         for name, rng in parts.rngs.items():
@@ -219,15 +241,18 @@ class Run:
 
     def save(self, step: int, parts: Parts, final: bool = False) -> Path | None:
         """A resumable checkpoint of ``step``; ``final`` also points ``checkpoints/final`` at it. Written by
-        rank 0 (every rank holds the same weights and state); every rank returns once it is on disk."""
+        rank 0 (every rank holds the same weights and state; FSDP2: every rank helps gather them to rank 0
+        first); every rank returns once it is on disk."""
+        disk = parts.on_disk()
+        optimizers = {name: engine.optimizer_state() for name, engine in parts.trained.items()}
         if not self.world.main:
             self.world.barrier()
             return None
-        path = self._save(step, parts, final)
+        path = self._save(step, disk, optimizers, final)
         self.world.barrier()
         return path
 
-    def _save(self, step: int, parts: Parts, final: bool) -> Path:
+    def _save(self, step: int, parts: Parts, optimizers: dict[str, dict], final: bool) -> Path:
         rng_json, rng_tensors = rng_state()
         state = {"step": step, "stage": self.stage, "rng": rng_json,
                  "rngs": {name: random_state(rng) for name, rng in parts.rngs.items()},
@@ -235,7 +260,7 @@ class Run:
                  "engines": {name: engine.state_dict() for name, engine in parts.engines.items()},
                  "logs": {name: writer.position for name, writer in self.logs.items()}}
         return self.checkpoints.save(step, final=final, model=parts.model, tokenizer=parts.tokenizer, state=state,
-                                     modules=parts.modules, optimizers=parts.optimizers, config=self.config,
+                                     modules=parts.modules, optimizers=optimizers, config=self.config,
                                      tensors={"rng": rng_tensors})
 
     def save_due(self, step: int) -> bool:

@@ -101,10 +101,12 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     precision = resolve_precision(config.precision, device, config.model.dtype)
     task = checked.task
     model, tokenizer = build_policy(config, task, run.resume_from)
-    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, world=world)
+    policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, world=world,
+                         strategy=config.distributed.strategy)
     limit = resolve_max_length(config.max_length, context_length(model))
     if config.packing:
-        check_packing(model)
+        with policy.gathered():
+            check_packing(model)
     engine = Engine(model, tokenizer, default_registry())
     state = SFTState()
     parts = Parts(model, tokenizer, state, engines={"policy": policy}, rngs={"data": random.Random(config.seed + 1)})
@@ -117,11 +119,12 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
 
     def evaluate() -> dict:
         """Rank 0's held-out evaluation, on every rank."""
-        if not world.main:
-            return world.broadcast(None)
-        model.eval()
-        with policy.autocast():
-            return world.broadcast(task.evaluate(engine, config.eval))
+        with policy.gathered():
+            if not world.main:
+                return world.broadcast(None)
+            model.eval()
+            with policy.autocast():
+                return world.broadcast(task.evaluate(engine, config.eval))
 
     with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress and world.main,
                       initial=run.start_step, quiet=not world.main) as bar:
@@ -197,10 +200,11 @@ def draw_share(next_example, tokenizer, config: SFTConfig, limit: int, counts: d
 def sft_update(policy: ModelEngine, rows, n_tokens: int, world: World, gate) -> tuple[dict[str, float], bool]:
     """One optimizer step on this rank's ``rows``, its loss normalised by ``n_tokens``, the step's counted
     tokens over all ranks, so the gradients summed over the ranks are the whole batch's (posttrain/
-    distributed.py). A rank whose rows count no token still joins the step. Returns ({"loss": the global
+    distributed.py). A rank whose rows count no token still joins the step (FSDP2: with a pass of its own).
+    Returns ({"loss": the global
     loss, "grad_norm"}, whether the update was applied)."""
     local = 0.0
-    if rows.counted:
+    if rows.counted or policy.sharded:
         with policy.autocast():
             loss, _ = sft_loss(policy.module, rows, n_tokens)
         policy.backward(loss)
