@@ -85,39 +85,57 @@ def _same_run(one: Path, two: Path, keys: tuple[str, ...]) -> None:
     assert all(k in rows_two[-1] for k in keys)
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The one-process runs both strategies are compared with, each made once: ``single(stage, name, *args)``."""
+    root = tmp_path_factory.mktemp("one")
+    done: dict[str, Path] = {}
+
+    def run(stage: str, name: str, *args: str) -> Path:
+        if name not in done:
+            done[name] = _run(root, stage, name, 1, *args)
+        return done[name]
+
+    return root, run
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
-def test_sft_dpo_rm_and_rl_on_two_processes_equal_one_process(tmp_path):
-    data = [f"task.data={_rows(tmp_path)}"]
-    one = _run(tmp_path, "sft", "sft1", 1, *SFT, *data)
-    _same_run(one, _run(tmp_path, "sft", "sft2", 2, *SFT, *data), ("tokens", "loss", "grad_norm", "eval/reward"))
-    _run(tmp_path, "sft", "cut", 2, *SFT, *data, "steps=2")  # a 2-process run of 2 steps, resumed by 1 process
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_sft_dpo_rm_and_rl_on_two_processes_equal_one_process(single, strategy, tmp_path):
+    root, one_process = single
+    dp = f"distributed.strategy={strategy}"
+    data = [f"task.data={_rows(root)}"]
+    one = one_process("sft", "sft1", *SFT, *data)
+    _same_run(one, _run(tmp_path, "sft", "sft2", 2, *SFT, *data, dp), ("tokens", "loss", "grad_norm", "eval/reward"))
+    _run(tmp_path, "sft", "cut", 2, *SFT, *data, "steps=2", dp)  # a 2-process run of 2 steps, resumed by 1 process
     _same_run(one, _run(tmp_path, "sft", "cut", 1, *SFT, *data), ("tokens", "loss", "grad_norm", "eval/reward"))
-    pairs = [f"data.source={_pairs(tmp_path)}", f"model={one / 'checkpoints' / 'final'}"]
+    pairs = [f"data.source={_pairs(root)}", f"model={one / 'checkpoints' / 'final'}"]
     dpo = (*PAIRS, *pairs, "task=null", "eval.every=0")
-    _same_run(_run(tmp_path, "dpo", "dpo1", 1, *dpo), _run(tmp_path, "dpo", "dpo2", 2, *dpo),
+    _same_run(one_process("dpo", "dpo1", *dpo), _run(tmp_path, "dpo", "dpo2", 2, *dpo, dp),
               ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "eval/loss"))
-    rl_data = tmp_path / "questions.jsonl"
+    rl_data = root / "questions.jsonl"
     rl_data.write_text("".join(json.dumps({"question": f"Question {i}: say something", "answer": str(i)}) + "\n"
                                for i in range(10)))
-    (tmp_path / "rw.py").write_text("def length(completions, **kwargs):\n"
-                                    "    return [min(len(c), 40) / 40 for c in completions]\n\n\n"
-                                    "def sparse(completions, **kwargs):  # few groups with signal\n"
-                                    "    return [float(len(c) % 5 == 0) for c in completions]\n")
+    (root / "rw.py").write_text("def length(completions, **kwargs):\n"
+                                "    return [min(len(c), 40) / 40 for c in completions]\n\n\n"
+                                "def sparse(completions, **kwargs):  # few groups with signal\n"
+                                "    return [float(len(c) % 5 == 0) for c in completions]\n")
     rl = ["-", f"model={one / 'checkpoints' / 'final'}", "task.name=dataset", f"task.data={rl_data}",
           "task.prompt={question}", "task.test_size=2", "task.reward=regex_format", "task.format_regex=.*",
-          "rewards={rw.py:length: 1.0}", "reward_workers=0", "prompts_per_step=4", "samples_per_prompt=3",
-          "sampling.max_new_tokens=8", "optim.lr=1e-3", "eval_before=false", "eval.every=0", "eval.problems=2",
-          "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=2"]
+          f"rewards={{{root / 'rw.py'}:length: 1.0}}", "reward_workers=0", "prompts_per_step=4",
+          "samples_per_prompt=3", "sampling.max_new_tokens=8", "optim.lr=1e-3", "eval_before=false", "eval.every=0",
+          "eval.problems=2", "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=2"]
     cases = {"dr_grpo": (), "ppo": ("critic.warmup_steps=1",),  # dapo: rounds of dynamic sampling, sparse rows
-             "dapo": ("rewards={rw.py:sparse: 1.0}", "minibatches=2", "max_sampling_rounds=3", "overlong_buffer=4")}
+             "dapo": (f"rewards={{{root / 'rw.py'}:sparse: 1.0}}", "minibatches=2", "max_sampling_rounds=3",
+                      "overlong_buffer=4")}  # (minibatches in which a rank has no live row: FSDP2 pads its passes)
     for algorithm, extra in cases.items():
         args = (*rl, f"algorithm={algorithm}", *extra)
-        _same_run(_run(tmp_path, "rl", f"{algorithm}1", 1, *args), _run(tmp_path, "rl", f"{algorithm}2", 2, *args),
+        _same_run(one_process("rl", f"{algorithm}1", *args), _run(tmp_path, "rl", f"{algorithm}2", 2, *args, dp),
                   ("reward", "sampling/rounds", "completions/mean_length", "grad_norm", "policy_loss", "mismatch/kl",
                    "eval/reward", *(("value_loss", "kl") if algorithm == "ppo" else ())))
     rm = (*PAIRS, *pairs, "eval_every=0", "center_coef=0.1")  # without it the head bias has no gradient: Adam
     # would turn float noise into full steps of it
-    _same_run(_run(tmp_path, "rm", "rm1", 1, *rm), _run(tmp_path, "rm", "rm2", 2, *rm),
+    _same_run(one_process("rm", "rm1", *rm), _run(tmp_path, "rm", "rm2", 2, *rm, dp),
               ("loss", "grad_norm", "accuracy", "eval/accuracy"))
 
 

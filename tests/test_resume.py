@@ -116,14 +116,15 @@ def test_rl_ppo_killed_at_random_moments_resumes_exactly(sft_reference, tmp_path
     assert read_jsonl(reference / "samples.jsonl") == read_jsonl(resumed / "samples.jsonl")
 
 
-def test_a_two_process_rl_job_killed_at_random_moments_resumes_exactly(sft_reference, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_two_process_rl_job_killed_at_random_moments_resumes_exactly(sft_reference, tmp_path, strategy):
     """Data parallel: the whole job (torchrun and both ranks) killed and started again gives the rows and
-    weights of the same 2-process job never interrupted, bit for bit."""
-    model = f"model={sft_reference / 'checkpoints' / 'final'}"
+    weights of the same 2-process job never interrupted, bit for bit (FSDP2: the checkpoints are gathered
+    to rank 0 and sharded again on resume, Adam state included)."""
+    args = [*TINY_RL, f"model={sft_reference / 'checkpoints' / 'final'}", "nproc=2", f"distributed.strategy={strategy}"]
     reference, resumed = tmp_path / "ref", tmp_path / "resumed"
-    run_to_end(cli("rl", reference, [*TINY_RL, model, "nproc=2"]))
-    landed = run_with_kills(cli("rl", resumed, [*TINY_RL, model, "nproc=2"]), resumed, kills=2,
-                            rng=random.Random(5), job=True)
+    run_to_end(cli("rl", reference, args))
+    landed = run_with_kills(cli("rl", resumed, args), resumed, kills=2, rng=random.Random(5), job=True)
     assert landed >= 1
     assert_same_run(reference, resumed, ("model.safetensors", "critic.safetensors"))
     assert read_jsonl(reference / "samples.jsonl") == read_jsonl(resumed / "samples.jsonl")
