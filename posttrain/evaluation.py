@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections import Counter
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from posttrain.config_checks import ConfigError, check_range
+from posttrain.distributed import World
 from posttrain.engine import SamplingParams
 from posttrain.random_streams import group_seed
 
@@ -127,13 +129,23 @@ class SampleFailures:
                   f"(first: {self.first})", file=sys.stderr)
 
 
+def evaluate_on(task, engine, config, world: World) -> dict[str, float]:
+    """``task.evaluate`` with the same result on every rank: split over the ranks when the task's ``evaluate``
+    takes a ``world`` (the built-in tasks do), else computed by rank 0 (a task of your own)."""
+    if world.size == 1:
+        return task.evaluate(engine, config)
+    if "world" in inspect.signature(task.evaluate).parameters:
+        return task.evaluate(engine, config, world=world)
+    return world.on_main(task.evaluate, engine, config)
+
+
 def task_reward(task, conv: dict, completion: str) -> float:
     """``task.reward`` as a float (a None or a string raises here, inside the isolation)."""
     return float(task.reward(conv, completion))
 
 
-def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, threshold: float = 1.0
-                  ) -> dict[str, float]:
+def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, threshold: float = 1.0,
+                  world: World | None = None) -> dict[str, float]:
     """Sample ``config.samples`` completions per held-out problem and score them with the task.
 
     Returns ``eval/pass@k`` for each k in ``config.ks`` (unbiased estimator; a completion counts as
@@ -142,28 +154,42 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, thr
     p samples its group from ``group_seed(config.seed, p)``, so its samples do not depend on ``chunk``. A
     sample whose ``task.reward`` raises or is not finite gets reward 0 and never counts as correct
     (:class:`SampleFailures`), counted in ``eval/reward_failures``.
+
+    Data parallel (``world``): each rank samples and scores problems rank, rank + N, ...; the per-problem
+    results are gathered in problem order and every rank computes the same numbers as one process would.
     """
+    world = world or World()
     params = SamplingParams(config.temperature, config.top_k, None, config.max_new_tokens)
     tok = engine.tokenizer
-    correct: list[list[bool]] = []
-    rewards: list[float] = []
-    lengths: list[int] = []
     failures = SampleFailures(f"the {task.name} task's reward")
-    for start in range(0, len(problems), chunk):
-        convs = [task.prompt(p) for p in problems[start : start + chunk]]
-        prompts = [tok.render_for_completion(c) for c in convs]
-        seeds = [group_seed(config.seed, start + i) for i in range(len(prompts))]
-        batch = engine.generate(prompts, config.samples, params, seeds=seeds)
-        for i, conv in enumerate(convs):
-            rows = range(i * config.samples, (i + 1) * config.samples)
-            texts = [tok.decode(batch.completion_tokens(j)) for j in rows]
-            r = [failures.call(task_reward, task, conv, t, fallback=None) for t in texts]  # None: it failed
-            rewards += [0.0 if x is None else x for x in r]
-            correct.append([x is not None and x >= threshold for x in r])
-        lengths += batch.lengths.tolist()
+    mine = world.shard(list(range(len(problems))))
+    results: list[tuple[int, list, list[int]]] = []  # (problem, its rewards (None: failed), its lengths)
+    error = None
+    try:
+        for start in range(0, len(mine), chunk):
+            index = mine[start : start + chunk]
+            convs = [task.prompt(problems[p]) for p in index]
+            prompts = [tok.render_for_completion(c) for c in convs]
+            batch = engine.generate(prompts, config.samples, params, seeds=[group_seed(config.seed, p) for p in index])
+            lengths = batch.lengths.tolist()
+            for i, (p, conv) in enumerate(zip(index, convs, strict=True)):
+                rows = range(i * config.samples, (i + 1) * config.samples)
+                texts = [tok.decode(batch.completion_tokens(j)) for j in rows]
+                r = [failures.call(task_reward, task, conv, t, fallback=None) for t in texts]  # None: it failed
+                results.append((p, r, [lengths[j] for j in rows]))
+    except Exception as err:  # noqa: BLE001 - raised on every rank just below (the others would wait for it)
+        error = err
+    world.raise_any(error)
+    results = sorted(world.gather(results), key=lambda result: result[0])
+    rewards = [0.0 if x is None else x for _, r, _ in results for x in r]
+    correct = [[x is not None and x >= threshold for x in r] for _, r, _ in results]
+    lengths = [n for _, _, n_s in results for n in n_s]
     out = {f"eval/pass@{k}": v for k, v in mean_pass_at_k(correct, config.ks).items()}
     out["eval/reward"] = sum(rewards) / len(rewards)
     out["eval/mean_length"] = sum(lengths) / len(lengths)
+    firsts = world.gather([failures.first])
+    failures.count, failures.first = int(world.sum([failures.count])[0]), next((f for f in firsts if f), None)
     out["eval/reward_failures"] = failures.count
-    failures.report(len(rewards))
+    if world.main:
+        failures.report(len(rewards))
     return out

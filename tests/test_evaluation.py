@@ -1,6 +1,7 @@
 """Specs for posttrain.evaluation: pass@k, maj@k and the task evaluation's sampling."""
 
 import math
+import threading
 
 import pytest
 
@@ -99,3 +100,67 @@ def test_a_failing_task_reward_costs_its_sample_not_the_evaluation(gpt, tok, cap
     assert evaluate_task(engine, task, task.test, config)["eval/reward_failures"] == 0
     err = capsys.readouterr().err
     assert "the arithmetic task's reward failed on 7 of 15 samples, counted as wrong (first: ValueError" in err
+
+
+class _Checksum:
+    """The arithmetic task's prompts with a reward that is 1 for about a third of any completions."""
+
+    def __init__(self, task):
+        self.task, self.name = task, task.name
+
+    def prompt(self, problem):
+        return self.task.prompt(problem)
+
+    def reward(self, conv, completion):
+        return float(sum(map(ord, completion)) % 3 == 0)
+
+
+class _ThreadRank:
+    """One rank of a data-parallel evaluation simulated by a thread: ``gather`` meets the other threads."""
+
+    def __init__(self, rank: int, size: int, barrier: threading.Barrier, box: dict):
+        self.rank, self.size, self.barrier, self.box = rank, size, barrier, box
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items):
+        return items[self.rank :: self.size]
+
+    def gather(self, items):
+        self.box[self.rank] = list(items)
+        self.barrier.wait()
+        out = [x for r in range(self.size) for x in self.box[r]]
+        self.barrier.wait()  # everyone has read the box before the next gather writes it
+        return out
+
+    def sum(self, values):
+        return [sum(column) for column in zip(*self.gather([values]), strict=True)]
+
+    def raise_any(self, error):
+        first = next((e for e in self.gather([error]) if e is not None), None)
+        if first is not None:
+            raise first
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_an_evaluation_split_over_ranks_gives_the_one_process_numbers(gpt, tok, size):
+    """Problems rank, rank + N, ... on each rank (5 problems: uneven shares), gathered in problem order: every
+    rank gets exactly the numbers of one process."""
+    task, engine = _Checksum(ArithmeticTask(test_size=5)), Engine(gpt, tok)
+    config = EvalConfig(problems=5, samples=3, ks=(1, 3), max_new_tokens=8)
+    alone = evaluate_task(engine, task, task.task.test, config)
+    assert 0 < alone["eval/pass@1"] < 1
+    barrier, box, results = threading.Barrier(size), {}, {}
+
+    def rank(r: int) -> None:
+        results[r] = evaluate_task(engine, task, task.task.test, config, chunk=2,
+                                   world=_ThreadRank(r, size, barrier, box))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [results[r] for r in range(size)] == [alone] * size

@@ -280,9 +280,10 @@ class ArithmeticTask:
         """Dataset columns for reward functions: the gold ``answer`` and the ``extract`` mode ('####')."""
         return {"answer": conv["answer"], "extract": "strict"}
 
-    def evaluate(self, engine, config) -> dict[str, float]:
-        """pass@k, mean reward and completion length on the first ``config.problems`` test problems."""
-        return evaluate_task(engine, self, self.test[: config.problems], config)
+    def evaluate(self, engine, config, world=None) -> dict[str, float]:
+        """pass@k, mean reward and completion length on the first ``config.problems`` test problems (split
+        over the ranks of ``world``, the same numbers on every rank)."""
+        return evaluate_task(engine, self, self.test[: config.problems], config, world=world)
 
     def prompt(self, problem: Problem) -> dict:
         """The conversation the model answers (user turn only), carrying the gold answer."""

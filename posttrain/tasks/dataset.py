@@ -226,19 +226,20 @@ class DatasetTask:
             return gold_letter(text)
         return normalize_text(text)
 
-    def evaluate(self, engine, config) -> dict[str, float]:
+    def evaluate(self, engine, config, world=None) -> dict[str, float]:
         """pass@k, mean reward and completion length on the first ``config.problems`` held-out rows, a sample
         right when ``config.correct`` (a reward name or path; None: the task's reward) gives it at least
         ``config.correct_threshold``; {} (no evaluation; :meth:`check` said so) when nothing is held out or no
-        held-out row has a gold answer for the task's reward (``posttrain eval`` checks for rows first)."""
+        held-out row has a gold answer for the task's reward (``posttrain eval`` checks for rows first). Split over
+        the ranks of ``world``, the same numbers on every rank."""
         if not self.test:
             return {}
         if config.correct is not None:
             return evaluate_task(engine, _Judged(self, config.correct), self.test[: config.problems], config,
-                                 threshold=config.correct_threshold)
+                                 threshold=config.correct_threshold, world=world)
         if not self._judgeable():  # nothing to check the held-out rows against
             return {}
-        return evaluate_task(engine, self, self.test[: config.problems], config)
+        return evaluate_task(engine, self, self.test[: config.problems], config, world=world)
 
     def _judgeable(self) -> bool:
         """Whether the task's reward can judge the held-out rows (regex_format needs no gold answer)."""

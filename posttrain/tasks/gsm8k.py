@@ -338,9 +338,10 @@ class GSM8KTask:
         """Dataset columns for reward functions: the gold ``answer`` and the ``extract`` mode."""
         return {"answer": conv["answer"], "extract": self.extract}
 
-    def evaluate(self, engine, config) -> dict[str, float]:
-        """pass@k, mean reward and completion length on the first ``config.problems`` test problems."""
-        return evaluate_task(engine, self, self.test[: config.problems], config)
+    def evaluate(self, engine, config, world=None) -> dict[str, float]:
+        """pass@k, mean reward and completion length on the first ``config.problems`` test problems (split
+        over the ranks of ``world``, the same numbers on every rank)."""
+        return evaluate_task(engine, self, self.test[: config.problems], config, world=world)
 
     def corpus(self, r: random.Random, n: int = 2000) -> list[str]:
         """Texts to train the built-in tokenizer on: every text of ``n`` training conversations."""

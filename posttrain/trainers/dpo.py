@@ -32,6 +32,7 @@ from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
 from posttrain.distributed import data_parallel
 from posttrain.engine import Engine
+from posttrain.evaluation import evaluate_on
 from posttrain.metrics import StepProgress
 from posttrain.preference_config import DPOConfig
 from posttrain.tasks import make_task
@@ -113,21 +114,26 @@ def dpo_step(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad
 def evaluate_dpo(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, reference, ref_logps: Tensor | None,
                  config: DPOConfig) -> dict[str, float]:
     """``eval/`` loss and TRL metrics on the held-out pairs, and ``eval/rewards/accuracies/<kind>`` per
-    kind of rejected reply when the data names kinds."""
+    kind of rejected reply when the data names kinds. Data parallel: each rank scores pairs rank, rank + N, ...;
+    the per-pair values are gathered in pair order, the same metrics on every rank."""
     if not pairs:
         return {}
     model = engine.module
     was_training = model.training
     model.eval()
-    sums: dict[str, Tensor] = {}
+    mine = engine.world.shard(list(range(len(pairs))))
+    rows: list[tuple[int, dict[str, float]]] = []  # (pair, its loss and statistics)
     with torch.no_grad():
-        for batch, ref in chunks(engine, pairs, list(range(len(pairs))), pad_id, config.micro_batch, reference,
-                                 ref_logps):
+        for start in range(0, len(mine), config.micro_batch):
+            index = mine[start : start + config.micro_batch]
+            ((batch, ref),) = chunks(engine, pairs, index, pad_id, len(index), reference, ref_logps)
             with engine.autocast():
                 loss, parts = dpo_terms(model, batch, ref, config)
-            for k, v in {"loss": loss, **parts}.items():
-                sums[k] = torch.cat([sums[k], v.cpu()]) if k in sums else v.cpu()
+            values = {k: v.cpu().tolist() for k, v in {"loss": loss, **parts}.items()}
+            rows += [(i, {k: v[j] for k, v in values.items()}) for j, i in enumerate(index)]
     model.train(was_training)
+    rows = sorted(engine.world.gather(rows), key=lambda row: row[0])
+    sums = {k: torch.tensor([r[k] for _, r in rows]) for k in rows[0][1]}  # {name: (N,)}
     out = {f"eval/{k}": v.mean().item() for k, v in sums.items()}
     for kind in sorted({p.kind for p in pairs if p.kind}):
         rows = torch.tensor([p.kind == kind for p in pairs])
@@ -186,16 +192,15 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
             reference = None  # no longer needed: its memory goes back
 
         def evaluate() -> dict:
-            """Rank 0's held-out metrics, on every rank."""
+            """The held-out metrics (the pairs and the task's problems split over the ranks), the same on every
+            rank."""
             with policy.gathered():
-                if not world.main:
-                    return world.broadcast(None)
                 out = evaluate_dpo(policy, test, pad, reference, ref_test, config)
                 if task is not None:
                     model.eval()
                     with policy.autocast():
-                        out |= task.evaluate(engine, config.eval)
-                return world.broadcast(out)
+                        out |= evaluate_on(task, engine, config.eval, world)
+                return out
 
         run.open(bar.print)
         step = run.restore(parts) if run.resume_from else 0

@@ -72,14 +72,18 @@ def score_pairs(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, micr
 def evaluate_pairs(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, micro_batch: int,
                    use_margin: bool) -> dict[str, float]:
     """Held-out ``eval/`` metrics: loss, accuracy, margin, score stats, and the accuracy per kind of
-    rejected reply when the data names kinds (``eval/accuracy/slip`` …)."""
+    rejected reply when the data names kinds (``eval/accuracy/slip`` …). Data parallel: each rank scores
+    pairs rank, rank + N, ...; the scores are gathered in pair order, the same metrics on every rank."""
     if not pairs:
         return {}
     model = engine.module
     was_training = model.training
     model.eval()
-    rc, rr = score_pairs(engine, pairs, pad_id, micro_batch)
+    mine = engine.world.shard(list(range(len(pairs))))
+    rc, rr = score_pairs(engine, [pairs[i] for i in mine], pad_id, micro_batch) if mine else (Tensor(), Tensor())
     model.train(was_training)
+    scored = sorted(engine.world.gather(list(zip(mine, rc.tolist(), rr.tolist(), strict=True))))
+    rc, rr = torch.tensor([c for _, c, _ in scored]), torch.tensor([r for _, _, r in scored])  # (N,), (N,)
     margins = torch.tensor([p.margin for p in pairs]) if use_margin else None
     out = {"eval/loss": losses.bradley_terry_loss(rc, rr, margins).item(), **pair_metrics(rc, rr, "eval/")}
     for kind in sorted({p.kind for p in pairs if p.kind}):
@@ -154,12 +158,9 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
             run.save(0, parts)
 
         def evaluate() -> dict:
-            """Rank 0's held-out metrics, on every rank."""
+            """The held-out metrics (the pairs split over the ranks), the same on every rank."""
             with rm.gathered():
-                if not world.main:
-                    return world.broadcast(None)
-                return world.broadcast(evaluate_pairs(rm, test, tokenizer.pad_id, config.micro_batch,
-                                                      config.use_margin))
+                return evaluate_pairs(rm, test, tokenizer.pad_id, config.micro_batch, config.use_margin)
 
         def update(rows: list[int], n_pairs: int, gate) -> dict:
             return bt_step(rm, [train[i] for i in rows], config, tokenizer.pad_id, gate, n_pairs)

@@ -58,6 +58,7 @@ from posttrain.checkpoint import load_policy
 from posttrain.config import OptimConfig, RLConfig
 from posttrain.distributed import World, data_parallel, rank_device
 from posttrain.engine import Engine
+from posttrain.evaluation import evaluate_on
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import ValueModel
 from posttrain.monitor import Monitor
@@ -249,14 +250,12 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 
 
 def evaluate(rl: RLSetup) -> dict:
-    """The task's held-out evaluation of the current policy (made by rank 0, on every rank)."""
-    world = rl.policy.world
+    """The task's held-out evaluation of the current policy (the problems split over the ranks; the same
+    numbers on every rank)."""
     with rl.policy.gathered():
-        if not world.main:
-            return world.broadcast(None)
         rl.policy.module.eval()
         with rl.policy.autocast():
-            return world.broadcast(rl.task.evaluate(rl.rollout, rl.config.eval))
+            return evaluate_on(rl.task, rl.rollout, rl.config.eval, rl.policy.world)
 
 
 def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) -> Rollout:

@@ -33,6 +33,7 @@ from posttrain.config import ConfigError, SFTConfig
 from posttrain.distributed import World, data_parallel
 from posttrain.engine import Engine
 from posttrain.epoch_order import EpochOrder
+from posttrain.evaluation import evaluate_on
 from posttrain.metrics import StepProgress
 from posttrain.models.gpt import GPT
 from posttrain.optim import lr_at
@@ -118,13 +119,11 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
         return conversations[order.next()] if order else task.sft_example(parts.rngs["data"])
 
     def evaluate() -> dict:
-        """Rank 0's held-out evaluation, on every rank."""
+        """The held-out evaluation (the problems split over the ranks; the same numbers on every rank)."""
         with policy.gathered():
-            if not world.main:
-                return world.broadcast(None)
             model.eval()
             with policy.autocast():
-                return world.broadcast(task.evaluate(engine, config.eval))
+                return evaluate_on(task, engine, config.eval, world)
 
     with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress and world.main,
                       initial=run.start_step, quiet=not world.main) as bar:
