@@ -61,8 +61,6 @@ def _launch(nproc: int, config) -> None:
     --nproc_per_node=N``, which this process becomes), after the checks that can fail before any process
     starts: the config (loaded already), a global batch the processes can share, and enough GPUs for CUDA.
     Inside a torchrun job it does nothing (that job's size is what it is)."""
-    import os
-    import sys
 
     import torch
 
@@ -71,10 +69,6 @@ def _launch(nproc: int, config) -> None:
 
     if launched_world().size > 1:
         return
-    if not any(a.startswith("nproc=") for a in sys.argv):  # called in-process (a test runner), not a command line
-        typer.secho("config error: nproc=N starts the command again under torchrun: use it on the command line",
-                    fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
     problem = None
     key = "prompts_per_step" if isinstance(config, RLConfig) else "batch_size"
     if getattr(config, key) < nproc:
@@ -89,7 +83,29 @@ def _launch(nproc: int, config) -> None:
     from posttrain.dry_run import check_stage
 
     check_stage(STAGES[type(config).__name__], config)  # bad data or rewards: one line here, not one per process
-    argv = [a for a in sys.argv[1:] if not a.startswith("nproc=")]
+    _torchrun(nproc)
+
+
+def _torchrun(nproc: int) -> None:
+    """Become ``torchrun --standalone --nproc_per_node=N -m posttrain`` + this command line without its
+    ``nproc=N`` / ``--nproc N``. Does nothing inside a torchrun job or for one process; a call from inside
+    another program (no nproc on the command line: a test runner) is an error, not a replaced process."""
+    import os
+    import sys
+
+    from posttrain.distributed import launched_world
+
+    if nproc <= 1 or launched_world().size > 1:
+        return
+    if not any(a.startswith(("nproc=", "--nproc")) for a in sys.argv):
+        typer.secho("config error: nproc starts the command again under torchrun: use it on the command line",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if not skip and not a.startswith(("nproc=", "--nproc")):
+            argv.append(a)
+        skip = a == "--nproc"  # its value is the next word
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                               f"--nproc_per_node={nproc}", "-m", "posttrain", *argv])
@@ -163,13 +179,12 @@ def demo(
                                              "train one, as the main demo does)")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when available) | cpu | cuda[:i]")] = "auto",
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16-mixed | fp16-mixed | bf16-true")] = "auto",
+    nproc: Annotated[int, typer.Option(min=1, help="data-parallel processes on this machine (torchrun)")] = 1,
 ) -> None:
     """SFT the built-in GPT from scratch, then RL (Dr. GRPO); print held-out pass@1/pass@8 before and after RL.
     With --preference: reward model, DPO and PPO-with-the-reward-model from the SFT model."""
-    from posttrain.distributed import single_process_only
-
+    _torchrun(nproc)
     with _run_errors():
-        single_process_only("posttrain demo")
         if preference:
             from posttrain.demo_preference import run_preference_demo
 
@@ -271,17 +286,17 @@ def pipeline(
     """Run stages (sft, rm, dpo, rl, eval) in order, each from an earlier stage's output, into RUN_DIR/<stage>/;
     finished stages are skipped. Ends with one table comparing every policy (pass@1, pass@K, maj@K, format
     rate, mean length), also written to RUN_DIR/comparison.md and comparison.json."""
-    from posttrain.distributed import single_process_only
     from posttrain.pipeline import load_pipeline, run_pipeline
 
+    nproc, overrides = _nproc(overrides or [])
     with _run_errors():
-        single_process_only("posttrain pipeline")
-        loaded = load_pipeline(config, overrides or [])
+        loaded = load_pipeline(config, overrides)
         if dry_run:
             from posttrain.dry_run import dry_run_pipeline
 
             typer.echo(dry_run_pipeline(loaded), nl=False)
             return
+        _torchrun(nproc)
         run_pipeline(loaded, progress=progress)
 
 
@@ -328,6 +343,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
     dtype: Annotated[str, typer.Option(help="HF models: float32 | bfloat16 | float16")] = "float32",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    nproc: Annotated[int, typer.Option(min=1, help="processes on this machine (torchrun) sharing the problems")] = 1,
 ) -> None:
     """Sample K completions per problem; print format / plausible / exact counts, token stats, pass@k, maj@K.
 
@@ -337,14 +353,19 @@ def eval_(
     import torch
     from rich.console import Console
 
-    from posttrain.distributed import single_process_only
+    from posttrain.distributed import DistributedConfig, join, launched_world, leave, rank_device
     from posttrain.engine import SamplingParams
     from posttrain.eval_report import load_eval, report_table, run_eval
+    from posttrain.trainers.model_engine import resolve_device
 
     if threads > 0:
         torch.set_num_threads(threads)
     try:
-        single_process_only("posttrain eval")
+        if nproc > 1 and launched_world().size == 1:
+            resolve_device(device)  # a device this machine lacks: one line before any process starts
+        _torchrun(nproc)
+        world = join(DistributedConfig(), resolve_device(device))  # under torchrun: each rank its share
+        device = str(rank_device(resolve_device(device), world))
         params = SamplingParams(temperature, top_k or None, None, max_new_tokens)
         fields = [f"name={task}", f"test_size={problems}", *([f"data={data}"] if data else []),
                   *([f"format={fmt}"] if fmt else []), *(task_option or [])]
@@ -357,7 +378,8 @@ def eval_(
         typer.secho(f"error: {(str(err) or type(err).__name__).splitlines()[0]}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     path = out or Path(f"eval_{task}_{split}.jsonl")
-    report = run_eval(engine, task_obj, items, samples, params, batch, seed, path, progress)
+    report = run_eval(engine, task_obj, items, samples, params, batch, seed, path, progress, world)
+    leave()
     console = Console()
     console.print(report_table(report, f"{task} {split}: {report['problems']} problems x {samples} samples"))
     console.print(f"model: {model}\nper problem: {path}", soft_wrap=True)

@@ -123,7 +123,7 @@ class SFTConfig(RunOptions):
 
     run_dir: str = "runs/sft"  # where metrics, samples and checkpoints go
     seed: int = 0  # seeds data order and initialisation
-    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    threads: int = 0  # torch CPU threads (0: torch's default); under torchrun shared by the node's processes
     model: ModelConfig = field(default_factory=ModelConfig)  # the policy to start from (path None: a fresh GPT)
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (HF models)
     steps: int = 600  # optimizer steps
@@ -184,7 +184,7 @@ class RLConfig(RunOptions):
 
     run_dir: str = "runs/rl"  # where metrics, samples and checkpoints go
     seed: int = 0  # seeds prompt order and sampling
-    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    threads: int = 0  # torch CPU threads (0: torch's default); under torchrun shared by the node's processes
     model: ModelConfig = field(default_factory=lambda: ModelConfig("runs/sft/checkpoints/final"))  # policy to train
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (HF models)
     algorithm: str = "grpo"  # preset: nanochat | grpo | dr_grpo | dapo | rloo | reinforce_pp | ppo

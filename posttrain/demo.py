@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from posttrain.config import RLConfig, SFTConfig, load_config
+from posttrain.distributed import launched_world
 from posttrain.trainers.model_engine import resolve_device, resolve_precision
 from posttrain.trainers.rl import train_rl
 from posttrain.trainers.sft import train_sft
@@ -52,7 +53,8 @@ def run_demo(run_dir: str | Path, quick: bool = False, progress: bool = True, de
                 "mean_length": m["eval/mean_length"]}
 
     summary = {"sft": pick(sft), "rl": pick(rl), "wall_s": round(wall, 1)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if launched_world().main:  # under torchrun (demo --nproc N): written once
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     table = Table(title=f"held-out arithmetic problems ({sft_cfg.eval.problems} problems x "
                         f"{sft_cfg.eval.samples} samples, T={sft_cfg.eval.temperature})")
     table.add_column("metric")

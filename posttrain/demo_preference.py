@@ -18,6 +18,7 @@ from rich.table import Table
 
 from posttrain.config import RLConfig, SFTConfig, load_config
 from posttrain.demo import CONFIG_DIR, QUICK_SFT
+from posttrain.distributed import launched_world
 from posttrain.metrics import read_jsonl
 from posttrain.preference_config import DPOConfig, RMConfig
 from posttrain.trainers.dpo import train_dpo
@@ -71,7 +72,8 @@ def run_preference_demo(run_dir: str | Path, quick: bool = False, progress: bool
                 "kl": ppo_rows[-1].get("kl", 0.0)},
         "wall_s": round(wall, 1),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if launched_world().main:  # under torchrun (demo --nproc N): written once
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print_summary(console, summary, dpo_cfg.eval)
     console.print(f"wall time {wall:.0f} s; everything is in {run_dir} (summary.json, */metrics.jsonl, checkpoints)")
     return summary

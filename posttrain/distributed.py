@@ -157,6 +157,14 @@ class World:
             dist.barrier()
 
 
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads`` for the job's ``threads`` CPU threads (0: leave torch's choice): under torchrun
+    the processes on one node share them (each takes threads ÷ LOCAL_WORLD_SIZE, at least 1), so that the
+    same config on N processes does not start N times as many threads as the machine has cores."""
+    if threads > 0:
+        torch.set_num_threads(max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def launched_world() -> World:
     """The world torchrun's environment describes (one process when there is none)."""
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
@@ -229,5 +237,5 @@ def single_process_only(what: str) -> None:
     ranks yet, and N copies of one run would write the same files."""
     world = launched_world()
     if world.size > 1:
-        raise ConfigError(f"{what} does not run data-parallel yet (sft, rm, dpo and rl do): started as {world.size} "
-                          "processes by torchrun; run it as one process")
+        raise ConfigError(f"{what} does not run data-parallel yet (sft, rm, dpo, rl, pipeline, demo and eval do): "
+                          f"started as {world.size} processes by torchrun; run it as one process, or use the CLI")

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.table import Table
 
 from posttrain.checkpoint import load_policy
 from posttrain.config import LoraConfig, ModelConfig, TaskConfig, suggest
+from posttrain.distributed import World
 from posttrain.engine import Engine, SamplingParams
 from posttrain.evaluation import SampleFailures, maj_at_k, pass_at_k
 from posttrain.metrics import StepProgress
@@ -148,39 +150,67 @@ def load_eval(model: ModelConfig, task: TaskConfig, split: str, device: str = "c
 
 
 def run_eval(engine: Engine, task, problems: Sequence, samples: int, params: SamplingParams, batch: int,
-             seed: int, out: str | Path, progress: bool = True) -> dict[str, float]:
+             seed: int, out: str | Path, progress: bool = True, world: World | None = None) -> dict[str, float]:
     """Sample ``samples`` completions per problem, ``batch`` problems per engine call (a problem's
     samples share its prefilled prompt), grade them with ``task.grade`` (completions decoded without
     their stop token; a grade that raises counts the sample wrong, ``grade_failures`` in the report), write
     one problem_record per line to ``out`` (overwritten, flushed per line)
     and return ``summarize`` of the records. Problem p samples its group from ``group_seed(seed, p)``, so
-    the same seed gives the same samples whatever ``batch``."""
-    tok = engine.tokenizer
+    the same seed gives the same samples whatever ``batch``.
+
+    Data parallel (``world``): each rank samples problems rank, rank + N, ...; the records are gathered in
+    problem order, rank 0 writes ``out`` (once, at the end) and every rank returns the one-process report."""
+    world = world or World()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    records: list[dict] = []
-    exact = 0
+    if world.main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    mine = world.shard(list(range(len(problems))))
     failures = SampleFailures(f"the {task.name} task's grade")
-    bar = StepProgress(f"eval {task.name}", len(problems), ("exact",), enabled=progress)
-    with out.open("w", encoding="utf-8") as f, bar:
-        for start in range(0, len(problems), batch):
-            chunk = problems[start : start + batch]
-            convs = [task.prompt(p) for p in chunk]
+    records, error = [], None
+    try:
+        records = _sample(engine, task, problems, mine, samples, params, batch, seed, out if world.size == 1 else None,
+                          failures, progress and world.main)
+    except Exception as err:  # noqa: BLE001 - raised on every rank just below (the others would wait for it)
+        error = err
+    world.raise_any(error)
+    ordered = [record for _, record in sorted(world.gather(records), key=lambda pair: pair[0])]
+    if world.size > 1 and world.main:
+        with out.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in ordered)
+    firsts = world.gather([failures.first])
+    failures.count, failures.first = int(world.sum([failures.count])[0]), next((x for x in firsts if x), None)
+    if world.main:
+        failures.report(len(ordered) * samples)
+    return summarize(ordered) | {"grade_failures": failures.count}
+
+
+def _sample(engine: Engine, task, problems: Sequence, mine: list[int], samples: int, params: SamplingParams,
+            batch: int, seed: int, out: Path | None, failures: SampleFailures,
+            progress: bool) -> list[tuple[int, dict]]:
+    """(problem index, problem_record) of problems ``mine``, in order; each record also written to ``out`` as it
+    comes (flushed per line) when given."""
+    tok = engine.tokenizer
+    records: list[tuple[int, dict]] = []
+    exact = 0
+    bar = StepProgress(f"eval {task.name}", len(mine), ("exact",), enabled=progress)
+    with (out.open("w", encoding="utf-8") if out is not None else nullcontext()) as f, bar:
+        for start in range(0, len(mine), batch):
+            index = mine[start : start + batch]
+            convs = [task.prompt(problems[p]) for p in index]
             prompts = [tok.render_for_completion(c) for c in convs]
-            seeds = [group_seed(seed, start + i) for i in range(len(prompts))]
-            rollout = engine.generate(prompts, samples, params, seeds=seeds)
-            for i, (problem, conv) in enumerate(zip(chunk, convs, strict=True)):
+            rollout = engine.generate(prompts, samples, params, seeds=[group_seed(seed, p) for p in index])
+            for i, (p, conv) in enumerate(zip(index, convs, strict=True)):
                 rows = range(i * samples, (i + 1) * samples)  # problem i's samples, in row order
                 texts = [completion_text(tok, rollout, j) for j in rows]
                 grades = [failures.call(task.grade, conv, t, fallback=FAILED_GRADE) for t in texts]
                 graded = next((g for g in grades if g is not FAILED_GRADE), {})  # a grade that did not fail
                 gold = graded.get("gold", conv["answer"])  # the dataset task's gold as its answers are read
-                record = problem_record(problem.question, gold, len(prompts[i]), texts,
+                record = problem_record(problems[p].question, gold, len(prompts[i]), texts,
                                         [int(rollout.lengths[j]) for j in rows], grades)
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                f.flush()
-                records.append(record)
+                if f is not None:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    f.flush()
+                records.append((p, record))
                 exact += sum(record["exact"])
                 bar.update({"exact": exact / (len(records) * samples)})
-    failures.report(len(records) * samples)
-    return summarize(records) | {"grade_failures": failures.count}
+    return records

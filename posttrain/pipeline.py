@@ -50,6 +50,7 @@ from posttrain.config import (
     suggest,
     to_dict,
 )
+from posttrain.distributed import DistributedConfig, World, join, launched_world, rank_device, set_threads
 from posttrain.preference_config import DPOConfig, RMConfig
 from posttrain.rewards import check_reward_specs
 from posttrain.trainers.run import IGNORED_KEYS, config_changes, defaults_of
@@ -296,8 +297,11 @@ def read_state(root: Path) -> dict:
     return {"stages": state.get("stages", {}), "evals": state.get("evals", {})}
 
 
-def write_state(root: Path, state: dict) -> None:
-    """pipeline.json via a temporary file and a rename: a kill leaves the old or the new file, never half."""
+def write_state(root: Path, state: dict, world: World | None = None) -> None:
+    """pipeline.json via a temporary file and a rename: a kill leaves the old or the new file, never half.
+    Data parallel: written by rank 0 (every rank keeps the same ``state``)."""
+    if world is not None and not world.main:
+        return
     tmp = root / f".{STATE}.tmp"
     with tmp.open("w") as f:
         json.dump(state, f, indent=1)
@@ -306,7 +310,7 @@ def write_state(root: Path, state: dict) -> None:
     os.replace(tmp, root / STATE)
 
 
-def check_finished(config: PipelineConfig, state: dict, notice) -> None:
+def check_finished(config: PipelineConfig, state: dict, notice, world: World | None = None) -> None:
     """Compare each recorded stage with its config now. A change is a ConfigError naming the changed keys
     (on_change: error), or (rerun) that stage and every later one lose their records and directories."""
     root = Path(config.run_dir)
@@ -323,17 +327,35 @@ def check_finished(config: PipelineConfig, state: dict, notice) -> None:
                               f"({changes}): restore it, use another run_dir, or set on_change=rerun to run "
                               "it and every later stage again (their directories are deleted)")
         notice(f"[yellow]stage '{stage.name}' changed ({changes}): running it and every later stage again")
-        forget(root, state, [later.name for later in config.stages[i:]])
+        forget(root, state, [later.name for later in config.stages[i:]], world)
         return
 
 
-def forget(root: Path, state: dict, names: list[str]) -> None:
-    """Stages ``names`` lose their records, cached evaluations and directories (so they run again afresh)."""
+def forget(root: Path, state: dict, names: list[str], world: World | None = None) -> None:
+    """Stages ``names`` lose their records, cached evaluations and directories (so they run again afresh).
+    Data parallel: rank 0 deletes and writes, every rank forgets, and they go on together."""
+    world = world or World()
     for name in names:
         state["stages"].pop(name, None)
         state["evals"].pop(name, None)
-        shutil.rmtree(root / name, ignore_errors=True)
-    write_state(root, state)
+        if world.main:
+            shutil.rmtree(root / name, ignore_errors=True)
+    write_state(root, state, world)
+    world.barrier()
+
+
+def pipeline_world(config: PipelineConfig) -> World:
+    """The data-parallel job the pipeline runs in (under torchrun; else one process): joined once, with the first
+    stage's ``distributed`` settings, on CUDA when any stage or the evaluation uses it; each stage then runs
+    in it as its trainer does."""
+    if launched_world().size == 1:
+        return World()
+    from posttrain.trainers.model_engine import resolve_device
+
+    trained = [s.resolved for s in config.stages if s.kind != "eval"]
+    devices = [resolve_device(c.device) for c in trained] + [resolve_device(config.eval.device)]
+    device = next((d for d in devices if d.type == "cuda"), devices[0])
+    return join(trained[0].distributed if trained else DistributedConfig(), device)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -343,47 +365,51 @@ def run_pipeline(config: PipelineConfig, progress: bool = True, console: Console
     """Run every stage not yet finished, evaluate every policy not yet evaluated, and write the comparison
     (comparison.md, comparison.json; printed as a table). Returns the table's rows."""
     console = console or Console()
+    world = pipeline_world(config)
     root = Path(config.run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    state = read_state(root)
-    check_finished(config, state, console.print)
+    state = world.broadcast(read_state(root) if world.main else None)  # rank 0's reading: the same decisions
+    check_finished(config, state, console.print, world)
     for stage in config.stages:  # a reward that cannot be loaded stops the pipeline before its first stage trains
         if stage.kind == "rl" and stage.name not in state["stages"]:
             check_reward_specs(stage.resolved.rewards)
     rows = []
     for stage in config.stages:
-        finished = stage.name in state["stages"] and output(root, stage).exists()
+        finished = world.broadcast(stage.name in state["stages"] and output(root, stage).exists())
         if stage.kind != "eval" and not finished:  # what used its earlier output (if any) runs again after it
-            stale = [s.name for s in dependents(config.stages, stage.name) if s.name in state["stages"] | state[
-                "evals"] or (root / s.name).exists()]
+            stale = world.broadcast([s.name for s in dependents(config.stages, stage.name) if s.name in state[
+                "stages"] | state["evals"] or (root / s.name).exists()])
             if stale:
                 console.print(f"[yellow]stage '{stage.name}' trains again: so do {', '.join(stale)} (using it)")
             state["evals"].pop(stage.name, None)
-            forget(root, state, stale)
+            forget(root, state, stale, world)
             console.print(f"[bold]pipeline[/bold]: stage '{stage.name}' ({stage.kind}) -> {root / stage.name}")
             module, name = TRAINERS[stage.kind]
             start = time.perf_counter()
             settings = trained_settings(to_dict(stage.resolved))  # as configured (epochs > 0 sets steps in training)
             getattr(importlib.import_module(module), name)(stage.resolved, progress=progress)
             state["stages"][stage.name] = {"kind": stage.kind, "config": settings,
-                                           "wall_s": time.perf_counter() - start}
-            write_state(root, state)
+                                           "wall_s": world.broadcast(time.perf_counter() - start)}
+            write_state(root, state, world)
         elif stage.kind != "eval":
             console.print(f"pipeline: stage '{stage.name}' finished earlier ({root / stage.name}); not run again")
         if stage.kind in (*POLICY_KINDS, "eval"):
-            rows.append(evaluate_stage(config, stage, state, progress, console))
-    write_comparison(config, rows, console)
+            rows.append(evaluate_stage(config, stage, state, progress, console, world))
+    if world.main:
+        write_comparison(config, rows, console)
     return rows
 
 
-def evaluate_stage(config: PipelineConfig, stage: StageConfig, state: dict, progress: bool, console) -> dict:
+def evaluate_stage(config: PipelineConfig, stage: StageConfig, state: dict, progress: bool, console,
+                   world: World | None = None) -> dict:
     """The stage's comparison row, from pipeline.json when this model was evaluated with these settings
     before; otherwise sampled now (per-problem records: run_dir/NAME/comparison.jsonl; torch threads:
-    ``config.threads`` while sampling) and recorded."""
+    ``config.threads`` while sampling; data parallel: the problems split over the ranks) and recorded."""
     import torch
 
     from posttrain.engine import SamplingParams
     from posttrain.eval_report import load_eval, run_eval
+    from posttrain.trainers.model_engine import resolve_device
 
     root, settings = Path(config.run_dir), config.eval
     model = stage.resolved if stage.kind == "eval" else dataclasses.replace(
@@ -393,20 +419,22 @@ def evaluate_stage(config: PipelineConfig, stage: StageConfig, state: dict, prog
     cached = state["evals"].get(stage.name)
     if cached is None or cached["hash"] != key:
         console.print(f"[bold]pipeline[/bold]: evaluating '{stage.name}' ({model.path})")
+        world = world or World()
+        device = str(rank_device(resolve_device(settings.device), world))
         try:
-            engine, task, problems = load_eval(model, settings.task, "test", settings.device)
+            engine, task, problems = load_eval(model, settings.task, "test", device)
         except (ValueError, OSError, ImportError) as err:
             raise ConfigError(f"stage '{stage.name}': cannot evaluate {model.path}: {err}") from None
         params = SamplingParams(settings.temperature, settings.top_k, None, settings.max_new_tokens)
         threads = torch.get_num_threads()
-        torch.set_num_threads(config.threads or threads)
+        set_threads(config.threads)  # under torchrun: shared by the node's processes
         try:
             report = run_eval(engine, task, problems[: settings.problems], settings.samples, params, settings.batch,
-                              settings.seed, root / stage.name / "comparison.jsonl", progress)
+                              settings.seed, root / stage.name / "comparison.jsonl", progress, world)
         finally:
             torch.set_num_threads(threads)  # the training stages keep their own
         cached = state["evals"][stage.name] = {"hash": key, "model": model.path, "report": report}
-        write_state(root, state)
+        write_state(root, state, world)
     return comparison_row(stage.name, stage.kind, cached["model"], cached["report"])
 
 

@@ -50,7 +50,7 @@ class RMConfig(RunOptions):
 
     run_dir: str = "runs/rm"  # where metrics and checkpoints go (checkpoints/final is the reward model)
     seed: int = 0  # seeds data order
-    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    threads: int = 0  # torch CPU threads (0: torch's default); under torchrun shared by the node's processes
     model: ModelConfig = field(default_factory=lambda: ModelConfig("runs/sft/checkpoints/final"))  # trunk to start from
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters on the trunk (HF models)
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)  # the pairs
@@ -76,7 +76,7 @@ class DPOConfig(RunOptions):
 
     run_dir: str = "runs/dpo"  # where metrics and checkpoints go
     seed: int = 0  # seeds data order
-    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    threads: int = 0  # torch CPU threads (0: torch's default); under torchrun shared by the node's processes
     model: ModelConfig = field(default_factory=lambda: ModelConfig("runs/sft/checkpoints/final"))  # policy to train
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (HF); the reference is then the adapter off
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)  # the pairs

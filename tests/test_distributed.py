@@ -140,13 +140,14 @@ def test_sft_dpo_rm_and_rl_on_two_processes_equal_one_process(single, strategy, 
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
-def test_a_stage_that_is_not_data_parallel_yet_refuses_two_processes(tmp_path):
+def test_the_python_api_refuses_two_processes(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("from posttrain.api import SFTTrainer\nSFTTrainer(model='m', args={})\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "posttrain", "pipeline",
-                           str(ROOT / "posttrain" / "configs" / "pipeline_sft_rl.yaml"), f"run_dir={tmp_path / 'p'}"],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script)], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "config error: posttrain pipeline does not run data-parallel yet (sft, rm, dpo and rl do)" in proc.stderr
+    assert "the Python API does not run data-parallel yet (sft, rm, dpo, rl, pipeline, demo and eval do)" in proc.stderr
 
 
 def test_nproc_is_checked_before_any_process_starts(tmp_path):
@@ -169,3 +170,40 @@ def test_ranks_that_read_other_data_stop_with_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="the 2 processes do not agree on the data: rank 0: steps 10, data A; "
                                           "rank 1: steps 10, data B .every node must see the same files"):
         world.agree("the data", "steps 10, data A")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
+def test_a_pipeline_and_posttrain_eval_on_two_processes_give_the_one_process_table(tmp_path):
+    """``posttrain pipeline ... nproc=2`` (its stages data-parallel, the comparison's problems split over the
+    ranks, pipeline.json and the tables written once) and ``posttrain eval --nproc 2`` equal one process."""
+    import yaml
+
+    tiny = {"threads": 1, "steps": 2, "save_every": 0, "task": {"test_size": 8}, "gpt": {
+        "n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1},
+        "eval": {"problems": 3, "samples": 2, "ks": [1, 2], "max_new_tokens": 8, "every": 0}}
+    stages = {"sft": {**tiny, "kind": "sft", "model": None, "batch_size": 4},
+              "rl": {**{k: v for k, v in tiny.items() if k != "gpt"}, "from": "sft", "prompts_per_step": 2,
+                     "samples_per_prompt": 2,
+                     "eval_before": False, "sampling": {"max_new_tokens": 8}}}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    tables = []
+    for nproc in (1, 2):
+        path = tmp_path / f"pipeline{nproc}.yaml"
+        path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / f"run{nproc}"), "stages": stages, "eval": {
+            "task": {"test_size": 8}, "problems": 5, "samples": 2, "max_new_tokens": 8, "batch": 2}}, sort_keys=False))
+        proc = subprocess.run([sys.executable, "-m", "posttrain", "pipeline", str(path), f"nproc={nproc}",
+                               "--no-progress"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("comparison:") == 1  # printed by rank 0 alone
+        tables.append(json.loads((tmp_path / f"run{nproc}" / "comparison.json").read_text()))
+        assert len((tmp_path / f"run{nproc}" / "rl" / "comparison.jsonl").read_text().splitlines()) == 5
+    rows = [[{k: v for k, v in row.items() if k != "model"} for row in table["rows"]] for table in tables]
+    assert rows[0] == rows[1] and 0 < len(rows[0])
+    model = str(tmp_path / "run1" / "rl" / "checkpoints" / "final")
+    for nproc in (1, 2):
+        proc = subprocess.run([sys.executable, "-m", "posttrain", "eval", f"--model={model}", "--task=arithmetic",
+                               "--problems=5", "--samples=2", "--max-new-tokens=8", "--batch=2", "--no-progress",
+                               f"--out={tmp_path / f'eval{nproc}.jsonl'}", f"--nproc={nproc}"],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "eval1.jsonl").read_text() == (tmp_path / "eval2.jsonl").read_text()

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
-from posttrain.distributed import data_parallel
+from posttrain.distributed import data_parallel, set_threads
 from posttrain.engine import Engine
 from posttrain.evaluation import evaluate_on
 from posttrain.metrics import StepProgress
@@ -159,8 +159,7 @@ def check_inputs(config: DPOConfig) -> Checked:
 def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, float]]:
     """Run DPO as configured (resuming per ``config.resume``); returns {"before": held-out metrics of the
     starting policy, "after": the last held-out metrics}."""
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)  # under torchrun: shared by the processes on this node
     torch.manual_seed(config.seed)
     checked = check_inputs(config)  # sets steps when epochs > 0
     if checked.epochs:

@@ -20,7 +20,7 @@ from torch import Tensor
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy, restore_module
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, RewardModelConfig
-from posttrain.distributed import data_parallel
+from posttrain.distributed import data_parallel, set_threads
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import RewardModel
 from posttrain.models.hf_reward import is_sequence_classifier, load_sequence_classifier
@@ -132,8 +132,7 @@ def check_inputs(config: RMConfig) -> Checked:
 
 def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, float]:
     """Train a reward model as configured (resuming per ``config.resume``); returns the last held-out metrics."""
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)  # under torchrun: shared by the processes on this node
     torch.manual_seed(config.seed)
     checked = check_inputs(config)  # sets steps when epochs > 0
     if checked.epochs:

@@ -56,7 +56,7 @@ from posttrain.algorithms import advantages as adv_fns
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
 from posttrain.config import OptimConfig, RLConfig
-from posttrain.distributed import World, data_parallel, rank_device
+from posttrain.distributed import World, data_parallel, rank_device, set_threads
 from posttrain.engine import Engine
 from posttrain.evaluation import evaluate_on
 from posttrain.metrics import StepProgress
@@ -181,8 +181,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
     """Run RL as configured (resuming per ``config.resume``); returns {"before": eval metrics, "after": eval
     metrics}. ``before``: the initial policy's metrics when the caller has them (with ``eval_before`` off);
     ``reward_funcs``: reward functions given as objects (see :func:`setup`)."""
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)  # under torchrun: shared by the processes on this node
     checked = check_inputs(config, reward_funcs=reward_funcs)  # sets steps when epochs > 0
     if checked.epochs:
         print(f"rl: {checked.epochs}")

@@ -30,7 +30,7 @@ import torch
 
 from posttrain.checkpoint import load_policy
 from posttrain.config import ConfigError, SFTConfig
-from posttrain.distributed import World, data_parallel
+from posttrain.distributed import World, data_parallel, set_threads
 from posttrain.engine import Engine
 from posttrain.epoch_order import EpochOrder
 from posttrain.evaluation import evaluate_on
@@ -89,8 +89,7 @@ class SFTState(TrainerState):
 
 def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
     """Run SFT as configured (resuming per ``config.resume``); returns the last held-out evaluation's metrics."""
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)  # under torchrun: shared by the processes on this node
     torch.manual_seed(config.seed)  # LoRA init, new token rows, dropout: the same in a restarted run
     checked = check_inputs(config)  # sets steps when epochs > 0
     if checked.epochs:
