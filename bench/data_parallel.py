@@ -3,7 +3,10 @@
 * 1 process × 1 thread (the scaling baseline);
 * 1 process × 2 threads (what a CPU user would otherwise run: torch's intra-op threads);
 * 2 processes × 1 thread (``nproc=2``: torchrun, gloo; RL: each rank generates half of the prompt groups and
-  runs half of each minibatch's rows; SFT: half of the conversations; gradients all-reduced once per step).
+  runs half of each minibatch's rows; SFT: half of the conversations; gradients all-reduced once per step);
+* with ``--fsdp2``, also 2 processes × 1 thread under ``distributed.strategy=fsdp2`` (weights, gradients and
+  AdamW state sharded; each training pass gathers a block's weights and reduce-scatters its gradient, and
+  generation gathers the whole model first): what the sharding costs against DDP on the same step.
 
 ``--stage rl`` (the default): ``posttrain rl configs/demo_rl.yaml`` (Dr. GRPO, 16 prompts × 8 samples, 64 new
 tokens) from an SFT checkpoint of ``--sft-steps`` demo SFT steps made first; ``--stage sft``: ``posttrain sft
@@ -16,6 +19,7 @@ thread time>``.
 
     python bench/data_parallel.py                 # the RL step
     python bench/data_parallel.py --stage sft
+    python bench/data_parallel.py --fsdp2         # and the FSDP2 variant
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"1 process × 1 thread": (1, 1), "1 process × 2 threads": (1, 2), "2 processes × 1 thread": (2, 1)}
+VARIANTS = {"1 process × 1 thread": (1, 1, "ddp"), "1 process × 2 threads": (1, 2, "ddp"),
+            "2 processes × 1 thread": (2, 1, "ddp")}
+FSDP2 = {"2 processes × 1 thread, FSDP2": (2, 1, "fsdp2")}
 
 
 def posttrain(stage: str, args: list[str], threads: int) -> None:
@@ -59,10 +65,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sft-steps", type=int, default=30, help="rl: demo SFT steps of the starting checkpoint")
+    ap.add_argument("--fsdp2", action="store_true", help="also time 2 processes under distributed.strategy=fsdp2")
     args = ap.parse_args()
+    variants = VARIANTS | (FSDP2 if args.fsdp2 else {})
     steps = args.steps or {"rl": 6, "sft": 14}[args.stage]
     samples = 16 * 8 if args.stage == "rl" else 64  # per step: the demo configs' global batch
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         extra = []
         if args.stage == "rl":
@@ -70,9 +78,10 @@ def main() -> None:
                               "eval.samples=1", "eval.ks=[1]", "threads=2"], 2)
             extra = [f"model={tmp}/sft/checkpoints/final", "eval_before=false"]
         for r in range(args.rounds):
-            for name, (nproc, threads) in VARIANTS.items():
-                out = Path(tmp) / f"{r}-{nproc}-{threads}"
-                times[name] += step_times(args.stage, nproc, threads, steps, args.warmup, out, extra)
+            for name, (nproc, threads, strategy) in variants.items():
+                out = Path(tmp) / f"{r}-{nproc}-{threads}-{strategy}"
+                times[name] += step_times(args.stage, nproc, threads, steps, args.warmup, out,
+                                          [*extra, f"distributed.strategy={strategy}"])
     median = {name: statistics.median(t) for name, t in times.items()}
     base = median["1 process × 1 thread"]
     print(f"demo {args.stage.upper()} step, {samples} samples per step, {os.cpu_count()} CPUs, {args.rounds} rounds "

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, save_config
@@ -143,14 +144,17 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, directory: str | Path, n
     optimizer.load_state_dict(read_optimizer_state(directory, name))
 
 
-def read_optimizer_state(directory: str | Path, name: str) -> dict:
-    """The optimizer state dict :func:`_save_optimizer` wrote (full tensors, on the CPU)."""
+def read_optimizer_state(directory: str | Path, name: str, cut=None) -> dict:
+    """The optimizer state dict :func:`_save_optimizer` wrote (full tensors, on the CPU); ``cut(index, field,
+    tensor)``: what to keep of each tensor as it is read, one at a time (FSDP2: this rank's shard)."""
     directory = Path(directory)
     meta = json.loads((directory / f"optimizer.{name}.json").read_text())
     state: dict[int, dict] = {}
-    for key, value in load_file(directory / f"optimizer.{name}.safetensors").items():
-        index, field = key.split(".", 1)
-        state.setdefault(int(index), {})[field] = value
+    with safe_open(directory / f"optimizer.{name}.safetensors", "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            index, field = key.split(".", 1)
+            value = f.get_tensor(key)
+            state.setdefault(int(index), {})[field] = cut(int(index), field, value) if cut else value
     for key, value in meta["scalars"].items():
         index, field = key.split(".", 1)
         state.setdefault(int(index), {})[field] = value

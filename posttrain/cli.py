@@ -353,16 +353,17 @@ def eval_(
     import torch
     from rich.console import Console
 
-    from posttrain.distributed import DistributedConfig, join, launched_world, leave, rank_device
+    from posttrain.distributed import DistributedConfig, join, launched_world, leave, rank_device, set_threads
     from posttrain.engine import SamplingParams
     from posttrain.eval_report import load_eval, report_table, run_eval
     from posttrain.trainers.model_engine import resolve_device
 
-    if threads > 0:
-        torch.set_num_threads(threads)
+    set_threads(threads)  # under torchrun: shared by the node's processes
     try:
-        if nproc > 1 and launched_world().size == 1:
-            resolve_device(device)  # a device this machine lacks: one line before any process starts
+        if nproc > 1 and launched_world().size == 1 and resolve_device(device).type == "cuda" and \
+                torch.cuda.device_count() < nproc:  # (a device this machine lacks: one line, before any start)
+            raise ConfigError(f"nproc={nproc} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                              "use --device cpu")
         _torchrun(nproc)
         world = join(DistributedConfig(), resolve_device(device))  # under torchrun: each rank its share
         device = str(rank_device(resolve_device(device), world))

@@ -40,7 +40,7 @@ class DistributedConfig:
     strategy: str = "ddp"  # ddp: every rank holds the model, gradients are summed over ranks once per step;
     # fsdp2: weights, gradients and optimizer state sharded over the ranks (fully_shard per block; posttrain/fsdp.py)
     timeout_s: float = 1800.0  # a collective that waits longer ends the job (a rank died or hangs); the other ranks
-    # wait this long for rank 0's evaluations and checkpoint saves, so keep it above the longest of those
+    # wait this long for rank 0's saves (and a task of your own that rank 0 evaluates): keep it above those
 
     def __post_init__(self):
         check_choice("distributed.strategy", self.strategy, list(STRATEGIES))

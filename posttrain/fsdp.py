@@ -21,12 +21,15 @@ Two ways to run a sharded module, and why:
   the full weights, as verl's rollout does; the gradients and the optimizer state stay sharded.
 
 Checkpoints hold full tensors (the same files as one process, so ``posttrain export``, ``from:`` and a
-resume at another world size read them unchanged): :func:`full_state` gathers them to rank 0, and
-:func:`load_full_state` shards rank 0's copy back out.
+resume at another world size read them unchanged): :func:`full_state` gathers the weights to rank 0 and
+:func:`load_full_state` shards rank 0's copy back out; the optimizer state is gathered to rank 0 tensor by
+tensor (:func:`full_optimizer_state`) and read back one tensor at a time, each rank keeping its shard
+(:func:`shard_like`).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,13 +41,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-BLOCK_LISTS = ("blocks", "layers")  # the names of the ModuleLists whose children are transformer blocks
+BLOCK_LISTS = ("blocks", "layers", "h")  # names of the ModuleLists whose children are transformer blocks (h: GPT-2)
 FORWARD_METHODS = ("logprobs",)  # root methods the trainers call instead of forward
 
 
 def blocks(module: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``module``: the children of every ``nn.ModuleList`` called ``blocks`` or
-    ``layers`` (``GPT.blocks``; ``model.layers`` in a Hugging Face decoder)."""
+    """The transformer blocks of ``module``: the children of every ``nn.ModuleList`` called ``blocks``,
+    ``layers`` or ``h`` (``GPT.blocks``; ``model.layers`` in most Hugging Face decoders, ``transformer.h`` in
+    GPT-2's family)."""
     return [block for name, child in module.named_modules()
             if name.rsplit(".", 1)[-1] in BLOCK_LISTS and isinstance(child, nn.ModuleList) for block in child]
 
@@ -56,7 +60,12 @@ def shard(module: nn.Module, size: int, device: torch.device, precision: str) ->
     mesh = init_device_mesh(device.type, (size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16-mixed" else MixedPrecisionPolicy())
-    for block in blocks(module):
+    found = blocks(module)
+    if not found:
+        print(f"fsdp2: no transformer blocks found in {type(module).__name__} (no ModuleList named "
+              f"{', '.join(BLOCK_LISTS)}): the whole model is one shard unit, gathered for every pass",
+              file=sys.stderr)
+    for block in found:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(module, mesh=mesh, mp_policy=policy)
     for name in FORWARD_METHODS:
@@ -71,10 +80,6 @@ def shard(module: nn.Module, size: int, device: torch.device, precision: str) ->
 def units(module: nn.Module) -> list[FSDPModule]:
     """The sharded units of ``module`` (its blocks and the root), root last."""
     return [m for m in module.modules() if isinstance(m, FSDPModule)][::-1]
-
-
-def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
 
 
 @contextmanager
@@ -122,24 +127,31 @@ def load_full_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """``optimizer.state_dict()`` with every sharded tensor gathered whole (every rank must call, in the same
-    order; each gets the full state)."""
+def full_optimizer_state(optimizer: torch.optim.Optimizer, main: bool) -> dict:
+    """``optimizer.state_dict()`` with every sharded tensor gathered whole, on the CPU of rank 0 (``main``); the
+    other ranks help gather and keep nothing (every rank must call, in the same order)."""
     sd = optimizer.state_dict()
-    state = {index: {key: value.full_tensor().cpu() if isinstance(value, DTensor) else value
-                     for key, value in entry.items()}
-             for index, entry in sorted(sd["state"].items())}
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
-def load_full_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    """Load a full optimizer state dict (:func:`full_optimizer_state`'s form, read by every rank) into an
-    optimizer over sharded parameters: each tensor the shape of its parameter is cut to this rank's shard."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
-    for index, entry in sd["state"].items():
-        p = params[int(index)]
-        state[index] = {key: distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                        if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.shape
-                        else value for key, value in entry.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    for index, entry in sorted(sd["state"].items()):
+        state[index] = {}
+        for key, value in entry.items():
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            state[index][key] = whole.cpu() if isinstance(whole, torch.Tensor) else whole
+        if not main:
+            state[index] = {}
+    return {"state": state if main else {}, "param_groups": sd["param_groups"]}
+
+
+def shard_like(optimizer: torch.optim.Optimizer):
+    """A function (parameter index, state field, whole tensor) -> this rank's part of it: the shard of the
+    parameter's placement for a tensor shaped like that parameter (AdamW's moments), else the tensor (``step``).
+    For reading a full optimizer state one tensor at a time (posttrain/checkpoint.py: read_optimizer_state)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def cut(index: int, field: str, value: torch.Tensor) -> torch.Tensor:
+        p = params[index]
+        if isinstance(p, DTensor) and value.shape == p.shape:
+            return distribute_tensor(value.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        return value
+
+    return cut

@@ -445,11 +445,13 @@ def test_no_training_rows_is_a_clear_error():
 def test_evaluate_delegates_to_evaluate_task(small, monkeypatch):
     seen = {}
 
-    def fake(engine, task, problems, config):
-        seen.update(engine=engine, task=task, problems=problems)
+    def fake(engine, task, problems, config, world=None):
+        seen.update(engine=engine, task=task, problems=problems, world=world)
         return {"eval/pass@1": 0.5}
 
     monkeypatch.setattr("posttrain.tasks.gsm8k.evaluate_task", fake)
     config = type("EvalConfig", (), {"problems": 1})()
     assert small.evaluate("engine", config) == {"eval/pass@1": 0.5}
-    assert seen == {"engine": "engine", "task": small, "problems": small.test[:1]}
+    assert seen == {"engine": "engine", "task": small, "problems": small.test[:1], "world": None}
+    small.evaluate("engine", config, world="the ranks")
+    assert seen["world"] == "the ranks"  # a data-parallel run's world goes through

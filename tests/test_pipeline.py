@@ -263,7 +263,7 @@ def fakes(monkeypatch):
         trained.append((Path(config.run_dir).name, torch.get_num_threads()))
         (Path(config.run_dir) / "checkpoints/final").mkdir(parents=True)
 
-    def run_eval(engine, task, problems, samples, params, batch, seed, path, progress):
+    def run_eval(engine, task, problems, samples, params, batch, seed, path, progress, world=None):
         evaluated.append((path.parent.name, torch.get_num_threads()))
         return {"problems": 3, "samples": 6, "pass@1": 0.5, "pass@2": 0.75, "maj@2": 0.5, "format_pct": 50.0,
                 "output_tokens_avg": 7.0}

@@ -130,14 +130,14 @@ def test_dpo_step_raises_chosen_and_lowers_rejected(make_gpt, tok):
     pairs, _ = encode_pairs(tok, [text_pair(" 5 apples", " 9 pens"), text_pair(" 3", " 4 4 4")], 0)
     config = load_config(DPOConfig, None, ["beta=0.5", "optim.grad_clip=0"])
     before = sequence_logps(policy, pair_batch(pairs, tok.pad_id)).detach()
-    stats = dpo_step(engine(policy, sgd(policy, 0.05)), pairs, [0, 1], tok.pad_id, reference, None, config,
-                     lambda loss, norm: True)
+    stats = dpo_step(engine(policy, sgd(policy, 0.05)), pairs, [0, 1], tok.pad_id, engine(reference, None), None,
+                     config, lambda loss, norm: True)
     after = sequence_logps(policy, pair_batch(pairs, tok.pad_id)).detach()
     assert (after[:2] > before[:2]).all() and (after[2:] < before[2:]).all()
     assert stats["rewards/chosen"] == 0 and stats["rewards/margins"] == 0  # measured before the step: π = π_ref
     assert stats["loss"] == pytest.approx(0.6931, abs=1e-4)  # −log σ(0)
     # a precomputed reference gives the same step
-    table = precompute_reference(engine(reference, None), reference, pairs, tok.pad_id, size=1)
+    table = precompute_reference(engine(reference, None), engine(reference, None), pairs, tok.pad_id, size=1)
     torch.testing.assert_close(table, torch.stack([before[:2], before[2:]], 1), rtol=1e-5, atol=1e-4)
 
 

@@ -77,6 +77,14 @@ def test_dpo_separates_held_out_pairs(policy, tmp_path, precompute):
         assert key in rows[-1]
 
 
+def test_dpo_reference_lives_where_and_as_the_policy_does(policy, tmp_path):
+    """bf16-true: the frozen reference is cast and placed by its own model engine as the policy is, so at the start
+    π = π_ref exactly (an fp32 reference beside a bf16 policy would give nonzero implicit rewards)."""
+    result = train_dpo(dpo_config(policy, tmp_path, "steps=1", "precision=bf16-true"), progress=False)
+    assert result["before"]["eval/rewards/margins"] == 0 and result["before"]["eval/rewards/chosen"] == 0
+    assert read_jsonl(tmp_path / "metrics.jsonl")[1]["rewards/chosen"] == 0
+
+
 def test_dpo_resumed_mid_way_ends_with_the_same_weights(policy, tmp_path):
     straight = tmp_path / "straight"
     train_dpo(dpo_config(policy, straight, "steps=6", "save_every=3"), progress=False)

@@ -23,6 +23,7 @@ on held-out pairs, plus the task's pass@k when a task is configured.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -52,30 +53,32 @@ from posttrain.trainers.pairs import (
 from posttrain.trainers.run import Parts, Run, TrainerState, nothing_to_do
 
 
-def chunks(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad_id: int, size: int, reference,
-           ref_logps: Tensor | None):
+def chunks(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad_id: int, size: int,
+           reference: ModelEngine | None, ref_logps: Tensor | None):
     """Micro-batches of ``pairs[rows]`` on the engine's device: (batch, reference log-probs (2m,): chosen then
     rejected), the latter from the precomputed table ``ref_logps`` (N, 2) when given, else from
-    ``reference`` (no grad, in the engine's precision; FSDP2: gathered, as a LoRA reference is the policy's own
-    weights)."""
+    ``reference``'s module (no grad, in the engine's precision; FSDP2: inside the reference's
+    :meth:`~ModelEngine.gathered`, which a caller may already hold)."""
     for start in range(0, len(rows), size):
         idx = rows[start : start + size]
         batch = pair_batch([pairs[i] for i in idx], pad_id).to(engine.device)
         if ref_logps is not None:
             ref = torch.cat([ref_logps[idx, 0], ref_logps[idx, 1]]).to(engine.device)  # (2m,)
         else:
-            with torch.no_grad(), engine.gathered(), engine.autocast():
-                ref = sequence_logps(reference, batch).float()  # (2m,)
+            with torch.no_grad(), reference.gathered(), engine.autocast():
+                ref = sequence_logps(reference.module, batch).float()  # (2m,)
         yield batch, ref
 
 
-def precompute_reference(engine: ModelEngine, reference, pairs: list[EncodedPair], pad_id: int, size: int) -> Tensor:
-    """Reference log-probs of every pair, (N, 2): [chosen, rejected], on the CPU."""
+def precompute_reference(engine: ModelEngine, reference: ModelEngine, pairs: list[EncodedPair], pad_id: int,
+                         size: int) -> Tensor:
+    """Reference log-probs of every pair, (N, 2): [chosen, rejected], on the CPU (every rank scores them all)."""
     out = torch.zeros(len(pairs), 2)
-    for (batch, ref), start in zip(chunks(engine, pairs, list(range(len(pairs))), pad_id, size, reference, None),
-                                   range(0, len(pairs), size), strict=True):
-        m = len(batch.margins)
-        out[start : start + m] = torch.stack([ref[:m], ref[m:]], dim=1).cpu()
+    with reference.gathered():
+        for (batch, ref), start in zip(chunks(engine, pairs, list(range(len(pairs))), pad_id, size, reference, None),
+                                       range(0, len(pairs), size), strict=True):
+            m = len(batch.margins)
+            out[start : start + m] = torch.stack([ref[:m], ref[m:]], dim=1).cpu()
     return out
 
 
@@ -94,7 +97,7 @@ def dpo_terms(model, batch: PairBatch, ref: Tensor, config: DPOConfig) -> tuple[
                   "logps/accuracies": (logps[:m] > logps[m:]).float().detach()}
 
 
-def dpo_step(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad_id: int, reference,
+def dpo_step(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad_id: int, reference: ModelEngine | None,
              ref_logps: Tensor | None, config: DPOConfig, gate, n_pairs: int | None = None) -> dict[str, float]:
     """One optimizer step on ``pairs[rows]``: mean loss over the step's ``n_pairs`` pairs (default: the rows;
     data parallel: over all ranks), micro-batches weighted by their share, clipped; ``gate(loss, grad_norm)``
@@ -111,8 +114,8 @@ def dpo_step(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad
     return pair_step(engine, n_pairs or len(rows), micro_batches(), gate)
 
 
-def evaluate_dpo(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, reference, ref_logps: Tensor | None,
-                 config: DPOConfig) -> dict[str, float]:
+def evaluate_dpo(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, reference: ModelEngine | None,
+                 ref_logps: Tensor | None, config: DPOConfig) -> dict[str, float]:
     """``eval/`` loss and TRL metrics on the held-out pairs, and ``eval/rewards/accuracies/<kind>`` per
     kind of rejected reply when the data names kinds. Data parallel: each rank scores pairs rank, rank + N, ...;
     the per-pair values are gathered in pair order, the same metrics on every rank."""
@@ -122,7 +125,7 @@ def evaluate_dpo(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, ref
     was_training = model.training
     model.eval()
     mine = engine.world.shard(list(range(len(pairs))))
-    rows: list[tuple[int, dict[str, float]]] = []  # (pair, its loss and statistics)
+    scored: list[tuple[int, dict[str, float]]] = []  # (pair, its loss and statistics)
     with torch.no_grad():
         for start in range(0, len(mine), config.micro_batch):
             index = mine[start : start + config.micro_batch]
@@ -130,10 +133,10 @@ def evaluate_dpo(engine: ModelEngine, pairs: list[EncodedPair], pad_id: int, ref
             with engine.autocast():
                 loss, parts = dpo_terms(model, batch, ref, config)
             values = {k: v.cpu().tolist() for k, v in {"loss": loss, **parts}.items()}
-            rows += [(i, {k: v[j] for k, v in values.items()}) for j, i in enumerate(index)]
+            scored += [(i, {k: v[j] for k, v in values.items()}) for j, i in enumerate(index)]
     model.train(was_training)
-    rows = sorted(engine.world.gather(rows), key=lambda row: row[0])
-    sums = {k: torch.tensor([r[k] for _, r in rows]) for k in rows[0][1]}  # {name: (N,)}
+    scored = sorted(engine.world.gather(scored), key=lambda pair: pair[0])
+    sums = {k: torch.tensor([r[k] for _, r in scored]) for k in scored[0][1]}  # {name: (N,)}
     out = {f"eval/{k}": v.mean().item() for k, v in sums.items()}
     for kind in sorted({p.kind for p in pairs if p.kind}):
         rows = torch.tensor([p.kind == kind for p in pairs])
@@ -171,11 +174,14 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     precision = resolve_precision(config.precision, device, config.model.dtype)
     task = checked.task
     model, tokenizer = load_policy(config.model, config.lora)
-    # before any restore and before FSDP2 shards the policy: the starting policy (precomputing: the model
-    # itself, scored before it trains)
-    reference = model if config.precompute_ref else model.reference()
+    # before any restore and before FSDP2 shards the policy: the starting policy (precomputing: the policy
+    # itself, scored before it trains; LoRA: the policy's weights with the adapter off)
+    frozen = None if config.precompute_ref else model.reference()
     policy = ModelEngine(model, config.optim, device, precision, config.activation_checkpointing, world=world,
                          strategy=config.distributed.strategy)
+    reference = policy if frozen is None else ModelEngine(
+        frozen, None, device, precision, world=world, strategy=config.distributed.strategy,
+        shares=policy if getattr(model, "is_lora", False) else None)
     engine = Engine(model, tokenizer, default_registry()) if task is not None else None
     state = PairState()
     parts = Parts(model, tokenizer, state, engines={"policy": policy})
@@ -193,7 +199,7 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
         def evaluate() -> dict:
             """The held-out metrics (the pairs and the task's problems split over the ranks), the same on every
             rank."""
-            with policy.gathered():
+            with policy.gathered(), reference.gathered() if reference is not None else nullcontext():
                 out = evaluate_dpo(policy, test, pad, reference, ref_test, config)
                 if task is not None:
                     model.eval()

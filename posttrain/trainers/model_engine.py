@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from posttrain import fsdp
+from posttrain.checkpoint import read_optimizer_state
 from posttrain.config import OptimConfig
 from posttrain.config_checks import ConfigError, suggest
 from posttrain.distributed import World
@@ -108,8 +109,8 @@ class ModelEngine:
                  activation_checkpointing: bool = False, max_tokens_per_micro_batch: int = 4096,
                  packing: bool = True, world: World | None = None, strategy: str = "ddp",
                  shares: ModelEngine | None = None):
-        if precision == "bf16-true":  # the weights only: buffers (rotary frequencies) keep their precision
-            for p in module.parameters():
+        if precision == "bf16-true" and shares is None:  # the weights only: buffers (rotary frequencies) keep
+            for p in module.parameters():  # their precision; shared weights are the owner's to cast
                 p.data = p.data.to(torch.bfloat16)
         self.world = world or World()  # data parallel: gradients are summed over its ranks before each step
         self.owner = shares or self  # the engine that gathers this module's weights
@@ -117,8 +118,8 @@ class ModelEngine:
         if self.sharded and precision == "fp16-mixed":
             raise ConfigError("precision fp16-mixed does not run with distributed.strategy fsdp2 (its gradient "
                               "scaler needs whole gradients): use bf16-mixed, or strategy ddp")
-        # rank 0's full copy of a sharded module, on the CPU: what checkpoints are written from and read into
-        self.twin = copy.deepcopy(module).cpu() if self.sharded and self.world.main else None
+        # rank 0's full copy of a trained sharded module, on the CPU: what checkpoints are written from and read into
+        self.twin = copy.deepcopy(module).cpu() if self.sharded and self.world.main and optim is not None else None
         self.module = module.to(device)
         if self.sharded:
             fsdp.shard(module, self.world.size, device, precision)
@@ -226,14 +227,15 @@ class ModelEngine:
         ``normaliser`` is the loss's global denominator (the minibatch's tokens for token-mean, its rows
         otherwise: see ``objective.share``), so Σ over micro-batches of loss_m · share_m / normaliser is
         the loss of the whole minibatch and the gradient equals the full batch's. Returns the weighted sums
-        of the objective's statistics (tensors; the one host synchronisation reads the rows' widths). FSDP2: a
-        rank with fewer micro-batches than another runs its first one again (or the batch's first row) at
-        weight 0, so that every rank runs as many passes."""
+        of the objective's statistics (tensors; the host synchronisations read the rows' widths and, under FSDP2,
+        the ranks' pass counts). FSDP2: a rank with fewer micro-batches than another runs its first one again (or
+        the batch's first row) at weight 0 and without the objective's side records, so that every rank runs as
+        many passes."""
         sums: dict[str, torch.Tensor] = {}
         mine = list(self.micro_batches(batch, rows))
         spare = mine[:1] or list(self.micro_batches(batch, torch.zeros(1, dtype=torch.long, device=rows.device)))
         for (_, micro, module, ran, real), counts in self.lockstep(mine, spare[0]):
-            with self.autocast():
+            with self.autocast(), nullcontext() if counts else _padding(objective):
                 loss, stats = objective.loss(module, micro)
             if not counts:
                 self.backward(loss * 0.0)
@@ -292,19 +294,20 @@ class ModelEngine:
             fsdp.load_full_state(self.module, self.twin.state_dict() if self.twin is not None else {})
 
     def optimizer_state(self) -> dict:
-        """The optimizer's state dict with whole tensors (FSDP2: gathered; every rank calls)."""
+        """The optimizer's state dict with whole tensors (FSDP2: gathered to rank 0; every rank calls)."""
         if self.sharded:
-            return fsdp.full_optimizer_state(self.optimizer)
+            return fsdp.full_optimizer_state(self.optimizer, self.world.main)
         return self.optimizer.state_dict()
 
-    def load_optimizer_state(self, state: dict) -> None:
-        if self.sharded:
-            fsdp.load_full_optimizer_state(self.optimizer, state)
-        else:
-            self.optimizer.load_state_dict(state)
+    def restore_optimizer(self, directory, name: str) -> None:
+        """Load the optimizer state a checkpoint holds (FSDP2: each rank keeps its shards, read one tensor at a
+        time)."""
+        cut = fsdp.shard_like(self.optimizer) if self.sharded else None
+        self.optimizer.load_state_dict(read_optimizer_state(directory, name, cut))
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The module's weights by name, detached (what a weight sync sends to the rollout engine)."""
+        """The module's weights by name, detached (what a weight sync sends to the rollout engine; FSDP2: this
+        rank's shards, whole only inside :meth:`gathered`)."""
         for name, tensor in self.module.state_dict().items():
             yield name, tensor.detach()
 
@@ -323,6 +326,20 @@ class ModelEngine:
         self.version, self.overflows = state["version"], state.get("overflows", 0)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+@contextmanager
+def _padding(objective):
+    """A padding pass of FSDP2's lockstep: the objective keeps no side record of it (the RL policy objective's
+    behaviour-vs-trainer mismatch), as the pass's rows are counted where they really belong."""
+    saved = getattr(objective, "mismatch", None)
+    if saved is not None:
+        objective.mismatch = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            objective.mismatch = saved
 
 
 @contextmanager

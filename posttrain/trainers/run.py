@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 from posttrain.checkpoint import (
     CheckpointDir,
     random_state,
-    read_optimizer_state,
     restore_module,
     restore_policy,
     restore_rng,
@@ -229,7 +228,7 @@ class Run:
         for engine in parts.engines.values():
             engine.scatter()
         for name, engine in parts.trained.items():
-            engine.load_optimizer_state(read_optimizer_state(path, name))
+            engine.restore_optimizer(path, name)
         for name, engine in parts.engines.items():
             engine.load_state_dict(state.get("engines", {}).get(name, {"version": 0}))
         for name, rng in parts.rngs.items():
