@@ -36,20 +36,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from posttrain.config import (
-    ConfigError,
-    ModelConfig,
-    RLConfig,
-    SFTConfig,
-    TaskConfig,
-    _build,
-    _set_dotted,
-    check_choice,
-    check_range,
-    expand_dotted,
-    suggest,
-    to_dict,
-)
+from posttrain.config import ConfigError, ModelConfig, RLConfig, SFTConfig, TaskConfig
+from posttrain.config_checks import check_choice, check_range, suggest
+from posttrain.config_files import _build, _set_dotted, expand_dotted, to_dict
 from posttrain.distributed import DistributedConfig, World, join, launched_world, rank_device, set_threads
 from posttrain.preference_config import DPOConfig, RMConfig
 from posttrain.rewards import check_reward_specs

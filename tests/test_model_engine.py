@@ -165,3 +165,25 @@ def test_the_trainer_recomputes_the_sampled_distribution(make_gpt, tok, temperat
     untempered = mismatch(data, engine.score(data, PolicyObjective(PolicyLoss(temperature=1.0))))
     if temperature != 1.0:  # training π at T = 1 on samples drawn at T ≠ 1 is the bug this guards
         assert untempered["mismatch/logprob_diff_max"] > 0.05
+
+
+@pytest.mark.parametrize("correction", ["tis", "icepop"])
+def test_the_sampler_trainer_correction_is_one_without_truncation_and_bites_with_it(tiny_sft, tmp_path, correction):
+    """The local engine samples what the trainer computes (fp32, no top-k): every weight is 1 to 1e-5. With top-k
+    truncation the sampler's renormalised probabilities exceed the trainer's, ρ < 1, and a tight C acts."""
+    common = [f"model={tiny_sft}", "algorithm=dr_grpo", "threads=1", "steps=2", "prompts_per_step=2",
+              "samples_per_prompt=3", "eval.every=0", "eval_before=false", "eval.problems=2", "eval.samples=1",
+              "eval.ks=[1]", "eval.max_new_tokens=4", "sampling.max_new_tokens=10", "task.test_size=4",
+              f"is_correction={correction}"]
+    exact = tmp_path / "exact"
+    train_rl(load_config(RLConfig, None, [*common, f"run_dir={exact}", "sampling.top_k=null"]), progress=False)
+    for row in [r for r in read_jsonl(exact / "metrics.jsonl") if r["step"] > 0]:
+        assert abs(row["is/ratio_max"] - 1) <= 1e-5 and abs(row["is/ratio_mean"] - 1) <= 1e-5
+        assert row["is/masked_frac"] == 0 and row["is/truncated_frac"] == 0
+    cut = tmp_path / "cut"
+    train_rl(load_config(RLConfig, None, [*common, f"run_dir={cut}", "sampling.top_k=2", "is_clip=1.01"]),
+             progress=False)
+    rows = [r for r in read_jsonl(cut / "metrics.jsonl") if r["step"] > 0]
+    assert len(rows) == 2 and all(0 < r["is/ratio_mean"] < 1 for r in rows)
+    if correction == "icepop":
+        assert all(r["is/masked_frac"] > 0 for r in rows)  # tokens whose ρ < 1/C get no loss

@@ -3,9 +3,9 @@ sequence-level ratio), entropy, KL coefficient control, DPO and Bradley–Terry.
 
 Conventions: B = sequences, T = tokens, V = vocabulary. `logprobs` are per-token log-probabilities of
 the sampled tokens, (B, T). `mask` is a float (B, T) tensor, 1.0 on tokens that count. Variants are
-small functions registered in dicts (`KL_ESTIMATORS`, `AGGREGATIONS`, `RATIO_LEVELS`, `KL_CONTROLLERS`,
-`DPO_LOSSES`) and picked by name; an unknown name raises ValueError with the valid names and the closest
-match.
+small functions registered in dicts (`KL_ESTIMATORS`, `AGGREGATIONS`, `RATIO_LEVELS`, `IS_CORRECTIONS`,
+`KL_CONTROLLERS`, `DPO_LOSSES`) and picked by name; an unknown name raises ValueError with the valid names
+and the closest match.
 
 Stats dicts hold detached 0-dim tensors (no host sync inside the step); call `float()` to log them.
 """
@@ -133,6 +133,49 @@ RATIO_LEVELS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
 }
 
 
+# --- the sampler/trainer mismatch: weights (ρ = π_old / π_behaviour, C) -> (B, T) --------------------
+
+
+def is_tis(ratio: Tensor, clip: float) -> Tensor:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"): w_t = min(ρ_t, C)."""
+    return ratio.clamp(max=clip)
+
+
+def is_icepop(ratio: Tensor, clip: float) -> Tensor:
+    """IcePop (Ling Team 2025): w_t = 1 when 1/C ≤ ρ_t ≤ C, else 0 (a token the two engines disagree on too
+    much gets no loss at all, in either direction)."""
+    return ((ratio >= 1.0 / clip) & (ratio <= clip)).to(ratio.dtype)
+
+
+IS_CORRECTIONS: dict[str, Callable[[Tensor, float], Tensor] | None] = {"none": None, "tis": is_tis,
+                                                                       "icepop": is_icepop}
+
+
+def is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, mode: str, clip: float,
+               log_ratio_clamp: float = 20.0) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Per-token weights (B, T) that correct the policy loss for tokens sampled by another engine than the one
+    that trains (vLLM, another precision, stale weights):
+
+    ρ_t = π_old,t / π_behaviour,t = exp(clamp(log π_old,t − log π_behaviour,t, −c, c)),  w_t = mode(ρ_t, C)
+
+    with π_old the trainer's probability at the weights that sampled (the PPO anchor) and π_behaviour the
+    sampler's (IS_CORRECTIONS: tis, icepop; none gives no weights). The weights are detached: they scale each
+    token's loss, ℓ_t ← w_t · ℓ_t (:func:`policy_loss`'s ``token_weights``). Stats over the masked tokens:
+    ``is/ratio_mean``, ``is/ratio_max``, ``is/masked_frac`` (weight 0) and ``is/truncated_frac`` (ρ > C, kept at
+    weight C: tis)."""
+    fn = choose(IS_CORRECTIONS, mode, "importance-sampling correction")
+    with torch.no_grad():
+        ratio = torch.exp((old_logprobs - behaviour_logprobs).clamp(-log_ratio_clamp, log_ratio_clamp))  # (B, T)
+        ratio = torch.where(mask > 0, ratio, 1.0)  # (B, T); padding and forced tokens weigh 1 and are masked anyway
+        weights = fn(ratio, clip) if fn is not None else torch.ones_like(ratio)  # (B, T)
+        stats = {"is/ratio_mean": token_mean(ratio, mask),
+                 "is/ratio_max": torch.where(mask > 0, ratio, 0.0).max() if mask.numel() else ratio.new_zeros(()),
+                 "is/masked_frac": token_mean((weights == 0).to(mask.dtype), mask),
+                 "is/truncated_frac": token_mean(((weights > 0) & (ratio > clip)).to(mask.dtype), mask)}
+    return (weights if fn is not None else None), stats
+
+
 # --- PPO-family losses -----------------------------------------------------------------------------
 
 
@@ -148,6 +191,7 @@ def policy_loss(
     max_len: int | None = None,
     ratio_level: str = "token",
     log_ratio_clamp: float = 20.0,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate policy loss (PPO, Schulman et al. 2017) -> (scalar loss, stats).
 
@@ -175,6 +219,9 @@ def policy_loss(
 
     On-policy (old_logprobs = logprobs.detach()) ρ = 1 and ∇ℓ = −A·∇log π: vanilla policy gradient,
     at either ratio level.
+
+    ``token_weights`` (B, T), detached: each token's loss is multiplied by its weight before aggregation,
+    ℓ_t ← w_t · ℓ_t (the sampler/trainer correction of :func:`is_weights`); the stats do not see them.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
@@ -192,6 +239,8 @@ def policy_loss(
         bound = -adv * dual_clip  # (B, T)
         dual_active = (adv < 0) & (per_token > bound)
         per_token = torch.where(dual_active, bound, per_token)
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach()
     loss = aggregate(per_token, mask, agg, max_len)
 
     with torch.no_grad():

@@ -60,7 +60,7 @@ class PolicyObjective:
         old = micro.old_logp if micro.old_logp is not None else logp.detach()
         loss, stats = losses.policy_loss(logp, old, micro.advantages, m, c.clip_low, c.clip_high,
                                          dual_clip=c.dual_clip, agg=c.agg, max_len=c.max_len,
-                                         ratio_level=c.ratio_level)
+                                         ratio_level=c.ratio_level, token_weights=micro.is_weight)
         stats["policy_loss"] = loss.detach()
         if c.kl_coef > 0 and micro.ref_logp is not None:
             loss = loss + c.kl_coef * losses.aggregate(losses.kl(logp, micro.ref_logp, c.kl_kind), m, c.agg, c.max_len)

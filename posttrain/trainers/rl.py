@@ -299,11 +299,16 @@ def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monito
     # and critic under no grad; the health checks on KL
     multi_update = config.ppo_epochs * config.minibatches > 1
     check_all = config.mismatch_every > 0 and step % config.mismatch_every == 0
+    correct = config.is_correction != "none"
     with out_of_memory(step + 1, "scoring", knob="max_tokens_per_micro_batch"):
         old_logp = None
-        if multi_update or rl.reference is not None or check_all:
+        if multi_update or rl.reference is not None or check_all or correct:
             old_logp = rl.policy.score(data, rl.objective)
             metrics |= mismatch(data, old_logp)
+        if correct:  # π_old against the sampler's π_behaviour, per token (losses.is_weights)
+            data.is_weight, is_stats = losses.is_weights(old_logp, data.behaviour, data.mask, config.is_correction,
+                                                         config.is_clip)
+            metrics |= {k: float(v) for k, v in is_stats.items()}
         data.ref_logp = rl.reference.score(data, rl.objective) if rl.reference is not None else None
         data.values = rl.critic.score(data, rl.critic_objective) if rl.critic is not None else None
     data.old_logp = old_logp if multi_update else None  # one on-policy update: the ratio is exactly 1

@@ -28,6 +28,7 @@ class TrainBatch:
     advantages: Tensor | None = None  # (B, L)
     values: Tensor | None = None  # (B, L) the critic's values before this step's updates
     returns: Tensor | None = None  # (B, L) the critic's targets
+    is_weight: Tensor | None = None  # (B, L) the sampler/trainer correction's weight of each token's loss
 
     @property
     def width(self) -> int:
