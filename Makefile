@@ -1,4 +1,5 @@
-# `make demo` and `make test` prepare .venv on first use (CPU torch, the package with its HF extra, test tools).
+# `make demo` and `make test` prepare .venv on first use (CPU torch, the package with its HF and Ray extras, test
+# tools).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ $(VENV)/.ready: pyproject.toml
 	@# keep a torch the user already has (>= 2.5); otherwise the CPU build, never the CUDA one
 	$(BIN)/python -c "import torch, sys; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 5))" \
 		2>/dev/null || $(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e '.[dev,hf]'
+	$(BIN)/python -m pip install -e '.[dev,hf,ray]'
 	touch $@
 
 demo: $(VENV)/.ready

@@ -122,11 +122,12 @@ def _dry_run(stage: str, config) -> None:
 def _run_errors():
     """Around a training run: a config it cannot honour or data it cannot read exits 2, a run the health
     monitor stopped exits 3, a checkpoint that could not be written exits 4, the device out of memory exits 5,
-    a reward function failing past reward_on_error / reward_max_failure_rate exits 6 (each with the message,
-    not a traceback)."""
+    a reward function failing past reward_on_error / reward_max_failure_rate exits 6, a rollout backend's worker
+    that died or hung exits 7 (each with the message, not a traceback)."""
     from posttrain.checkpoint import CheckpointError
     from posttrain.distributed import leave
     from posttrain.rewards import RewardFailed
+    from posttrain.rollout.base import RolloutError
     from posttrain.tasks.files import DataError
     from posttrain.trainers.model_engine import OutOfMemory
     from posttrain.trainers.run import RunStopped
@@ -149,6 +150,9 @@ def _run_errors():
     except RewardFailed as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(6) from None
+    except RolloutError as err:
+        typer.secho(f"rollout error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(7) from None
     except OSError as err:  # CheckpointError, or a run directory that cannot be written at all
         typer.secho(f"{'checkpoint' if isinstance(err, CheckpointError) else 'file'} error: {err}",
                     fg=typer.colors.RED, err=True)

@@ -22,6 +22,7 @@ from posttrain.metrics import SINKS
 from posttrain.models.gpt import GPTConfig
 from posttrain.monitor import MonitorConfig
 from posttrain.prompt_sampling import PromptSamplingConfig
+from posttrain.rollout.base import RolloutConfig
 from posttrain.task_config import GSM8K_DATA, TaskConfig
 
 T = TypeVar("T")
@@ -216,6 +217,7 @@ class RLConfig(RunOptions):
     is_clip: float = 2.0  # C of is_correction
     critic: CriticConfig = field(default_factory=CriticConfig)  # PPO critic (advantage: gae)
     sampling: SamplingParams = field(default_factory=SamplingParams)  # rollout sampling
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # where rollouts are generated: local | ray
     prompt_sampling: PromptSamplingConfig = field(default_factory=PromptSamplingConfig)  # which prompts: uniform |
     # curriculum | priority, over a pool of training problems
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, schedule="linear"))

@@ -46,6 +46,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 
@@ -57,7 +58,6 @@ from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
 from posttrain.config import OptimConfig, RLConfig
 from posttrain.distributed import World, data_parallel, rank_device, set_threads
-from posttrain.engine import Engine
 from posttrain.evaluation import evaluate_on
 from posttrain.metrics import StepProgress
 from posttrain.models.heads import ValueModel
@@ -66,8 +66,8 @@ from posttrain.optim import lr_at
 from posttrain.prompt_sampling import make_sampler
 from posttrain.rewards import RewardFailed, check_reward_specs, overlong_penalty
 from posttrain.rewards.pool import RewardPool
+from posttrain.rollout.base import RolloutBackend, make_backend, sync
 from posttrain.tasks import make_task
-from posttrain.tools import default_registry
 from posttrain.trainers.checks import Checked, resolve_epochs, task_data
 from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_device, resolve_precision
 from posttrain.trainers.objectives import Mismatch, PolicyLoss, PolicyObjective, ValueLoss, ValueObjective
@@ -98,7 +98,7 @@ class RLSetup:
     tokenizer: object
     scorer: Scorer
     sampler: object  # posttrain.prompt_sampling: which prompts a step draws
-    rollout: Engine  # generation (the local KV-cache engine)
+    rollout: RolloutBackend  # generation (rollout.backend: the local KV-cache engine, Ray workers)
     policy: ModelEngine
     objective: PolicyObjective
     reference: ModelEngine | None  # the frozen initial policy (kl_coef > 0)
@@ -172,7 +172,7 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
         kl_kind=config.kl_kind, kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
         entropy_coef=config.entropy_coef, temperature=config.sampling.temperature))
     return RLSetup(config, task, tokenizer, scorer, checked.sampler,
-                   Engine(model, tokenizer, default_registry()), policy, objective, reference, critic,
+                   make_backend(config.rollout, model, tokenizer, world.size), policy, objective, reference, critic,
                    critic_objective, critic_optim)
 
 
@@ -200,9 +200,9 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         parts.engines["critic"] = rl.critic
     reported: set[str] = set()  # reward functions whose first failure was printed
 
-    with rl.scorer.pool, StepProgress("rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"),
-                                      progress and world.main, initial=run.start_step,
-                                      quiet=not world.main) as bar:  # the reward workers end with the run
+    with rl.scorer.pool, closing(rl.rollout), StepProgress(  # the reward and rollout workers end with the run
+            "rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress and world.main,
+            initial=run.start_step, quiet=not world.main) as bar:
         run.check_config(bar.print)
         run.open(bar.print)
         if rl.scorer.placement() is not None:
@@ -224,6 +224,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
             rl.policy.set_lr(lr)
             if rl.critic is not None:
                 rl.critic.set_lr(lr_at(step, config.steps, rl.critic_optim) * run.monitor.lr_scale)
+            synced = sync(rl.rollout, rl.policy)  # the rollout generates with the weights just trained
             try:
                 with out_of_memory(step + 1, "generation"):
                     ro = generate(rl, state, parts.rngs["prompts"], step)
@@ -235,7 +236,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                     reported.add(name)
             t_gen = time.perf_counter() - t0
             metrics = {"step": step + 1, **rollout_metrics(ro), **rl.sampler.metrics(step / config.steps),
-                       "learning_rate": lr, "timing_s/gen": t_gen}
+                       "learning_rate": lr, "timing_s/gen": t_gen, "timing_s/update_weights": synced}
             events = run.monitor.check_rollout(step + 1, metrics)  # lengths, signal (KL below, once scored)
             if len(ro.rewards):  # else dynamic sampling found no group with signal: nothing to learn
                 out = rl_step(rl, state, ro, step, run.monitor, events)
@@ -251,6 +252,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 def evaluate(rl: RLSetup) -> dict:
     """The task's held-out evaluation of the current policy (the problems split over the ranks; the same
     numbers on every rank)."""
+    sync(rl.rollout, rl.policy)
     with rl.policy.gathered():
         rl.policy.module.eval()
         with rl.policy.autocast():

@@ -20,6 +20,7 @@ from posttrain.random_streams import group_seed
 from posttrain.rewards import RewardSet, Scores, TrainingProgress, texts
 from posttrain.rewards.calls import CALL_ARGS
 from posttrain.rewards.pool import RewardPool
+from posttrain.rollout.base import interleave
 
 
 @dataclass
@@ -283,15 +284,7 @@ def generate_groups(engine: Engine, ids: list[list[int]], group_size: int, sampl
     mine = world.shard(list(range(len(ids))))
     local = engine.generate([ids[i] for i in mine], group_size, sampling, seeds=[seeds[i] for i in mine])
     parts = world.gather([local])  # (host tensors) rank r's batch holds prompts r, r + size, ... in that order
-    whole = RolloutBatch.concat(parts, engine.tokenizer.pad_id)
-    starts = [0]
-    for part in parts[:-1]:
-        starts.append(starts[-1] + len(part.lengths))
-    rows = [starts[i % world.size] + (i // world.size) * group_size + j  # prompt i's rows, in prompt order
-            for i in range(len(ids)) for j in range(group_size)]
-    ordered = whole.select(torch.tensor(rows))
-    ordered.group_ids = torch.arange(len(ids)).repeat_interleave(group_size)
-    return ordered
+    return interleave(parts, len(ids), group_size, engine.tokenizer.pad_id)
 
 
 def group_success(solved: list[bool], group_size: int) -> list[float]:

@@ -1,0 +1,102 @@
+"""The rollout-backend interface, its config, the lazy registry of backends, and the one piece of arithmetic
+they share (putting prompt groups made in several places back into prompt order).
+
+A backend generates ``n`` completions for each prompt, prompt i's group from its own seed ``seeds[i]``
+(so a group is the same whichever worker makes it), and returns a :class:`~posttrain.engine.RolloutBatch` on
+the CPU (token ids, the sampler's log-probs, masks, lengths, finished flags, tool counts). Its weights are
+those of ``version``, the trainer's policy version they were last synced to (:meth:`update_weights`);
+the trainer syncs before it generates or evaluates whenever its policy version differs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from posttrain.config_checks import ConfigError, check_choice, check_range
+from posttrain.engine import RolloutBatch, SamplingParams
+
+BACKENDS = {"local": "posttrain.rollout.local:LocalBackend", "ray": "posttrain.rollout.ray:RayBackend"}
+
+
+class RolloutError(RuntimeError):
+    """A rollout backend failed: a worker died, hung past ``rollout.timeout_s``, or answered with other weights."""
+
+
+@dataclass
+class RolloutConfig:
+    """Where RL generates (``RLConfig.rollout``)."""
+
+    backend: str = "local"  # local: the trainer's own KV-cache engine | ray: Ray actors, each a policy copy
+    workers: int = 2  # ray: rollout workers (actors); whole prompt groups go to one worker
+    worker_threads: int = 1  # ray: torch CPU threads per worker
+    timeout_s: float = 600.0  # ray: a generation or weight sync that takes longer is an error naming the worker
+    ray_address: str | None = None  # ray: a cluster to join (None: start a local Ray for this run)
+
+    def __post_init__(self):
+        check_choice("rollout.backend", self.backend, list(BACKENDS))
+        check_range("rollout.workers", self.workers, 1)
+        check_range("rollout.worker_threads", self.worker_threads, 1)
+        check_range("rollout.timeout_s", self.timeout_s, 0, low_open=True)
+
+
+class RolloutBackend(Protocol):
+    """What the RL loop and the evaluation need from a place that generates."""
+
+    tokenizer: object
+    version: int  # the policy version of the weights it generates with
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams, *,
+                 seeds: list[int]) -> RolloutBatch: ...
+
+    def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def make_backend(config: RolloutConfig, model, tokenizer, processes: int = 1) -> RolloutBackend:
+    """The backend ``config.backend`` names around ``model`` (the policy, version 0), imported on first use
+    (an optional dependency that is missing is a ConfigError saying what to install). Only ``local`` runs in
+    each of several data-parallel processes; the others are driven by one trainer process."""
+    if processes > 1 and config.backend != "local":
+        raise ConfigError(f"rollout.backend={config.backend} is driven by one trainer process: run it without "
+                          "nproc (its workers generate in parallel), or use rollout.backend=local")
+    module, name = BACKENDS[config.backend].split(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except ImportError as err:
+        raise ConfigError(f"rollout.backend={config.backend} needs the package {err.name}: "
+                          f"pip install 'posttrain[{config.backend}]'") from None
+    return cls(config, model, tokenizer)
+
+
+def sync(backend: RolloutBackend, policy) -> float:
+    """Bring ``backend`` to the trained ``policy``'s weights (a :class:`~posttrain.trainers.model_engine.
+    ModelEngine`) when its version differs (an update, a resume or a rollback happened since); returns the
+    seconds it took (0: nothing to do)."""
+    if backend.version == policy.version:
+        return 0.0
+    start = time.perf_counter()
+    backend.update_weights(policy.version, policy.named_weights())
+    return time.perf_counter() - start
+
+
+def interleave(parts: list[RolloutBatch], prompts: int, group_size: int, pad_id: int) -> RolloutBatch:
+    """One batch in prompt order from ``parts``, where part k holds the groups of prompts k, k + K, k + 2K, ...
+    (K = len(parts)) in that order; group ids are the prompt indices again."""
+    if len(parts) == 1:
+        return parts[0]
+    whole = RolloutBatch.concat(parts, pad_id)
+    starts = [0]
+    for part in parts[:-1]:
+        starts.append(starts[-1] + len(part.lengths))
+    k = len(parts)
+    rows = [starts[i % k] + (i // k) * group_size + j for i in range(prompts) for j in range(group_size)]
+    ordered = whole.select(torch.tensor(rows))
+    ordered.group_ids = torch.arange(prompts).repeat_interleave(group_size)
+    return ordered

@@ -1,0 +1,133 @@
+"""Rollout backends: the same seeds give the same rows as the local engine, weights follow the trainer's
+versions, and a worker that dies or hangs is one clear error (Ray: a real local Ray, 2 workers)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config_checks import ConfigError
+from posttrain.engine import Engine, RolloutBatch, SamplingParams
+from posttrain.random_streams import group_seed
+from posttrain.rollout.base import RolloutConfig, RolloutError, interleave, make_backend
+from posttrain.tools import default_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = SamplingParams(temperature=1.0, top_k=None, top_p=None, max_new_tokens=10)
+
+
+def _batch(prompts: list[int], n: int, width: int) -> RolloutBatch:
+    """Rows whose tokens say which prompt and sample they are: token = 100·prompt + sample."""
+    rows = [[100 * p + j] * width for p in prompts for j in range(n)]
+    return RolloutBatch([[p] for p in prompts for _ in range(n)], torch.tensor(rows), torch.zeros(len(rows), width),
+                        torch.ones(len(rows), width), torch.full((len(rows),), width), torch.ones(len(rows)).bool(),
+                        torch.arange(len(prompts)).repeat_interleave(n))
+
+
+def test_interleave_puts_the_groups_of_each_part_back_in_prompt_order():
+    parts = [_batch([0, 3, 6], 2, 3), _batch([1, 4], 2, 1), _batch([2, 5], 2, 2)]  # part k: prompts k, k+3, ...
+    whole = interleave(parts, 7, 2, pad_id=-1)
+    assert whole.completion_ids[:, 0].tolist() == [0, 1, 100, 101, 200, 201, 300, 301, 400, 401, 500, 501, 600, 601]
+    assert whole.group_ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    assert whole.completion_ids.shape == (14, 3) and whole.completion_ids[2].tolist() == [100, -1, -1]  # padded
+
+
+def test_a_backend_other_than_local_refuses_several_trainer_processes(gpt, tok):
+    with pytest.raises(ConfigError, match="rollout.backend=ray is driven by one trainer process"):
+        make_backend(RolloutConfig(backend="ray"), gpt, tok, processes=2)
+    with pytest.raises(ConfigError, match=r"'rollout.backend' has unknown value 'vlm' \(valid: local, ray\)"):
+        RolloutConfig(backend="vlm")
+
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module (2 CPUs); each backend joins it and leaves it running."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _same_rows(a: RolloutBatch, b: RolloutBatch) -> None:
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.group_ids, b.group_ids) and torch.equal(a.finished, b.finished)
+    torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+    assert a.prompt_ids == b.prompt_ids and a.tool_calls == b.tool_calls
+
+
+def test_ray_workers_give_the_local_engines_rows_and_follow_weight_syncs(local_ray, make_gpt, tok):
+    model = make_gpt(seed=1)
+    prompts = [tok.encode(f"what is {i} plus {i + 2}") for i in range(5)]  # 5 groups over 2 workers: 3 + 2
+    seeds = [group_seed(7, i) for i in range(5)]
+    backend = make_backend(RolloutConfig(backend="ray", workers=2), model, tok)
+    try:
+        _same_rows(backend.generate(prompts, 3, PARAMS, seeds=seeds),
+                   Engine(model, tok, default_registry()).generate(prompts, 3, PARAMS, seeds=seeds))
+        trained = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in trained.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        backend.update_weights(1, trained.state_dict().items())
+        after = backend.generate(prompts, 3, PARAMS, seeds=seeds)
+        _same_rows(after, Engine(trained, tok, default_registry()).generate(prompts, 3, PARAMS, seeds=seeds))
+        backend.version = 2  # the trainer believes it synced version 2; the workers hold 1
+        with pytest.raises(RolloutError, match="rollout worker 0 generated with policy version 1, expected 2"):
+            backend.generate(prompts, 3, PARAMS, seeds=seeds)
+    finally:
+        backend.close()
+
+
+def test_a_dead_or_hung_ray_worker_is_one_clear_error(local_ray, gpt, tok):
+    prompts, seeds = [tok.encode("7 times 8")] * 2, [1, 2]
+    backend = make_backend(RolloutConfig(backend="ray", workers=2, timeout_s=1e-3), gpt, tok)
+    try:
+        with pytest.raises(RolloutError, match=r"rollout worker 0 did not finish a generation within "
+                                               r"rollout.timeout_s=0.001 s"):
+            backend.generate(prompts, 2, PARAMS, seeds=seeds)
+        backend.config.timeout_s = 120.0
+        ray.kill(backend.workers[1])
+        with pytest.raises(RolloutError, match="rollout worker 1 died during a generation"):
+            backend.generate(prompts, 2, PARAMS, seeds=seeds)
+    finally:
+        backend.close()
+
+
+def test_rl_with_ray_workers_trains_as_with_the_local_engine(tmp_path):
+    """The CLI, 3 Dr. GRPO steps: the rollouts, rewards, updates and weight syncs of 2 Ray workers equal the
+    local engine's; a worker generating with stale weights would change the rows of steps 2 and 3."""
+    (tmp_path / "rw.py").write_text("def length(completions, **kwargs):\n"
+                                    "    return [min(len(c), 40) / 40 for c in completions]\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    sft = subprocess.run([sys.executable, "-m", "posttrain", "sft", "-", "steps=5", "batch_size=8", "threads=1",
+                          "gpt.n_layer=1", "gpt.n_embd=32", "gpt.n_head=2", "gpt.n_kv_head=1", "eval.problems=2",
+                          "eval.samples=1", "eval.ks=[1]", "task.test_size=8", f"run_dir={tmp_path / 'sft'}",
+                          "--no-progress"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    rows = {}
+    for backend in ("local", "ray"):
+        run = tmp_path / backend
+        proc = subprocess.run(
+            [sys.executable, "-m", "posttrain", "rl", "-", "algorithm=dr_grpo", "threads=1", "steps=3",
+             f"model={tmp_path / 'sft' / 'checkpoints' / 'final'}", "prompts_per_step=4",
+             "samples_per_prompt=3", "eval.every=0", "eval_before=false", "eval.problems=4", "eval.samples=2",
+             "eval.ks=[1,2]", "eval.max_new_tokens=8", "sampling.max_new_tokens=12", "task.test_size=8",
+             f"rewards={{{tmp_path / 'rw.py'}:length: 1.0}}", "reward_workers=0", "optim.lr=1e-2",
+             f"rollout.backend={backend}", "rollout.workers=2", f"run_dir={run}", "--no-progress"],
+            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[backend] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/policy_version"] for r in rows["ray"]] == [1, 2, 3]  # every step changed the policy
+    assert rows["ray"][-1]["timing_s/update_weights"] > 0  # and the workers received it
+    for local, remote in zip(rows["local"], rows["ray"], strict=True):
+        for key in ("reward", "completions/mean_length", "grad_norm", "eval/reward"):
+            if key in local:
+                assert remote[key] == pytest.approx(local[key], rel=1e-5), key
