@@ -12,9 +12,7 @@ from typing import TypeVar
 
 from posttrain.algorithms.presets import RL_FALLBACK, RL_PRESETS
 from posttrain.config_checks import ConfigError, check_choice, check_range, suggest
-from posttrain.config_files import build_config, expand_dotted, load_config, save_config, to_dict  # noqa: F401 - the
-
-# loader's names, re-exported: `from posttrain.config import load_config` is how the rest of posttrain reads configs
+from posttrain.config_files import build_config, expand_dotted, load_config, save_config, to_dict  # noqa: F401
 from posttrain.distributed import DistributedConfig
 from posttrain.engine import SamplingParams
 from posttrain.evaluation import EvalConfig
@@ -212,8 +210,8 @@ class RLConfig(RunOptions):
     overlong_factor: float = 1.0  # soft penalty at the budget
     max_tokens_per_micro_batch: int = 4096  # real tokens per forward of the scoring passes and update (packed rows)
     mismatch_every: int = 10  # compare behaviour and trainer log-probs over all rows every N steps (0: never)
-    is_correction: str = "none"  # sampler/trainer mismatch: none | tis (loss × min(π_old/π_behaviour, is_clip)) |
-    # icepop (tokens whose π_old/π_behaviour is outside [1/is_clip, is_clip] get no loss); scores π_old for all rows
+    is_correction: str = "none"  # sampler/trainer mismatch: none | tis (policy-gradient term × min(π_old/π_behaviour,
+    # is_clip)) | icepop (tokens whose π_old/π_behaviour is outside [1/is_clip, is_clip] get none); scores π_old always
     is_clip: float = 2.0  # C of is_correction
     critic: CriticConfig = field(default_factory=CriticConfig)  # PPO critic (advantage: gae)
     sampling: SamplingParams = field(default_factory=SamplingParams)  # rollout sampling
@@ -277,6 +275,8 @@ class RLConfig(RunOptions):
         if "reward_model" in self.rewards and not self.reward_model.path:
             raise ConfigError("config key 'rewards' names 'reward_model' but 'reward_model.path' is not set "
                               "(reward_model.path=runs/rm/checkpoints/final)")
+        if self.is_correction != "none" and self.ratio_level != "token":
+            raise ConfigError("config key 'is_correction' weighs tokens: it needs ratio_level=token")
         if self.dual_clip and self.dual_clip <= 1:
             raise ConfigError(f"config key 'dual_clip' must be > 1 (e.g. 3.0) or 0 (off), got {self.dual_clip}")
         self._check_numbers()

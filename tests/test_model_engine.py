@@ -187,3 +187,20 @@ def test_the_sampler_trainer_correction_is_one_without_truncation_and_bites_with
     assert len(rows) == 2 and all(0 < r["is/ratio_mean"] < 1 for r in rows)
     if correction == "icepop":
         assert all(r["is/masked_frac"] > 0 for r in rows)  # tokens whose ρ < 1/C get no loss
+
+
+def test_the_correction_weights_reach_the_policy_gradient(make_gpt, tok):
+    """is_weight 0 on every token: no policy gradient at all; 1: the plain one."""
+    model = make_gpt()
+    prompts = [tok.encode("what is 3 plus 4"), tok.encode("7 times 8")]
+    batch = Engine(model, tok).generate(prompts, 3, SamplingParams(temperature=1.0, max_new_tokens=8), seed=5)
+    data = layout(batch, tok.pad_id)
+    data.advantages = torch.ones_like(data.mask)
+    engine = ModelEngine(model, OptimConfig(lr=0.1), torch.device("cpu"), "fp32")
+    objective, rows = PolicyObjective(PolicyLoss()), torch.arange(len(data.mask))
+    for weight in (0.0, 1.0):
+        data.is_weight = torch.full_like(data.mask, weight)
+        engine.forward_backward(data, rows, data.mask.sum(), objective)
+        total = sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
+        assert (total > 0) == (weight > 0)
+        engine.zero_grad()

@@ -16,7 +16,7 @@ import torch
 from posttrain.config_checks import ConfigError
 from posttrain.engine import Engine, RolloutBatch, SamplingParams
 from posttrain.random_streams import group_seed
-from posttrain.rollout.base import RolloutConfig, RolloutError, interleave, make_backend
+from posttrain.rollout.base import RolloutConfig, RolloutError, interleave, make_backend, sync
 from posttrain.tools import default_registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,20 @@ def test_a_backend_other_than_local_refuses_several_trainer_processes(gpt, tok):
         RolloutConfig(backend="vlm")
 
 
-ray = pytest.importorskip("ray")
+try:
+    import ray
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'posttrain[ray]')")
+
+
+def test_a_new_backend_takes_the_trainers_weights_at_the_first_sync_whatever_their_version(gpt, tok):
+    """A resumed or rolled-back policy may have any version, 0 included: a backend starts with none."""
+    backend = make_backend(RolloutConfig(), gpt, tok)
+    policy = type("Policy", (), {"version": 0, "named_weights": lambda self: iter(())})()
+    assert backend.version is None and sync(backend, policy) >= 0 and backend.version == 0
+    assert sync(backend, policy) == 0.0  # nothing new: nothing sent
+    assert backend.generate([tok.encode("7 times 8")], 2, PARAMS, seed=3).completion_ids.shape[0] == 2  # as Engine
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +77,16 @@ def _same_rows(a: RolloutBatch, b: RolloutBatch) -> None:
     assert a.prompt_ids == b.prompt_ids and a.tool_calls == b.tool_calls
 
 
+@needs_ray
 def test_ray_workers_give_the_local_engines_rows_and_follow_weight_syncs(local_ray, make_gpt, tok):
     model = make_gpt(seed=1)
     prompts = [tok.encode(f"what is {i} plus {i + 2}") for i in range(5)]  # 5 groups over 2 workers: 3 + 2
     seeds = [group_seed(7, i) for i in range(5)]
     backend = make_backend(RolloutConfig(backend="ray", workers=2), model, tok)
     try:
+        with pytest.raises(RolloutError, match="have not received the trainer's weights yet"):
+            backend.generate(prompts, 3, PARAMS, seeds=seeds)
+        backend.update_weights(0, model.state_dict().items())
         _same_rows(backend.generate(prompts, 3, PARAMS, seeds=seeds),
                    Engine(model, tok, default_registry()).generate(prompts, 3, PARAMS, seeds=seeds))
         trained = copy.deepcopy(model)
@@ -86,9 +103,13 @@ def test_ray_workers_give_the_local_engines_rows_and_follow_weight_syncs(local_r
         backend.close()
 
 
-def test_a_dead_or_hung_ray_worker_is_one_clear_error(local_ray, gpt, tok):
+@needs_ray
+def test_a_ray_worker_that_dies_or_times_out_is_one_clear_error(local_ray, gpt, tok):
+    with pytest.raises(ConfigError, match=r"rollout.workers=3 need \{'CPU': 3\} of Ray, which has \{'CPU': 2.0\}"):
+        make_backend(RolloutConfig(backend="ray", workers=3), gpt, tok)  # never placed: refused, not a hang
     prompts, seeds = [tok.encode("7 times 8")] * 2, [1, 2]
     backend = make_backend(RolloutConfig(backend="ray", workers=2, timeout_s=1e-3), gpt, tok)
+    backend.version = 0  # (the workers' own version is None: the timeout comes first)
     try:
         with pytest.raises(RolloutError, match=r"rollout worker 0 did not finish a generation within "
                                                r"rollout.timeout_s=0.001 s"):
@@ -101,6 +122,7 @@ def test_a_dead_or_hung_ray_worker_is_one_clear_error(local_ray, gpt, tok):
         backend.close()
 
 
+@needs_ray
 def test_rl_with_ray_workers_trains_as_with_the_local_engine(tmp_path):
     """The CLI, 3 Dr. GRPO steps: the rollouts, rewards, updates and weight syncs of 2 Ray workers equal the
     local engine's; a worker generating with stale weights would change the rows of steps 2 and 3."""
@@ -121,12 +143,15 @@ def test_rl_with_ray_workers_trains_as_with_the_local_engine(tmp_path):
              "samples_per_prompt=3", "eval.every=0", "eval_before=false", "eval.problems=4", "eval.samples=2",
              "eval.ks=[1,2]", "eval.max_new_tokens=8", "sampling.max_new_tokens=12", "task.test_size=8",
              f"rewards={{{tmp_path / 'rw.py'}:length: 1.0}}", "reward_workers=0", "optim.lr=1e-2",
-             f"rollout.backend={backend}", "rollout.workers=2", f"run_dir={run}", "--no-progress"],
+             f"rollout.backend={backend}", "rollout.workers=2", "mismatch_every=1", "sampling.top_k=null",
+             f"run_dir={run}", "--no-progress"],
             capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows[backend] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["rollout/policy_version"] for r in rows["ray"]] == [1, 2, 3]  # every step changed the policy
-    assert rows["ray"][-1]["timing_s/update_weights"] > 0  # and the workers received it
+    assert all(r["timing_s/update_weights"] > 0 for r in rows["ray"])  # and the workers received it
+    assert all(r["mismatch/logprob_diff_max"] <= 1e-4 for r in rows["ray"])  # the trainer's weights sampled
+    # (untruncated sampling: the workers' log-probs are the trainer's own at that version)
     for local, remote in zip(rows["local"], rows["ray"], strict=True):
         for key in ("reward", "completions/mean_length", "grad_norm", "eval/reward"):
             if key in local:

@@ -161,9 +161,10 @@ def is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, m
 
     with π_old the trainer's probability at the weights that sampled (the PPO anchor) and π_behaviour the
     sampler's (IS_CORRECTIONS: tis, icepop; none gives no weights). The weights are detached: they scale each
-    token's loss, ℓ_t ← w_t · ℓ_t (:func:`policy_loss`'s ``token_weights``). Stats over the masked tokens:
-    ``is/ratio_mean``, ``is/ratio_max``, ``is/masked_frac`` (weight 0) and ``is/truncated_frac`` (ρ > C, kept at
-    weight C: tis)."""
+    token's policy-gradient term, ℓ_t ← w_t · ℓ_t (:func:`policy_loss`'s ``token_weights``; the KL and entropy
+    terms are not weighted, as in verl). Stats over the masked tokens: ``is/ratio_mean``, ``is/ratio_max``,
+    ``is/weight_mean`` (how much the correction shrinks the loss), ``is/masked_frac`` (weight 0: icepop) and
+    ``is/truncated_frac`` (ρ > C, kept at weight C: tis)."""
     fn = choose(IS_CORRECTIONS, mode, "importance-sampling correction")
     with torch.no_grad():
         ratio = torch.exp((old_logprobs - behaviour_logprobs).clamp(-log_ratio_clamp, log_ratio_clamp))  # (B, T)
@@ -171,6 +172,7 @@ def is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, m
         weights = fn(ratio, clip) if fn is not None else torch.ones_like(ratio)  # (B, T)
         stats = {"is/ratio_mean": token_mean(ratio, mask),
                  "is/ratio_max": torch.where(mask > 0, ratio, 0.0).max() if mask.numel() else ratio.new_zeros(()),
+                 "is/weight_mean": token_mean(weights, mask),
                  "is/masked_frac": token_mean((weights == 0).to(mask.dtype), mask),
                  "is/truncated_frac": token_mean(((weights > 0) & (ratio > clip)).to(mask.dtype), mask)}
     return (weights if fn is not None else None), stats

@@ -5,7 +5,8 @@ A backend generates ``n`` completions for each prompt, prompt i's group from its
 (so a group is the same whichever worker makes it), and returns a :class:`~posttrain.engine.RolloutBatch` on
 the CPU (token ids, the sampler's log-probs, masks, lengths, finished flags, tool counts). Its weights are
 those of ``version``, the trainer's policy version they were last synced to (:meth:`update_weights`);
-the trainer syncs before it generates or evaluates whenever its policy version differs.
+the trainer syncs before it generates or evaluates whenever its policy version differs (a new backend has none:
+the first sync always sends the trainer's weights, as a resumed or rolled-back policy may have any version).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class RolloutConfig:
     workers: int = 2  # ray: rollout workers (actors); whole prompt groups go to one worker
     worker_threads: int = 1  # ray: torch CPU threads per worker
     timeout_s: float = 600.0  # ray: a generation or weight sync that takes longer is an error naming the worker
-    ray_address: str | None = None  # ray: a cluster to join (None: start a local Ray for this run)
+    ray_address: str | None = None  # ray: a cluster to join (None: a local Ray of the run's own; a Ray the caller
+    # started already is used as it is)
 
     def __post_init__(self):
         check_choice("rollout.backend", self.backend, list(BACKENDS))
@@ -49,20 +51,22 @@ class RolloutBackend(Protocol):
     """What the RL loop and the evaluation need from a place that generates."""
 
     tokenizer: object
-    version: int  # the policy version of the weights it generates with
+    version: int | None  # the policy version of the weights it generates with (None: not synced yet)
 
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams, *,
-                 seeds: list[int]) -> RolloutBatch: ...
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int | None = None,
+                 seeds: list[int] | None = None) -> RolloutBatch: ...
 
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
     def close(self) -> None: ...
 
 
-def make_backend(config: RolloutConfig, model, tokenizer, processes: int = 1) -> RolloutBackend:
-    """The backend ``config.backend`` names around ``model`` (the policy, version 0), imported on first use
-    (an optional dependency that is missing is a ConfigError saying what to install). Only ``local`` runs in
-    each of several data-parallel processes; the others are driven by one trainer process."""
+def make_backend(config: RolloutConfig, model, tokenizer, processes: int = 1, precision: str = "fp32"
+                 ) -> RolloutBackend:
+    """The backend ``config.backend`` names around ``model`` (the policy, not synced yet: the first
+    :func:`sync` sends the trainer's weights whatever their version), generating in the trainer's ``precision``,
+    imported on first use (an optional dependency that is missing is a ConfigError saying what to install).
+    Only ``local`` runs in each of several data-parallel processes; the others are driven by one trainer process."""
     if processes > 1 and config.backend != "local":
         raise ConfigError(f"rollout.backend={config.backend} is driven by one trainer process: run it without "
                           "nproc (its workers generate in parallel), or use rollout.backend=local")
@@ -72,7 +76,7 @@ def make_backend(config: RolloutConfig, model, tokenizer, processes: int = 1) ->
     except ImportError as err:
         raise ConfigError(f"rollout.backend={config.backend} needs the package {err.name}: "
                           f"pip install 'posttrain[{config.backend}]'") from None
-    return cls(config, model, tokenizer)
+    return cls(config, model, tokenizer, precision)
 
 
 def sync(backend: RolloutBackend, policy) -> float:

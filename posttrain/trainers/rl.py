@@ -171,8 +171,8 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
         clip_high=config.clip_high, dual_clip=config.dual_clip or None, ratio_level=config.ratio_level,
         kl_kind=config.kl_kind, kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
         entropy_coef=config.entropy_coef, temperature=config.sampling.temperature))
-    return RLSetup(config, task, tokenizer, scorer, checked.sampler,
-                   make_backend(config.rollout, model, tokenizer, world.size), policy, objective, reference, critic,
+    rollout = make_backend(config.rollout, model, tokenizer, world.size, precision)
+    return RLSetup(config, task, tokenizer, scorer, checked.sampler, rollout, policy, objective, reference, critic,
                    critic_objective, critic_optim)
 
 
@@ -200,7 +200,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         parts.engines["critic"] = rl.critic
     reported: set[str] = set()  # reward functions whose first failure was printed
 
-    with rl.scorer.pool, closing(rl.rollout), StepProgress(  # the reward and rollout workers end with the run
+    with closing(rl.rollout), rl.scorer.pool, StepProgress(  # the rollout and reward workers end with the run
             "rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress and world.main,
             initial=run.start_step, quiet=not world.main) as bar:
         run.check_config(bar.print)
@@ -234,7 +234,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                 if name not in reported:
                     bar.print(f"[yellow]{line}")
                     reported.add(name)
-            t_gen = time.perf_counter() - t0
+            t_gen = time.perf_counter() - t0 - synced
             metrics = {"step": step + 1, **rollout_metrics(ro), **rl.sampler.metrics(step / config.steps),
                        "learning_rate": lr, "timing_s/gen": t_gen, "timing_s/update_weights": synced}
             events = run.monitor.check_rollout(step + 1, metrics)  # lengths, signal (KL below, once scored)
