@@ -134,7 +134,7 @@ def _run_errors():
 
     try:
         yield
-        leave()  # under torchrun: every rank leaves the process group together
+        leave()  # under torchrun: every rank ends here together
     except ConfigError as err:
         typer.secho(f"config error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
@@ -384,11 +384,11 @@ def eval_(
         raise typer.Exit(2) from None
     path = out or Path(f"eval_{task}_{split}.jsonl")
     report = run_eval(engine, task_obj, items, samples, params, batch, seed, path, progress, world)
-    leave()
     console = Console()
     console.print(report_table(report, f"{task} {split}: {report['problems']} problems x {samples} samples"))
     console.print(f"model: {model}\nper problem: {path}", soft_wrap=True)
     print(json.dumps(report))  # plain print: rich would wrap the line
+    leave()  # under torchrun: every rank ends here together
 
 
 @app.command()
