@@ -19,6 +19,11 @@ from posttrain.random_streams import group_seed
 from posttrain.rollout.base import RolloutConfig, RolloutError, interleave, make_backend, sync
 from posttrain.tools import default_registry
 
+try:
+    import ray
+except ImportError:
+    ray = None
+needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'posttrain[ray]')")
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = SamplingParams(temperature=1.0, top_k=None, top_p=None, max_new_tokens=10)
 
@@ -39,18 +44,12 @@ def test_interleave_puts_the_groups_of_each_part_back_in_prompt_order():
     assert whole.completion_ids.shape == (14, 3) and whole.completion_ids[2].tolist() == [100, -1, -1]  # padded
 
 
+@needs_ray  # (without ray installed, rollout.backend=ray is a config error of its own)
 def test_a_backend_other_than_local_refuses_several_trainer_processes(gpt, tok):
     with pytest.raises(ConfigError, match="rollout.backend=ray is driven by one trainer process"):
         make_backend(RolloutConfig(backend="ray"), gpt, tok, processes=2)
     with pytest.raises(ConfigError, match=r"'rollout.backend' has unknown value 'vlm' \(valid: local, ray\)"):
         RolloutConfig(backend="vlm")
-
-
-try:
-    import ray
-except ImportError:
-    ray = None
-needs_ray = pytest.mark.skipif(ray is None, reason="ray is not installed (pip install 'posttrain[ray]')")
 
 
 def test_a_new_backend_takes_the_trainers_weights_at_the_first_sync_whatever_their_version(gpt, tok):
@@ -156,3 +155,12 @@ def test_rl_with_ray_workers_trains_as_with_the_local_engine(tmp_path):
         for key in ("reward", "completions/mean_length", "grad_norm", "eval/reward"):
             if key in local:
                 assert remote[key] == pytest.approx(local[key], rel=1e-5), key
+
+
+@needs_ray
+def test_ray_with_several_processes_is_refused_before_any_process_starts(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "posttrain", "rl", "-", "rollout.backend=ray", "nproc=2",
+                           f"run_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    message = "config error: rollout.backend=ray is driven by one trainer process: run it without nproc"
+    assert proc.returncode == 2 and proc.stderr.count("config error") == 1 and message in proc.stderr, proc.stderr

@@ -12,6 +12,7 @@ the first sync always sends the trainer's weights, as a resumed or rolled-back p
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class RolloutConfig:
 
     def __post_init__(self):
         check_choice("rollout.backend", self.backend, list(BACKENDS))
+        if self.backend == "ray" and importlib.util.find_spec("ray") is None:  # said before any model loads
+            raise ConfigError("rollout.backend=ray needs the package ray: pip install 'posttrain[ray]'")
         check_range("rollout.workers", self.workers, 1)
         check_range("rollout.worker_threads", self.worker_threads, 1)
         check_range("rollout.timeout_s", self.timeout_s, 0, low_open=True)
