@@ -55,7 +55,7 @@ def test_a_backend_other_than_local_refuses_several_trainer_processes(gpt, tok):
 def test_a_new_backend_takes_the_trainers_weights_at_the_first_sync_whatever_their_version(gpt, tok):
     """A resumed or rolled-back policy may have any version, 0 included: a backend starts with none."""
     backend = make_backend(RolloutConfig(), gpt, tok)
-    policy = type("Policy", (), {"version": 0, "named_weights": lambda self: iter(())})()
+    policy = type("Policy", (), {"version": 0, "named_weights": lambda self, trainable_only=False: iter(())})()
     assert backend.version is None and sync(backend, policy) >= 0 and backend.version == 0
     assert sync(backend, policy) == 0.0  # nothing new: nothing sent
     assert backend.generate([tok.encode("7 times 8")], 2, PARAMS, seed=3).completion_ids.shape[0] == 2  # as Engine
@@ -164,3 +164,62 @@ def test_ray_with_several_processes_is_refused_before_any_process_starts(tmp_pat
                            f"run_dir={tmp_path}"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     message = "config error: rollout.backend=ray is driven by one trainer process: run it without nproc"
     assert proc.returncode == 2 and proc.stderr.count("config error") == 1 and message in proc.stderr, proc.stderr
+
+
+def test_sync_sends_the_whole_state_first_then_the_trainable_part_when_due():
+    """sync_every=2: a first full copy, then the trainable weights once two versions behind, at evaluation
+    (force), and after a rollback."""
+
+    class Backend:
+        version, sync_every, sent = None, 2, []
+
+        def update_weights(self, version, named):
+            self.sent.append((version, [name for name, _ in named]))
+            self.version = version
+
+    class Policy:
+        version = 0
+
+        def named_weights(self, trainable_only=False):
+            return iter([("lora_A", 0)] if trainable_only else [("base", 0), ("lora_A", 0)])
+
+    backend, policy = Backend(), Policy()
+    for version, force in ((0, False), (1, False), (2, False), (3, True), (1, False)):
+        policy.version = version
+        sync(backend, policy, force=force)
+    assert backend.sent == [(0, ["base", "lora_A"]), (2, ["lora_A"]), (3, ["lora_A"]), (1, ["lora_A"])]
+
+
+@needs_ray
+def test_a_lora_policy_on_ray_workers_trains_as_with_the_local_engine(tmp_path):
+    """An HF model with a LoRA adapter and a KL reference: after the first full copy only the adapter is sent,
+    and the workers still sample with the trainer's weights (its log-probs, each step)."""
+    import random
+
+    pytest.importorskip("peft")
+    from posttrain.models.tiny_llama import make_tiny_llama
+    from posttrain.tasks.arithmetic import ArithmeticTask
+
+    llama = make_tiny_llama(tmp_path / "llama", ArithmeticTask(test_size=8).corpus(random.Random(0), n=300),
+                            vocab_size=400)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    rows = {}
+    for backend in ("local", "ray"):
+        run = tmp_path / backend
+        proc = subprocess.run(
+            [sys.executable, "-m", "posttrain", "rl", "-", f"model={llama}", "lora.rank=8", "lora.alpha=16",
+             "algorithm=grpo", "kl_coef=0.05", "threads=1", "steps=2", "prompts_per_step=2", "samples_per_prompt=3",
+             "eval.every=0", "eval_before=false", "eval.problems=2", "eval.samples=1", "eval.ks=[1]",
+             "eval.max_new_tokens=4", "sampling.max_new_tokens=12", "sampling.top_k=null", "task.test_size=8",
+             "task.format=hash", "reward_workers=0", "optim.lr=1e-2", "mismatch_every=1",
+             f"rollout.backend={backend}", f"run_dir={run}", "--no-progress"],
+            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[backend] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mismatch/logprob_diff_max"] <= 1e-4 for r in rows["ray"])
+    assert [r["rollout/behaviour_version"] for r in rows["ray"]] == [0, 1]  # step 2 sampled after an adapter sync
+    assert rows["ray"][1]["timing_s/update_weights"] > 0
+    for local, remote in zip(rows["local"], rows["ray"], strict=True):
+        for key in ("reward", "completions/mean_length", "grad_norm", "kl"):
+            if key in local:
+                assert remote[key] == pytest.approx(local[key], rel=1e-5, abs=1e-7), key

@@ -38,6 +38,8 @@ class RolloutConfig:
     workers: int = 2  # ray: rollout workers (actors); whole prompt groups go to one worker
     worker_threads: int = 1  # ray: torch CPU threads per worker
     timeout_s: float = 600.0  # ray: a generation or weight sync that takes longer is an error naming the worker
+    sync_every: int = 1  # ray: send new weights once the workers are this many policy versions behind (> 1:
+    # off-policy rows by up to sync_every − 1 versions; pair it with is_correction; evaluation always syncs)
     ray_address: str | None = None  # ray: a cluster to join (None: a local Ray of the run's own; a Ray the caller
     # started already is used as it is)
 
@@ -48,6 +50,7 @@ class RolloutConfig:
         check_range("rollout.workers", self.workers, 1)
         check_range("rollout.worker_threads", self.worker_threads, 1)
         check_range("rollout.timeout_s", self.timeout_s, 0, low_open=True)
+        check_range("rollout.sync_every", self.sync_every, 1)
 
 
 class RolloutBackend(Protocol):
@@ -82,14 +85,20 @@ def make_backend(config: RolloutConfig, model, tokenizer, processes: int = 1, pr
     return cls(config, model, tokenizer, precision)
 
 
-def sync(backend: RolloutBackend, policy) -> float:
+def sync(backend: RolloutBackend, policy, force: bool = False) -> float:
     """Bring ``backend`` to the trained ``policy``'s weights (a :class:`~posttrain.trainers.model_engine.
-    ModelEngine`) when its version differs (an update, a resume or a rollback happened since); returns the
-    seconds it took (0: nothing to do)."""
+    ModelEngine`); returns the seconds it took (0: nothing sent). It sends them when the backend has none yet
+    (the whole state dict), went back past the policy (a rollback), is ``backend.sync_every`` versions behind
+    (1, the default: at every change) or ``force`` says so (evaluation); after the first, only the trainable
+    parameters go (LoRA: the adapter), as nothing else changes."""
     if backend.version == policy.version:
         return 0.0
+    behind = backend.version is None or backend.version > policy.version or \
+        policy.version - backend.version >= getattr(backend, "sync_every", 1)
+    if not (behind or force):
+        return 0.0
     start = time.perf_counter()
-    backend.update_weights(policy.version, policy.named_weights())
+    backend.update_weights(policy.version, policy.named_weights(trainable_only=backend.version is not None))
     return time.perf_counter() - start
 
 

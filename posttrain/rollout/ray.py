@@ -4,9 +4,10 @@ KV-cache engine (CPU threads of its own, or one GPU each).
 * **Generation**: with W workers and P prompts, worker k generates the groups of prompts k, k + W, ... with
   those prompts' own seeds, so a group is the same whichever worker makes it and the batch, put back into
   prompt order (:func:`~posttrain.rollout.base.interleave`), equals the local engine's row for row.
-* **Weight sync**: the trainer's weights go into Ray's object store once per policy version (``ray.put``) and
-  every worker loads that one object; each worker answers every generation with the version it holds, and
-  a version other than the one synced is an error, never a silently off-policy batch.
+* **Weight sync**: the trainer's weights go into Ray's object store once per sync (``ray.put``; the whole state
+  dict first, then only the trainable parameters: LoRA's adapter) and every worker loads that one object; each
+  worker answers every generation with the version it holds, and a version other than the one synced is an
+  error, never a silently off-policy batch (``rollout.sync_every`` > 1 makes batches off-policy on purpose).
 * **Precision**: workers generate under the trainer's autocast (mixed precisions) or with its bf16 weights
   (bf16-true), as the local engine does.
 * **Failure**: the workers must fit Ray's free resources (else a ConfigError at once); every call waits at most
@@ -52,7 +53,10 @@ class RolloutWorker:
             return self.version, self.engine.generate(prompts, n, params, seeds=seeds)
 
     def load(self, version: int, state: dict[str, torch.Tensor]) -> int:
-        self.engine.model.load_state_dict(state)
+        """Take ``state`` (the whole state dict, or the trainable part of it) as the weights of ``version``."""
+        unexpected = self.engine.model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise KeyError(f"weights this worker's model does not have: {unexpected[:3]}")
         self.version = version
         return version
 
@@ -60,6 +64,7 @@ class RolloutWorker:
 class RayBackend:
     def __init__(self, config: RolloutConfig, model, tokenizer, precision: str = "fp32"):
         self.config, self.tokenizer, self.version, self.workers = config, tokenizer, None, []
+        self.sync_every = config.sync_every
         self.started = not ray.is_initialized()  # else: the Ray the caller started (rollout.ray_address unused)
         if self.started:  # "local": a Ray of this run's own, even where RAY_ADDRESS or `ray start` name another
             ray.init(address=config.ray_address or "local", include_dashboard=False, logging_level="ERROR",

@@ -305,9 +305,13 @@ class ModelEngine:
         cut = fsdp.shard_like(self.optimizer) if self.sharded else None
         self.optimizer.load_state_dict(read_optimizer_state(directory, name, cut))
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, trainable_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """The module's weights by name, detached (what a weight sync sends to the rollout engine; FSDP2: this
-        rank's shards, whole only inside :meth:`gathered`)."""
+        rank's shards, whole only inside :meth:`gathered`); ``trainable_only``: the parameters that train (LoRA:
+        the adapter), which are all that can change after a first full copy."""
+        if trainable_only:
+            yield from ((name, p.detach()) for name, p in self.module.named_parameters() if p.requires_grad)
+            return
         for name, tensor in self.module.state_dict().items():
             yield name, tensor.detach()
 

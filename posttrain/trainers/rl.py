@@ -252,7 +252,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 def evaluate(rl: RLSetup) -> dict:
     """The task's held-out evaluation of the current policy (the problems split over the ranks; the same
     numbers on every rank)."""
-    sync(rl.rollout, rl.policy)
+    sync(rl.rollout, rl.policy, force=True)  # the policy as it is now
     with rl.policy.gathered():
         rl.policy.module.eval()
         with rl.policy.autocast():
@@ -345,7 +345,7 @@ def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monito
         "timing_s/reward": t_reward - t0,
         "timing_s/ref": t_score - t_reward,
         "timing_s/update": t_end - t_score,
-        "rollout/policy_version": rl.policy.version,
+        "rollout/policy_version": rl.policy.version, "rollout/behaviour_version": rl.rollout.version,
         **rl.policy.metrics(),
     }
     return StepOut(metrics, rewards.cpu(), data.advantages.cpu(), data.mask.cpu())
