@@ -105,7 +105,7 @@ def dpo_step(engine: ModelEngine, pairs: list[EncodedPair], rows: list[int], pad
     micro-batch at weight 0 (:meth:`ModelEngine.lockstep`)."""
     def micro_batches():
         pieces = [rows[i : i + config.micro_batch] for i in range(0, len(rows), config.micro_batch)]
-        for piece, counts in engine.lockstep(pieces, pieces[0]):
+        for piece, counts in engine.lockstep(pieces, lambda: pieces[0]):
             ((batch, ref),) = chunks(engine, pairs, piece, pad_id, len(piece), reference, ref_logps)
             with engine.autocast():
                 loss, stats = dpo_terms(engine.module, batch, ref, config)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -232,9 +232,11 @@ class ModelEngine:
         the batch's first row) at weight 0 and without the objective's side records, so that every rank runs as
         many passes."""
         sums: dict[str, torch.Tensor] = {}
-        mine = list(self.micro_batches(batch, rows))
-        spare = mine[:1] or list(self.micro_batches(batch, torch.zeros(1, dtype=torch.long, device=rows.device)))
-        for (_, micro, module, ran, real), counts in self.lockstep(mine, spare[0]):
+        def spare():  # the pass a rank with fewer micro-batches repeats at weight 0
+            first = next(self.micro_batches(batch, rows[:1]), None)
+            return first or next(self.micro_batches(batch, torch.zeros(1, dtype=torch.long, device=rows.device)))
+
+        for (_, micro, module, ran, real), counts in self.lockstep(self.micro_batches(batch, rows), spare):
             with self.autocast(), nullcontext() if counts else _padding(objective):
                 loss, stats = objective.loss(module, micro)
             if not counts:
@@ -247,12 +249,17 @@ class ModelEngine:
                 sums[k] = sums.get(k, 0.0) + v.detach().float() * weight
         return sums
 
-    def lockstep(self, items: list, spare) -> Iterator[tuple[object, bool]]:
-        """(item, True) for each of this rank's training passes ``items``; FSDP2: then (``spare``, False) until
-        every rank has run as many passes as the rank with the most (the caller runs those at weight 0)."""
-        total = fsdp.lockstep(len(items), self.device) if self.sharded else len(items)
+    def lockstep(self, items: Iterable, spare: Callable[[], object]) -> Iterator[tuple[object, bool]]:
+        """(item, True) for each of this rank's training passes ``items`` (made one at a time); FSDP2: then
+        (``spare()``, False) until every rank has run as many passes as the rank with the most (the caller runs
+        those at weight 0)."""
+        if not self.sharded:
+            yield from ((item, True) for item in items)
+            return
+        items = list(items)
+        total = fsdp.lockstep(len(items), self.device)
         for i in range(total):
-            yield (items[i], True) if i < len(items) else (spare, False)
+            yield (items[i], True) if i < len(items) else (spare(), False)
 
     @contextmanager
     def gathered(self):

@@ -102,7 +102,7 @@ def bt_step(engine: ModelEngine, pairs: list[EncodedPair], config: RMConfig, pad
 
     def micro_batches():
         starts = list(range(0, len(pairs), config.micro_batch))
-        for start, counts in engine.lockstep(starts, 0):  # FSDP2: every rank runs as many passes
+        for start, counts in engine.lockstep(starts, lambda: 0):  # FSDP2: every rank runs as many passes
             batch = pair_batch(pairs[start : start + config.micro_batch], pad_id).to(engine.device)
             m = len(batch.margins)
             with engine.autocast():
