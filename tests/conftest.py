@@ -49,3 +49,13 @@ def make_gpt(tok: Tokenizer):
         return tiny_gpt(tok.vocab_size, seed=seed, randomize=randomize, **sizes)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hf_llama_dir(tmp_path_factory):
+    """A tiny random HF Llama with a BPE tokenizer trained on the arithmetic corpus, saved once per session."""
+    pytest.importorskip("transformers")
+    from posttrain.models.tiny_llama import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("hf_llama"), ArithmeticTask(test_size=8).corpus(
+        random.Random(0), n=300), vocab_size=400)

@@ -3,8 +3,6 @@ and without LoRA on two processes equal one process (the built-in GPT's stages: 
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 pytest.importorskip("transformers")
@@ -17,22 +15,14 @@ from posttrain.config import LoraConfig, ModelConfig  # noqa: E402
 from posttrain.fsdp import blocks  # noqa: E402
 from posttrain.models.gpt import GPT, GPTConfig  # noqa: E402
 from posttrain.models.heads import ValueModel  # noqa: E402
-from posttrain.models.tiny_llama import make_tiny_llama  # noqa: E402
-from posttrain.tasks.arithmetic import ArithmeticTask  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    texts = ArithmeticTask(test_size=8).corpus(random.Random(0), n=300)
-    return make_tiny_llama(tmp_path_factory.mktemp("llama"), texts, vocab_size=400)
-
-
-def test_the_shards_are_the_transformer_blocks(llama_dir):
+def test_the_shards_are_the_transformer_blocks(hf_llama_dir):
     gpt = GPT(GPTConfig(vocab_size=50, n_layer=3, n_embd=16, n_head=2, n_kv_head=1))
     assert blocks(gpt) == list(gpt.blocks)
     assert blocks(ValueModel.from_policy(gpt)) != [] and len(blocks(ValueModel.from_policy(gpt))) == 3
     for rank in (0, 4):  # the decoder layers of an HF model, also inside peft's wrappers
-        policy, _ = load_policy(ModelConfig(str(llama_dir)), LoraConfig(rank=rank, alpha=8.0))
+        policy, _ = load_policy(ModelConfig(str(hf_llama_dir)), LoraConfig(rank=rank, alpha=8.0))
         layers = [m for name, m in policy.named_modules() if name.endswith(("layers.0", "layers.1"))]
         assert blocks(policy) == layers and len(layers) == policy.hf.config.num_hidden_layers
 
@@ -43,12 +33,12 @@ HF_RL = ["-", "algorithm=grpo", "kl_coef=0.05", "prompts_per_step=2", "samples_p
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed next to this Python")
-def test_an_hf_policy_full_and_lora_on_two_processes_equals_one_process(llama_dir, tmp_path):
+def test_an_hf_policy_full_and_lora_on_two_processes_equals_one_process(hf_llama_dir, tmp_path):
     """GRPO with a KL term: with LoRA the reference is the policy's own (sharded) weights with the adapter off;
     full fine-tuning shards the decoder layers. Both strategies give the one-process weights and metrics."""
     keys = ("reward", "grad_norm", "policy_loss", "kl")
     for rank in (8, 0):
-        args = (*HF_RL, f"model={llama_dir}", f"lora.rank={rank}", "lora.alpha=16")
+        args = (*HF_RL, f"model={hf_llama_dir}", f"lora.rank={rank}", "lora.alpha=16")
         one = _run(tmp_path, "rl", f"one{rank}", 1, *args)
         strategies = ("ddp", "fsdp2") if rank else ("fsdp2",)
         for strategy in strategies:

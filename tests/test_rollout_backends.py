@@ -191,17 +191,11 @@ def test_sync_sends_the_whole_state_first_then_the_trainable_part_when_due():
 
 
 @needs_ray
-def test_a_lora_policy_on_ray_workers_trains_as_with_the_local_engine(tmp_path):
+def test_a_lora_policy_on_ray_workers_trains_as_with_the_local_engine(hf_llama_dir, tmp_path):
     """An HF model with a LoRA adapter and a KL reference: after the first full copy only the adapter is sent,
     and the workers still sample with the trainer's weights (its log-probs, each step)."""
-    import random
-
     pytest.importorskip("peft")
-    from posttrain.models.tiny_llama import make_tiny_llama
-    from posttrain.tasks.arithmetic import ArithmeticTask
-
-    llama = make_tiny_llama(tmp_path / "llama", ArithmeticTask(test_size=8).corpus(random.Random(0), n=300),
-                            vocab_size=400)
+    llama = hf_llama_dir
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     rows = {}
     for backend in ("local", "ray"):
