@@ -52,6 +52,13 @@ def test_a_backend_other_than_local_refuses_several_trainer_processes(gpt, tok):
         RolloutConfig(backend="vlm")
 
 
+def test_a_ray_key_with_the_local_backend_is_an_error_not_ignored():
+    with pytest.raises(ConfigError, match=r"config key rollout.workers, rollout.sync_every applies to "
+                                          r"rollout.backend=ray, and the backend is local"):
+        RolloutConfig(workers=4, sync_every=2)
+    assert RolloutConfig().workers == 2  # the defaults are fine
+
+
 def test_a_new_backend_takes_the_trainers_weights_at_the_first_sync_whatever_their_version(gpt, tok):
     """A resumed or rolled-back policy may have any version, 0 included: a backend starts with none."""
     backend = make_backend(RolloutConfig(), gpt, tok)

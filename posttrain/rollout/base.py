@@ -51,6 +51,13 @@ class RolloutConfig:
         check_range("rollout.worker_threads", self.worker_threads, 1)
         check_range("rollout.timeout_s", self.timeout_s, 0, low_open=True)
         check_range("rollout.sync_every", self.sync_every, 1)
+        if self.backend == "local":  # a key the local engine would ignore is an error, not a silent no-op
+            default = RolloutConfig.__dataclass_fields__
+            changed = [f"rollout.{k}" for k in ("workers", "worker_threads", "timeout_s", "sync_every", "ray_address")
+                       if getattr(self, k) != default[k].default]
+            if changed:
+                raise ConfigError(f"config key {', '.join(changed)} applies to rollout.backend=ray, and the backend "
+                                  "is local: set rollout.backend=ray, or leave it out")
 
 
 class RolloutBackend(Protocol):
