@@ -228,6 +228,9 @@ def data_parallel(config, device: torch.device, data: str) -> tuple[World, torch
     batch (``batch_size``; RL: ``prompts_per_step``) gives every rank at least one row to start a step with (one
     prompt group to generate; a rank's share of an update's rows may still be empty)."""
     world = join(config.distributed, device)
+    if world.size == 1 and config.distributed.strategy != "ddp":  # kept for a run on several processes
+        print(f"note: distributed.strategy={config.distributed.strategy} applies to a run on several processes "
+              "(nproc=N, torchrun); this one is a single process", file=sys.stderr)
     world.agree("the step count and the training data", f"steps {config.steps}, {data}")
     key = "batch_size" if hasattr(config, "batch_size") else "prompts_per_step"
     if getattr(config, key) < world.size:

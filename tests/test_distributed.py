@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from posttrain.distributed import World
@@ -207,3 +208,14 @@ def test_a_pipeline_and_posttrain_eval_on_two_processes_give_the_one_process_tab
                               capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "eval1.jsonl").read_text() == (tmp_path / "eval2.jsonl").read_text()
+
+
+def test_a_strategy_set_for_one_process_says_it_applies_to_several(capsys):
+    from types import SimpleNamespace
+
+    from posttrain.distributed import DistributedConfig, data_parallel
+
+    config = SimpleNamespace(distributed=DistributedConfig(strategy="fsdp2"), steps=3, batch_size=4)
+    world, _ = data_parallel(config, torch.device("cpu"), "data")
+    assert world.size == 1
+    assert "note: distributed.strategy=fsdp2 applies to a run on several processes" in capsys.readouterr().err
