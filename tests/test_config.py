@@ -469,3 +469,12 @@ def test_a_key_added_since_a_config_was_saved_is_no_change_at_its_default():
 def test_an_overlong_buffer_longer_than_the_budget_is_a_config_error():
     with pytest.raises(ConfigError, match=r"'overlong_buffer' \(16\) must be at most sampling.max_new_tokens \(8\)"):
         load_config(RLConfig, None, ["algorithm=dapo", "sampling.max_new_tokens=8"])
+
+
+def test_the_sampler_trainer_correction_checks_its_keys():
+    with pytest.raises(ConfigError, match="config key 'is_correction' weighs tokens: it needs ratio_level=token"):
+        load_config(RLConfig, overrides=["is_correction=tis", "ratio_level=sequence"])
+    with pytest.raises(ConfigError, match="is_correction"):
+        load_config(RLConfig, overrides=["is_correction=tsi"])
+    with pytest.raises(ConfigError, match="is_clip"):
+        load_config(RLConfig, overrides=["is_correction=tis", "is_clip=1"])

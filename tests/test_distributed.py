@@ -157,6 +157,8 @@ def test_nproc_is_checked_before_any_process_starts(tmp_path):
         (["sft", "-", "batch_size=1", "nproc=2"], "batch_size (1) is the global batch: it must be at least nproc (2)"),
         (["rl", "-", "prompts_per_step=1", "nproc=2"], "prompts_per_step (1) is the global batch"),
         (["sft", "-", "nproc=0"], "'nproc' must be a whole number >= 1"),
+        (["sft", "-", "nproc=2", "distributed.strategy=fsdp2", "precision=fp16-mixed"],
+         "precision fp16-mixed does not run with distributed.strategy fsdp2: use bf16-mixed, or strategy ddp"),
     ]:
         proc = subprocess.run([sys.executable, "-m", "posttrain", *args, f"run_dir={tmp_path}"], capture_output=True,
                               text=True, env=env, timeout=120, cwd=tmp_path)
