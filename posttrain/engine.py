@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from posttrain.random_streams import group_seed, row_streams, uniforms
+from posttrain.random_streams import group_seeds, row_streams, uniforms
 from posttrain.tokenizer import Tokenizer
 from posttrain.tools import ToolRegistry
 
@@ -229,11 +229,7 @@ class Engine:
         or ``seed`` (then prompt i's group seed is ``group_seed(seed, i)``): row j of prompt i draws from
         the stream (seeds[i], j), whatever else is in the batch. ``share_prefix=False`` prefills every
         row (for benchmarks)."""
-        if (seed is None) == (seeds is None):
-            raise ValueError("generate needs exactly one of seed and seeds")
-        seeds = [group_seed(seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"generate needs one seed per prompt: {len(seeds)} seeds, {len(prompts)} prompts")
+        seeds = group_seeds(len(prompts), seed, seeds)
         tok = self.tokenizer
         device = self.model.device
         rows, steps = len(prompts) * n, params.max_new_tokens

@@ -76,6 +76,17 @@ def group_seed(*parts: int) -> int:
     return murmur3_32(words, seed=2) | murmur3_32(words, seed=3) << 32
 
 
+
+def group_seeds(prompts: int, seed: int | None, seeds: Sequence[int] | None) -> list[int]:
+    """One group seed per prompt: ``seeds`` as given, or ``group_seed(seed, i)`` for prompt i (exactly one of
+    the two; ValueError otherwise, or when ``seeds`` is not one per prompt)."""
+    if (seed is None) == (seeds is None):
+        raise ValueError("generate needs exactly one of seed and seeds")
+    out = [group_seed(seed, i) for i in range(prompts)] if seeds is None else list(seeds)
+    if len(out) != prompts:
+        raise ValueError(f"generate needs one seed per prompt: {len(out)} seeds, {prompts} prompts")
+    return out
+
 def row_streams(seeds: Sequence[int], n: int, device: torch.device | str = "cpu") -> Tensor:
     """(len(seeds) · n, 2) int64: for row j of group g (row g · n + j) the MurmurHash3 state of lanes
     0 and 1 after the words (s mod 2³², ⌊s / 2³²⌋ mod 2³², j), s = seeds[g]: the part of each step's

@@ -31,7 +31,7 @@ import torch
 
 from posttrain.config_checks import ConfigError
 from posttrain.engine import Engine, RolloutBatch, SamplingParams
-from posttrain.random_streams import group_seed
+from posttrain.random_streams import group_seeds
 from posttrain.rollout.base import RolloutConfig, RolloutError, interleave
 from posttrain.tools import default_registry
 from posttrain.trainers.model_engine import AUTOCAST_DTYPES
@@ -113,9 +113,7 @@ class RayBackend:
                  seeds: list[int] | None = None) -> RolloutBatch:
         """As :meth:`posttrain.engine.Engine.generate` (``seeds``, or ``seed`` for prompt i's
         ``group_seed(seed, i)``), made by the workers."""
-        if (seed is None) == (seeds is None):
-            raise ValueError("generate needs exactly one of seed and seeds")
-        seeds = [group_seed(seed, i) for i in range(len(prompts))] if seeds is None else list(seeds)
+        seeds = group_seeds(len(prompts), seed, seeds)
         if self.version is None:
             raise RolloutError("the rollout workers have not received the trainer's weights yet (update_weights)")
         k = min(len(self.workers), len(prompts))
