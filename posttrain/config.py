@@ -275,6 +275,7 @@ class RLConfig(RunOptions):
         if "reward_model" in self.rewards and not self.reward_model.path:
             raise ConfigError("config key 'rewards' names 'reward_model' but 'reward_model.path' is not set "
                               "(reward_model.path=runs/rm/checkpoints/final)")
+        self.rollout.check_keys(tuple(dict.fromkeys((self.rollout.backend, self.eval.backend or self.rollout.backend))))
         if self.is_correction != "none" and self.ratio_level != "token":
             raise ConfigError("config key 'is_correction' weighs tokens: it needs ratio_level=token")
         if self.dual_clip and self.dual_clip <= 1:
@@ -332,6 +333,8 @@ def check_run(config: RunOptions) -> None:
     if evaluation is not None and evaluation.correct is not None and (task is None or task.name != "dataset"):
         raise ConfigError("config key 'eval.correct' applies to the dataset task (the built-in tasks count a "
                           "sample right by their own reward)")
+    if evaluation is not None and evaluation.backend is not None and not hasattr(config, "rollout"):
+        raise ConfigError("config key 'eval.backend' applies to RL runs (the others evaluate with the local engine)")
     gsm8k_file = task is not None and task.name == "gsm8k" and Path(task.data or GSM8K_DATA).expanduser().is_file()
     if gsm8k_file and task.test_size == 0:
         raise ConfigError(f"config key 'task.test_size' is 0 with the single data file {task.data}: every row would "

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from posttrain.config_checks import ConfigError, check_range
+from posttrain.config_checks import ConfigError, check_choice, check_range
 from posttrain.distributed import World
 from posttrain.engine import SamplingParams
 from posttrain.random_streams import group_seed
@@ -30,9 +30,15 @@ class EvalConfig:
     correct: str | None = None  # dataset task: the reward that counts a sample right (a name or path; None: the
     # task's reward)
     correct_threshold: float = 1.0  # a sample is right when that reward is >= this
+    backend: str | None = None  # RL: where evaluation generates: local | ray | vllm (None: the run's rollout.backend;
+    # the rollout.* settings of that backend apply)
 
     def __post_init__(self):
         check_range("eval.every", self.every, 0, note=" (0: only at the end)")
+        if self.backend is not None:
+            from posttrain.rollout.base import BACKENDS
+
+            check_choice("eval.backend", self.backend, list(BACKENDS))
         check_range("eval.problems", self.problems, 1, note=" (the final evaluation needs a problem)")
         if not self.ks:
             raise ConfigError("config key 'eval.ks' needs at least one k (e.g. [1, 8])")

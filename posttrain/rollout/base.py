@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -23,7 +24,8 @@ import torch
 from posttrain.config_checks import ConfigError, check_choice, check_range
 from posttrain.engine import RolloutBatch, SamplingParams
 
-BACKENDS = {"local": "posttrain.rollout.local:LocalBackend", "ray": "posttrain.rollout.ray:RayBackend"}
+BACKENDS = {"local": "posttrain.rollout.local:LocalBackend", "ray": "posttrain.rollout.ray:RayBackend",
+            "vllm": "posttrain.rollout.vllm:VllmBackend"}
 
 
 class RolloutError(RuntimeError):
@@ -31,17 +33,54 @@ class RolloutError(RuntimeError):
 
 
 @dataclass
+class VllmConfig:
+    """A vLLM server that generates (``rollout.vllm``; posttrain/rollout/vllm.py)."""
+
+    python: str | None = None  # the interpreter of an environment with vLLM (make vllm-env: .venv-vllm/bin/python);
+    # posttrain starts the server on a snapshot of the policy and stops it with the run
+    url: str | None = None  # or a server you started (http://host:port; dev mode, VLLM_SERVER_DEV_MODE=1, and
+    # --logprobs-mode processed_logprobs), which must read snapshot_dir
+    gpu_memory_utilization: float | None = None  # the server's share of its GPU (None: vLLM's default, 0.9; lower
+    # it when the trainer shares that GPU)
+    max_model_len: int | None = None  # the server's context length (None: the model's)
+    startup_timeout_s: float = 600.0  # the server must answer /health within this
+    snapshot_dir: str | None = None  # where the policy's weights are written for the server (None: a temporary
+    # directory, removed with the run)
+    args: list[str] = field(default_factory=list)  # further `vllm serve` flags, e.g. ["--enforce-eager"]
+
+    def __post_init__(self):
+        if self.gpu_memory_utilization is not None:
+            check_range("rollout.vllm.gpu_memory_utilization", self.gpu_memory_utilization, 0, 1, low_open=True)
+        if self.max_model_len is not None:
+            check_range("rollout.vllm.max_model_len", self.max_model_len, 1)
+        check_range("rollout.vllm.startup_timeout_s", self.startup_timeout_s, 0, low_open=True)
+
+    def check(self) -> None:
+        """ConfigError unless exactly one of python / url says where the server is (and python exists)."""
+        if (self.python is None) == (self.url is None):
+            raise ConfigError("rollout.backend=vllm needs exactly one of rollout.vllm.python (an interpreter with "
+                              "vLLM: make vllm-env builds .venv-vllm/bin/python) or rollout.vllm.url (a running "
+                              "server)")
+        if self.python is not None and not os.access(self.python, os.X_OK):
+            raise ConfigError(f"rollout.vllm.python={self.python} is not an executable interpreter (make vllm-env "
+                              "builds .venv-vllm/bin/python)")
+
+
+@dataclass
 class RolloutConfig:
     """Where RL generates (``RLConfig.rollout``)."""
 
-    backend: str = "local"  # local: the trainer's own KV-cache engine | ray: Ray actors, each a policy copy
+    backend: str = "local"  # local: the trainer's own KV-cache engine | ray: Ray actors, each a policy copy |
+    # vllm: a vLLM server (HF models)
     workers: int = 2  # ray: rollout workers (actors); whole prompt groups go to one worker
     worker_threads: int = 1  # ray: torch CPU threads per worker
-    timeout_s: float = 600.0  # ray: a generation or weight sync that takes longer is an error naming the worker
-    sync_every: int = 1  # ray: send new weights once the workers are this many policy versions behind (> 1:
+    timeout_s: float = 600.0  # ray, vllm: a generation or weight sync that takes longer is an error naming the
+    # worker or server
+    sync_every: int = 1  # ray, vllm: send new weights once the workers are this many policy versions behind (> 1:
     # off-policy rows by up to sync_every − 1 versions; pair it with is_correction; evaluation always syncs)
     ray_address: str | None = None  # ray: a cluster to join (None: a local Ray of the run's own; a Ray the caller
     # started already is used as it is)
+    vllm: VllmConfig = field(default_factory=VllmConfig)  # vllm: the server
 
     def __post_init__(self):
         check_choice("rollout.backend", self.backend, list(BACKENDS))
@@ -51,13 +90,34 @@ class RolloutConfig:
         check_range("rollout.worker_threads", self.worker_threads, 1)
         check_range("rollout.timeout_s", self.timeout_s, 0, low_open=True)
         check_range("rollout.sync_every", self.sync_every, 1)
-        if self.backend == "local":  # a key the local engine would ignore is an error, not a silent no-op
-            default = RolloutConfig.__dataclass_fields__
-            changed = [f"rollout.{k}" for k in ("workers", "worker_threads", "timeout_s", "sync_every", "ray_address")
-                       if getattr(self, k) != default[k].default]
-            if changed:
-                raise ConfigError(f"config key {', '.join(changed)} applies to rollout.backend=ray, and the backend "
-                                  "is local: set rollout.backend=ray, or leave it out")
+        if self.backend == "vllm":
+            self.vllm.check()
+
+    def check_keys(self, backends: tuple[str, ...]) -> None:
+        """A key set for a backend none of ``backends`` is (the run's, and the evaluation's) is an error, not a
+        silent no-op; so is a vLLM server nobody says how to reach."""
+        if "vllm" in backends:
+            self.vllm.check()
+        changed = [key for key, owners in _OWNERS.items() if not set(owners) & set(backends) and _changed(self, key)]
+        if changed:
+            owners = sorted({o for key in changed for o in _OWNERS[key]})
+            raise ConfigError(f"config key {', '.join(changed)} applies to rollout.backend="
+                              f"{' or '.join(owners)}, and the backend is {'/'.join(backends)}: set "
+                              f"rollout.backend={owners[0]}, or leave it out")
+
+
+# Which backends read each key of RolloutConfig (the others reject it when set).
+_OWNERS = {"rollout.workers": ("ray",), "rollout.worker_threads": ("ray",), "rollout.ray_address": ("ray",),
+           "rollout.timeout_s": ("ray", "vllm"), "rollout.sync_every": ("ray", "vllm"),
+           **{f"rollout.vllm.{k}": ("vllm",) for k in VllmConfig.__dataclass_fields__}}
+
+
+def _changed(config: RolloutConfig, dotted: str) -> bool:
+    """Whether the key ``rollout.a`` / ``rollout.vllm.b`` differs from its default."""
+    *section, key = dotted.split(".")[1:]
+    owner = config.vllm if section else config
+    default = type(owner)()
+    return getattr(owner, key) != getattr(default, key)
 
 
 class RolloutBackend(Protocol):

@@ -53,7 +53,6 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from posttrain.algorithms import advantages as adv_fns
 from posttrain.algorithms import losses
 from posttrain.checkpoint import load_policy
 from posttrain.config import OptimConfig, RLConfig
@@ -72,10 +71,11 @@ from posttrain.trainers.checks import Checked, resolve_epochs, task_data
 from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_device, resolve_precision
 from posttrain.trainers.objectives import Mismatch, PolicyLoss, PolicyObjective, ValueLoss, ValueObjective
 from posttrain.trainers.reward_model import RewardScorer, check_reward_checkpoint
+from posttrain.trainers.rl_advantages import advantage_metrics, estimate_advantages, kl_shaped_rewards
 from posttrain.trainers.rl_state import RLState
 from posttrain.trainers.rollout import PromptLimit, Rollout, Scorer, collect, rollout_metrics
 from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
-from posttrain.trainers.train_batch import TrainBatch, last_token, layout
+from posttrain.trainers.train_batch import TrainBatch, layout
 
 
 @dataclass
@@ -98,7 +98,8 @@ class RLSetup:
     tokenizer: object
     scorer: Scorer
     sampler: object  # posttrain.prompt_sampling: which prompts a step draws
-    rollout: RolloutBackend  # generation (rollout.backend: the local KV-cache engine, Ray workers)
+    rollout: RolloutBackend  # generation (rollout.backend: the local KV-cache engine, Ray workers, vLLM)
+    evaluator: RolloutBackend  # evaluation's generation (eval.backend; by default the rollout's own)
     policy: ModelEngine
     objective: PolicyObjective
     reference: ModelEngine | None  # the frozen initial policy (kl_coef > 0)
@@ -172,8 +173,12 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
         kl_kind=config.kl_kind, kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
         entropy_coef=config.entropy_coef, temperature=config.sampling.temperature))
     rollout = make_backend(config.rollout, model, tokenizer, world.size, precision)
-    return RLSetup(config, task, tokenizer, scorer, checked.sampler, rollout, policy, objective, reference, critic,
-                   critic_objective, critic_optim)
+    evaluator = rollout
+    if config.eval.backend not in (None, config.rollout.backend):
+        evaluator = make_backend(dataclasses.replace(config.rollout, backend=config.eval.backend), model, tokenizer,
+                                 world.size, precision)
+    return RLSetup(config, task, tokenizer, scorer, checked.sampler, rollout, evaluator, policy, objective, reference,
+                   critic, critic_objective, critic_optim)
 
 
 def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None,
@@ -200,7 +205,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         parts.engines["critic"] = rl.critic
     reported: set[str] = set()  # reward functions whose first failure was printed
 
-    with closing(rl.rollout), rl.scorer.pool, StepProgress(  # the rollout and reward workers end with the run
+    with closing(rl.rollout), closing(rl.evaluator), rl.scorer.pool, StepProgress(  # all end with the run
             "rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress and world.main,
             initial=run.start_step, quiet=not world.main) as bar:
         run.check_config(bar.print)
@@ -252,11 +257,11 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 def evaluate(rl: RLSetup) -> dict:
     """The task's held-out evaluation of the current policy (the problems split over the ranks; the same
     numbers on every rank)."""
-    sync(rl.rollout, rl.policy, force=True)  # the policy as it is now
+    sync(rl.evaluator, rl.policy, force=True)  # the policy as it is now
     with rl.policy.gathered():
         rl.policy.module.eval()
         with rl.policy.autocast():
-            return evaluate_on(rl.task, rl.rollout, rl.config.eval, rl.policy.world)
+            return evaluate_on(rl.task, rl.evaluator, rl.config.eval, rl.policy.world)
 
 
 def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) -> Rollout:
@@ -410,46 +415,6 @@ def log_samples(run: Run, step: int, ro, rewards: Tensor, advantages: Tensor, ma
         run.sample({"step": step, "prompt": ro.convs[i // group_size]["messages"][-1]["content"],
                     "completion": ro.texts[i], "reward": rewards[i].item(), "advantage": per_row[i].item(),
                     "rewards": ro.breakdown[i], **({"extra": ro.extra[i]} if ro.extra[i] else {})})
-
-
-def kl_shaped_rewards(rewards: Tensor, kl_tok: Tensor, mask: Tensor, beta: float) -> tuple[Tensor, Tensor]:
-    """The task reward with the KL penalty folded in (RLHF's KL-in-reward), in both shapes:
-
-    sequence (B,):  r − β·Σ_t KL_t                                  (RLOO, Ahmadian et al. 2024)
-    token (B, L):   −β·KL_t on every valid token, + r on the last one (PPO, Ouyang et al. 2022)
-
-    ``kl_tok`` (B, L) is the per-token KL estimate, 0 off the mask; β = 0 gives the plain reward.
-    """
-    seq = rewards - beta * kl_tok.sum(-1)  # (B,)
-    tok = -beta * kl_tok + rewards[:, None] * last_token(mask)  # (B, L)
-    return seq, tok
-
-
-def estimate_advantages(config: RLConfig, seq_rewards: Tensor, token_rewards: Tensor, group_ids: Tensor,
-                        mask: Tensor, values: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Advantages (B, L) from the estimator named by ``config.advantage``, and returns (B, L) for the critic
-    (GAE only). Sequence-level estimators give one A per completion, broadcast over its valid tokens."""
-    if config.advantage == "gae":
-        return adv_fns.gae(token_rewards, values, mask, config.gamma, config.lam)
-    if config.advantage == "reinforce_pp":
-        return adv_fns.reinforce_pp(token_rewards, mask, config.gamma), None
-    kwargs = {"scale": config.adv_scale} if config.advantage == "grpo" else {}
-    per_seq = adv_fns.ADVANTAGES[config.advantage](seq_rewards, group_ids, **kwargs)  # (B,)
-    return per_seq[:, None] * mask, None
-
-
-def advantage_metrics(advantages: Tensor, mask: Tensor, values: Tensor | None, returns: Tensor | None) -> dict:
-    """Masked mean/std of the advantages (and the critic's values and returns, for PPO)."""
-    def stats(name: str, x: Tensor) -> dict:
-        n = mask.sum().clamp(min=1)
-        mean = (x * mask).sum() / n
-        std = (((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)).sqrt()
-        return {f"{name}/mean": mean.item(), f"{name}/std": std.item()}
-
-    out = stats("advantages", advantages)
-    if values is not None:
-        out |= stats("values", values) | stats("returns", returns)
-    return out
 
 
 def minibatch_rows(n: int, epochs: int, minibatches: int, gen: torch.Generator):

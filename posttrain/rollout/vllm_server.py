@@ -1,0 +1,147 @@
+"""A vLLM OpenAI-compatible server as a child process of the run, or one the user started, spoken to over HTTP.
+
+posttrain never imports vLLM: it pins its own torch and transformers, so it lives in an environment of its own
+(``make vllm-env`` builds ``.venv-vllm``) and runs as ``python -m vllm.entrypoints.openai.api_server``.
+
+* **Start** (``rollout.vllm.python``): on a free local port, in a session of its own (Ctrl-C in the terminal
+  reaches the trainer, which stops it), with the dev-mode endpoints (``VLLM_SERVER_DEV_MODE=1``:
+  ``/collective_rpc`` reloads weights), processed log-probs (those of the distribution sampled, after
+  temperature and top-k / top-p) and the model's generation config ignored (every request says all it means).
+  Its output goes to ``vllm.log`` next to the snapshot. Startup waits for ``/health`` up to
+  ``rollout.vllm.startup_timeout_s``; a server that exits first is an error with the last lines of its log.
+* **Stop**: :meth:`VllmServer.close` (the backend's ``close``, at the end of the run, on errors and Ctrl-C)
+  terminates its whole process group (SIGTERM, then SIGKILL after 10 s); on Linux the server also gets SIGTERM
+  if the trainer dies without closing it (``PR_SET_PDEATHSIG``), so no server outlives its run.
+* **Requests**: JSON over ``urllib`` with a timeout; an HTTP error or a dead server is a
+  :class:`~posttrain.rollout.base.RolloutError` naming the endpoint, with the server's answer or the last
+  lines of its log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from posttrain.rollout.base import RolloutError, VllmConfig
+
+SERVED_NAME = "posttrain-policy"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM to this process when the process that started it dies (prctl PR_SET_PDEATHSIG = 1)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
+class VllmServer:
+    """A running vLLM server: ``post(path, body)`` answers its JSON; ``model`` is the name to request."""
+
+    def __init__(self, config: VllmConfig, model_dir: Path, dtype: str, timeout_s: float):
+        self.config, self.timeout_s, self.process, self.log_path = config, timeout_s, None, None
+        if config.url is not None:
+            self.url = config.url.rstrip("/")
+            self._wait_healthy()
+            self.model = self.get("/v1/models")["data"][0]["id"]
+            return
+        port = _free_port()
+        self.url, self.model, self.log_path = f"http://127.0.0.1:{port}", SERVED_NAME, model_dir.parent / "vllm.log"
+        command = [config.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                   "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+                   "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm", "--seed", "0"]
+        if config.max_model_len is not None:
+            command += ["--max-model-len", str(config.max_model_len)]
+        if config.gpu_memory_utilization is not None:
+            command += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+        command += list(config.args)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**os.environ, "VLLM_SERVER_DEV_MODE": "1"},
+                                            preexec_fn=_die_with_parent)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                raise RolloutError(f"the vLLM server exited with code {self.process.returncode} while starting; "
+                                   f"the end of its log ({self.log_path}):\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RolloutError(f"the vLLM server at {self.url} did not answer /health within "
+                                   f"rollout.vllm.startup_timeout_s={self.config.startup_timeout_s:g} s"
+                                   + (f"; the end of its log ({self.log_path}):\n{self.tail()}" if self.log_path
+                                      else ""))
+            time.sleep(0.5)
+
+    def tail(self, lines: int = 15) -> str:
+        """The last ``lines`` lines of the server's log (the server we started), indented."""
+        if self.log_path is None or not self.log_path.exists():
+            return "  (no log: a server you started)"
+        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join("  " + line for line in text)
+
+    def _request(self, path: str, body: dict | None, timeout: float | None) -> object:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout_s) as answer:
+                raw = answer.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:500]
+            raise RolloutError(f"the vLLM server refused {path} (HTTP {err.code}): {detail}") from None
+        except (urllib.error.URLError, OSError) as err:
+            if self.process is not None and self.process.poll() is not None:
+                raise RolloutError(f"the vLLM server died (exit code {self.process.returncode}) during {path}; "
+                                   f"the end of its log ({self.log_path}):\n{self.tail()}") from None
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, TimeoutError) or isinstance(err, TimeoutError):
+                raise RolloutError(f"the vLLM server did not answer {path} within rollout.timeout_s="
+                                   f"{self.timeout_s:g} s (hung, or give it more time)") from None
+            raise RolloutError(f"the vLLM server at {self.url} did not answer {path}: {reason}") from None
+        return json.loads(raw) if raw.strip() else None
+
+    def post(self, path: str, body: dict, timeout: float | None = None) -> object:
+        return self._request(path, body, timeout)
+
+    def get(self, path: str) -> object:
+        return self._request(path, None, None)
+
+    def close(self) -> None:
+        """Stop the server we started (its whole process group); a server of the user's is left running."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                process.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
