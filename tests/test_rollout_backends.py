@@ -48,15 +48,23 @@ def test_interleave_puts_the_groups_of_each_part_back_in_prompt_order():
 def test_a_backend_other_than_local_refuses_several_trainer_processes(gpt, tok):
     with pytest.raises(ConfigError, match="rollout.backend=ray is driven by one trainer process"):
         make_backend(RolloutConfig(backend="ray"), gpt, tok, processes=2)
-    with pytest.raises(ConfigError, match=r"'rollout.backend' has unknown value 'vlm' \(valid: local, ray\)"):
+    with pytest.raises(ConfigError, match=r"'rollout.backend' has unknown value 'vlm' \(did you mean 'vllm'\?\)"):
         RolloutConfig(backend="vlm")
 
 
-def test_a_ray_key_with_the_local_backend_is_an_error_not_ignored():
+def test_a_key_of_another_backend_is_an_error_not_ignored():
+    from posttrain.config import RLConfig, load_config
+
     with pytest.raises(ConfigError, match=r"config key rollout.workers, rollout.sync_every applies to "
-                                          r"rollout.backend=ray, and the backend is local"):
-        RolloutConfig(workers=4, sync_every=2)
-    assert RolloutConfig().workers == 2  # the defaults are fine
+                                          r"rollout.backend=ray or vllm, and the backend is local"):
+        load_config(RLConfig, None, ["rollout.workers=4", "rollout.sync_every=2"])
+    with pytest.raises(ConfigError, match=r"config key rollout.workers applies to rollout.backend=ray, and the "
+                                          r"backend is vllm: set rollout.backend=ray"):
+        load_config(RLConfig, None, ["rollout.backend=vllm", "rollout.vllm.python=" + sys.executable,
+                                     "rollout.workers=3"])
+    # the evaluation's backend may use them: eval.backend=ray with a local rollout
+    assert load_config(RLConfig, None, ["eval.backend=ray", "rollout.workers=3"]).rollout.workers == 3
+    assert load_config(RLConfig, None, []).rollout.workers == 2  # the defaults are fine
 
 
 def test_a_new_backend_takes_the_trainers_weights_at_the_first_sync_whatever_their_version(gpt, tok):
