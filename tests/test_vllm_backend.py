@@ -213,6 +213,8 @@ def test_vllm_samples_with_the_trainers_log_probs_and_greedy_rows_equal_the_loca
         again = backend.generate(prompts, 3, params, seed=2)
         assert torch.equal(again.completion_ids, batch.completion_ids)  # same seeds, same rows
         assert len({tuple(batch.completion_tokens(r)) for r in range(3)}) > 1  # a group's rows differ
+    many = backend.generate(prompts * 3, 16, SamplingParams(max_new_tokens=32), seed=3)  # 144 seeded rows at once:
+    assert many.completion_ids.shape[0] == 144  # prefills that vLLM's CPU build would split fail without the fix
 
 
 @needs_vllm

@@ -134,7 +134,8 @@ class VllmBackend:
         self.state.update((name, tensor.detach()) for name, tensor in named_tensors)
         self._write(hf_weights(self.state, self.lora))
         if self.server is None:
-            self.server = VllmServer(self.config.vllm, self.model_dir, self.dtype, self.config.timeout_s)
+            self.server = VllmServer(self.config.vllm, self.model_dir, self.dtype, self.config.timeout_s,
+                                     cpu=self.model.device.type == "cpu")
             if self.config.vllm.url is not None:  # the user's server has some model: give it ours
                 self._reload()
         else:

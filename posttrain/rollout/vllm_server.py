@@ -6,7 +6,9 @@ posttrain never imports vLLM: it pins its own torch and transformers, so it live
 * **Start** (``rollout.vllm.python``): on a free local port, in a session of its own (Ctrl-C in the terminal
   reaches the trainer, which stops it), with the dev-mode endpoints (``VLLM_SERVER_DEV_MODE=1``:
   ``/collective_rpc`` reloads weights), processed log-probs (those of the distribution sampled, after
-  temperature and top-k / top-p) and the model's generation config ignored (every request says all it means).
+  temperature and top-k / top-p) and the model's generation config ignored (every request says all it means);
+  for a CPU trainer, without chunked prefill (vLLM 0.32's CPU build fails a seeded request whose prompt was
+  prefilled in parts: "CPU Generator does not use offset").
   Its output goes to ``vllm.log`` next to the snapshot. Startup waits for ``/health`` up to
   ``rollout.vllm.startup_timeout_s``; a server that exits first is an error with the last lines of its log.
 * **Stop**: :meth:`VllmServer.close` (the backend's ``close``, at the end of the run, on errors and Ctrl-C)
@@ -51,7 +53,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class VllmServer:
     """A running vLLM server: ``post(path, body)`` answers its JSON; ``model`` is the name to request."""
 
-    def __init__(self, config: VllmConfig, model_dir: Path, dtype: str, timeout_s: float):
+    def __init__(self, config: VllmConfig, model_dir: Path, dtype: str, timeout_s: float, cpu: bool = False):
         self.config, self.timeout_s, self.process, self.log_path = config, timeout_s, None, None
         if config.url is not None:
             self.url = config.url.rstrip("/")
@@ -67,6 +69,9 @@ class VllmServer:
             command += ["--max-model-len", str(config.max_model_len)]
         if config.gpu_memory_utilization is not None:
             command += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+        if cpu and not any("chunked-prefill" in arg for arg in config.args):
+            command.append("--no-enable-chunked-prefill")  # vLLM's CPU build crashes on a seeded request that
+            # was prefilled in parts ("CPU Generator does not use offset"): whole prefills only
         command += list(config.args)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -112,7 +117,8 @@ class VllmServer:
                 raw = answer.read()
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:500]
-            raise RolloutError(f"the vLLM server refused {path} (HTTP {err.code}): {detail}") from None
+            log = f"; the end of its log ({self.log_path}):\n{self.tail()}" if err.code >= 500 and self.log_path else ""
+            raise RolloutError(f"the vLLM server refused {path} (HTTP {err.code}): {detail}{log}") from None
         except (urllib.error.URLError, OSError) as err:
             if self.process is not None and self.process.poll() is not None:
                 raise RolloutError(f"the vLLM server died (exit code {self.process.returncode}) during {path}; "
