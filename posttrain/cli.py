@@ -377,6 +377,8 @@ def eval_(
                 torch.cuda.device_count() < nproc:  # (a device this machine lacks: one line, before any start)
             raise ConfigError(f"nproc={nproc} but this machine has {torch.cuda.device_count()} CUDA device(s): "
                               "use --device cpu")
+        rollout = load_config(RolloutConfig, None, [f"backend={backend}", *(rollout_option or [])])
+        rollout.check_keys((backend,))
         _torchrun(nproc)
         world = join(DistributedConfig(), resolve_device(device))  # under torchrun: each rank its share
         device = str(rank_device(resolve_device(device), world))
@@ -387,11 +389,10 @@ def eval_(
                 not any(o.startswith("test_split=") for o in task_option or []):
             fields.append(f"test_split={data}")  # one file: evaluate its rows, not rows held out of it
         task_config = load_config(TaskConfig, None, fields)
-        rollout = load_config(RolloutConfig, None, [f"backend={backend}", *(rollout_option or [])])
-        rollout.check_keys((backend,))
         engine, task_obj, items = load_eval(ModelConfig(model, dtype), task_config, split, device)
+        policy = engine.model
         if backend != "local":
-            engine = make_backend(rollout, engine.model, engine.tokenizer, world.size)
+            engine = make_backend(rollout, policy, engine.tokenizer, world.size)
     except (ValueError, OSError, ImportError) as err:  # ConfigError and FileNotFoundError included
         typer.secho(f"error: {(str(err) or type(err).__name__).splitlines()[0]}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
@@ -399,7 +400,7 @@ def eval_(
     try:
         with closing(engine) if backend != "local" else nullcontext():
             if backend != "local":  # the model's weights, sent once (version 0)
-                engine.update_weights(0, engine.model.state_dict().items())
+                engine.update_weights(0, policy.state_dict().items())
             report = run_eval(engine, task_obj, items, samples, params, batch, seed, path, progress, world)
     except RolloutError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

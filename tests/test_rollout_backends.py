@@ -232,3 +232,25 @@ def test_a_lora_policy_on_ray_workers_trains_as_with_the_local_engine(hf_llama_d
         for key in ("reward", "completions/mean_length", "grad_norm", "kl"):
             if key in local:
                 assert remote[key] == pytest.approx(local[key], rel=1e-5, abs=1e-7), key
+
+
+@needs_ray
+def test_posttrain_eval_on_ray_workers_gives_the_local_engines_records(hf_llama_dir, tmp_path):
+    """`posttrain eval --backend ray`: the same seeds, so the same samples and report, problem by problem."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    reports = {}
+    for backend in ("local", "ray"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "posttrain", "eval", "--model", str(hf_llama_dir), "--task", "arithmetic",
+             "--problems", "4", "--samples", "2", "--max-new-tokens", "8", "--threads", "1", "--no-progress",
+             "--out", str(tmp_path / f"{backend}.jsonl"), "--backend", backend,
+             *(["--rollout-option", "workers=2"] if backend == "ray" else [])],
+            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert reports["ray"] == reports["local"] and reports["local"]["samples"] == 8
+    assert (tmp_path / "ray.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+    bad = subprocess.run([sys.executable, "-m", "posttrain", "eval", "--model", str(hf_llama_dir), "--backend",
+                          "local", "--rollout-option", "workers=3"], capture_output=True, text=True, env=env,
+                         timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "config key rollout.workers applies to rollout.backend=ray" in bad.stderr
