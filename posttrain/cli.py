@@ -378,7 +378,9 @@ def eval_(
             raise ConfigError(f"nproc={nproc} but this machine has {torch.cuda.device_count()} CUDA device(s): "
                               "use --device cpu")
         rollout = load_config(RolloutConfig, None, [f"backend={backend}", *(rollout_option or [])])
-        rollout.check_keys((backend,))
+        rollout.check_keys((backend,), generates=False)
+        if nproc > 1 and backend != "local":
+            raise ConfigError(f"--backend {backend} is driven by one process: run it without --nproc")
         _torchrun(nproc)
         world = join(DistributedConfig(), resolve_device(device))  # under torchrun: each rank its share
         device = str(rank_device(resolve_device(device), world))

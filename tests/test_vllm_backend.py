@@ -93,7 +93,7 @@ class _ScriptedServer:
     """Answers /v1/completions from a script (one list of choices' token ids per request, in order) and records
     the requests."""
 
-    model = "scripted"
+    model, max_model_len, url = "scripted", None, "http://scripted"
 
     def __init__(self, script: list[list[list[int]]]):
         self.script, self.requests = list(script), []
@@ -135,6 +135,16 @@ def test_a_tool_call_runs_its_output_is_appended_unmasked_and_the_row_continues(
     assert batch.completion_tokens(0) == call + output[:2] and not batch.finished[0]
     assert len(backend.server.requests) == 1
 
+    backend.server = _ScriptedServer([[call]])  # a call closed on the budget's last token: run and counted, as the
+    batch = backend.generate([prompt], 1, SamplingParams(max_new_tokens=len(call), top_k=None), seeds=[11])
+    assert batch.completion_tokens(0) == call and batch.tool_calls == 1  # local engine does, with no room left
+    with pytest.raises(RolloutError, match=r"returns raw log-probs \(a token top-p kept alone got -0.5, not 0\): "
+                                           r"start it with --logprobs-mode processed_logprobs"):
+        backend.server = _ScriptedServer([[[5]]])  # a server that answers raw log-probs
+        backend._check_processed_logprobs()
+    backend.server = None
+    backend.close()
+
 
 def test_vllm_config_errors_are_one_line_before_any_server(gpt, tok, llama64):
     with pytest.raises(ConfigError, match="needs exactly one of rollout.vllm.python .* or rollout.vllm.url"):
@@ -163,7 +173,10 @@ def test_a_server_that_exits_while_starting_is_an_error_with_its_log(llama64):
                                            r"named '?vllm"):
         backend.update_weights(0, policy.state_dict().items())
     backend.close()
-    assert not backend.root.exists()  # the temporary snapshot goes with it
+    assert not backend.model_dir.exists()  # the temporary snapshot goes with it, but not the log the error named
+    assert "No module named" in (backend.root / "vllm.log").read_text()
+    (backend.root / "vllm.log").unlink()
+    backend.root.rmdir()
 
 
 # -- a real vLLM server ---------------------------------------------------------------------------------------------
@@ -202,7 +215,6 @@ def test_vllm_samples_with_the_trainers_log_probs_and_greedy_rows_equal_the_loca
     local = Engine(policy, tok, default_registry()).generate(prompts, 2, greedy, seed=1)
     remote = backend.generate(prompts, 2, greedy, seed=1)
     assert torch.equal(remote.completion_ids, local.completion_ids) and torch.equal(remote.lengths, local.lengths)
-    assert remote.logprobs.abs().sum() == 0  # greedy rows: a point mass, as the local engine says
     for top_k in (None, 5):
         params = SamplingParams(temperature=0.7, top_k=top_k, max_new_tokens=12)
         batch = backend.generate(prompts, 3, params, seed=2)
@@ -213,8 +225,9 @@ def test_vllm_samples_with_the_trainers_log_probs_and_greedy_rows_equal_the_loca
         again = backend.generate(prompts, 3, params, seed=2)
         assert torch.equal(again.completion_ids, batch.completion_ids)  # same seeds, same rows
         assert len({tuple(batch.completion_tokens(r)) for r in range(3)}) > 1  # a group's rows differ
-    many = backend.generate(prompts * 3, 16, SamplingParams(max_new_tokens=32), seed=3)  # 144 seeded rows at once:
-    assert many.completion_ids.shape[0] == 144  # prefills that vLLM's CPU build would split fail without the fix
+    # 144 seeded rows at once: vLLM's CPU build splits such prefills, and fails on them without the fix
+    many = backend.generate(prompts * 3, 16, SamplingParams(max_new_tokens=32), seed=3)
+    assert int(many.lengths.min()) >= 1 and many.mask.sum() == many.lengths.sum()  # no tools: every token sampled
 
 
 @needs_vllm
@@ -278,6 +291,18 @@ def test_rl_with_lora_and_tools_on_vllm_and_eval_on_vllm_equal_local(served, lla
         assert reports[name]["problems"] == 4
     assert reports["vllm"] == reports["local"]
     assert (tmp_path / "vllm.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+
+    served_before = backend.server.log_path.read_text().count("POST /v1/completions")
+    proc = subprocess.run(  # rollouts local, evaluation on the server (eval.backend)
+        [sys.executable, "-m", "posttrain", "rl", "-", f"model={llama64}", "algorithm=grpo", "threads=1", "steps=1",
+         "prompts_per_step=2", "samples_per_prompt=2", "eval.every=0", "eval_before=false", "eval.problems=3",
+         "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=4", "sampling.max_new_tokens=6", "task.test_size=8",
+         "reward_workers=0", "eval.backend=vllm", f"rollout.vllm.url={backend.server.url}",
+         f"rollout.vllm.snapshot_dir={tmp_path / 'snapshot3'}", f"run_dir={tmp_path / 'rl_eval'}", "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = backend.server.log_path.read_text().count("POST /v1/completions") - served_before
+    assert served == 3 + 1  # the 3 evaluation problems (and the connect check), the rollout stayed local
 
 
 @needs_vllm

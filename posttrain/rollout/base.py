@@ -38,8 +38,8 @@ class VllmConfig:
 
     python: str | None = None  # the interpreter of an environment with vLLM (make vllm-env: .venv-vllm/bin/python);
     # posttrain starts the server on a snapshot of the policy and stops it with the run
-    url: str | None = None  # or a server you started (http://host:port; dev mode, VLLM_SERVER_DEV_MODE=1, and
-    # --logprobs-mode processed_logprobs), which must read snapshot_dir
+    url: str | None = None  # or a server you started (http://host:port; dev mode, VLLM_SERVER_DEV_MODE=1,
+    # --logprobs-mode processed_logprobs and --generation-config vllm), which must read snapshot_dir
     gpu_memory_utilization: float | None = None  # the server's share of its GPU (None: vLLM's default, 0.9; lower
     # it when the trainer shares that GPU)
     max_model_len: int | None = None  # the server's context length (None: the model's)
@@ -93,16 +93,20 @@ class RolloutConfig:
         if self.backend == "vllm":
             self.vllm.check()
 
-    def check_keys(self, backends: tuple[str, ...]) -> None:
+    def check_keys(self, backends: tuple[str, ...], generates: bool = True) -> None:
         """A key set for a backend none of ``backends`` is (the run's, and the evaluation's) is an error, not a
-        silent no-op; so is a vLLM server nobody says how to reach."""
+        silent no-op; so is a vLLM server nobody says how to reach. ``rollout.sync_every`` counts only for a
+        backend that generates rollouts (``generates``: ``self.backend`` does; evaluation always syncs)."""
         if "vllm" in backends:
             self.vllm.check()
-        changed = [key for key, owners in _OWNERS.items() if not set(owners) & set(backends) and _changed(self, key)]
+        syncing = {self.backend} if generates else set()
+        changed = [key for key, owners in _OWNERS.items() if _changed(self, key) and
+                   not set(owners) & (syncing if key == "rollout.sync_every" else set(backends))]
         if changed:
             owners = sorted({o for key in changed for o in _OWNERS[key]})
             raise ConfigError(f"config key {', '.join(changed)} applies to rollout.backend="
-                              f"{' or '.join(owners)}, and the backend is {'/'.join(backends)}: set "
+                              f"{' or '.join(owners)}, and the backend is {backends[0]}"
+                              f"{f' (evaluation: {backends[1]})' if len(backends) > 1 else ''}: set "
                               f"rollout.backend={owners[0]}, or leave it out")
 
 

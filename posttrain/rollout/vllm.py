@@ -14,7 +14,8 @@
   ``max_tokens`` and the tokenizer's stop ids, asking for the sampled tokens' processed log-probs (the
   distribution sampled, after truncation: what the local engine returns too). Greedy rows (temperature 0)
   get log-prob 0, as the local engine gives them. vLLM's sampler is not ours, so rows differ from the local
-  engine's for the same seeds (greedy rows aside); the same seeds give the same rows from the same server.
+  engine's for the same seeds (greedy rows aside); the same seeds gave the same rows from the same CPU server
+  (tested), but vLLM on a GPU is not batch-invariant: there, and so across a resume, rows may differ.
 * **Tools**: with tool tokens, generation also stops at ``<|tool_end|>``; the call since the row's last
   ``<|tool_start|>`` runs, its output is appended (mask 0, log-prob 0, within the row's token budget) and the
   row continues in a new request on prompt + completion so far, with a seed drawn from the group seed, the
@@ -120,43 +121,83 @@ class VllmBackend:
         self.tools = default_registry() if tokenizer.has_tools else None
         self.stop_ids = sorted(tokenizer.stop_ids)
         self.lora = lora_layers(model)
-        self.dtype = SERVER_DTYPES.get(precision, "float32")
+        weights = str(next(model.parameters()).dtype).removeprefix("torch.")  # bf16-true, or an eval's --dtype
+        self.dtype = SERVER_DTYPES[precision] if precision in ("bf16-mixed", "fp16-mixed") else weights
         self.state: dict[str, torch.Tensor] = {}
         self.server: VllmServer | None = None
+        self.failed = False  # a RolloutError came out of this backend: keep the server's log
+        self.root: Path | None = None  # the snapshot's directory, made at the first sync
         self.own_dir = config.vllm.snapshot_dir is None
-        root = Path(tempfile.mkdtemp(prefix="posttrain-vllm-") if self.own_dir else config.vllm.snapshot_dir)
-        self.root, self.model_dir = root, root / "model"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
 
     # -- weights -------------------------------------------------------------------------------------------------
     def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Lay ``named_tensors`` over the state synced so far (the first sync: the whole state), write the merged
         model and have the server load it (the first time: start it on it)."""
+        try:
+            self._update(named_tensors)
+        except RolloutError:
+            self.failed = True
+            raise
+        self.version = version
+
+    def _update(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.state.update((name, tensor.detach()) for name, tensor in named_tensors)
+        if self.root is None:
+            own = self.config.vllm.snapshot_dir
+            self.root = Path(tempfile.mkdtemp(prefix="posttrain-vllm-") if own is None else own)
+            self.model_dir.mkdir(parents=True, exist_ok=True)
+            self.model.hf.config.save_pretrained(self.model_dir)  # this run's, even in a snapshot_dir used before
+            self.tokenizer.save_pretrained(self.model_dir)
         self._write(hf_weights(self.state, self.lora))
         if self.server is None:
             self.server = VllmServer(self.config.vllm, self.model_dir, self.dtype, self.config.timeout_s,
                                      cpu=self.model.device.type == "cpu")
             if self.config.vllm.url is not None:  # the user's server has some model: give it ours
                 self._reload()
+            self._check_processed_logprobs()
         else:
             self._reload()
-        self.version = version
 
     def _write(self, weights: dict[str, torch.Tensor]) -> None:
-        self.model_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.model_dir / "config.json").exists():
-            self.model.hf.config.save_pretrained(self.model_dir)
-            self.tokenizer.save_pretrained(self.model_dir)
         partial = self.model_dir / "model.safetensors.partial"
         save_file(weights, partial, metadata={"format": "pt"})
         os.replace(partial, self.model_dir / "model.safetensors")
 
     def _reload(self) -> None:
-        answer = self.server.post("/collective_rpc", {"method": "reload_weights",
-                                                      "kwargs": {"weights_path": str(self.model_dir)}})
-        if isinstance(answer, dict) and answer.get("error"):
-            raise RolloutError(f"the vLLM server could not reload the weights: {answer['error']}")
-        self.server.post("/reset_prefix_cache", {})
+        """The server's in-place reload of the snapshot (a worker's failure is an HTTP error), then a prefix-cache
+        reset, retried while blocks are held: a prompt cached under the old weights must not be reused."""
+        self.server.post("/collective_rpc", {"method": "reload_weights",
+                                             "kwargs": {"weights_path": str(self.model_dir)}})
+        for _ in range(20):
+            if (self.server.post("/reset_prefix_cache", {}) or {}).get("success"):
+                return
+            time.sleep(0.1)
+        raise RolloutError("the vLLM server did not reset its prefix cache after a weight reload (blocks held)")
+
+    def _check_processed_logprobs(self) -> None:
+        """A one-token request whose top-p keeps a single token: the processed log-prob of that point mass is 0; a
+        raw one (a server without --logprobs-mode processed_logprobs) is the model's log-prob of the token, which
+        would be taken for the behaviour policy's (it passes only where the model itself is sure: p > 0.9999)."""
+        prompt = self.tokenizer.encode("1 + 1 =") or [self.tokenizer.pad_id]
+        probe = self._post({"model": self.server.model, "prompt": prompt, "n": 1, "max_tokens": 1, "top_k": -1,
+                            "temperature": 1.0, "top_p": 1e-6, "logprobs": 0, "return_token_ids": True, "seed": 0},
+                           self.config.timeout_s)[0]["logprobs"]["token_logprobs"][0]
+        if abs(probe) > 1e-4:
+            raise RolloutError(f"the vLLM server at {self.server.url} returns raw log-probs (a token top-p kept "
+                               f"alone got {probe:.3g}, not 0): start it with --logprobs-mode processed_logprobs")
+
+    def _post(self, body: dict, timeout: float) -> list[dict]:
+        """The choices of one /v1/completions request, by index."""
+        answer = self.server.post("/v1/completions", body, timeout=timeout)
+        try:
+            return sorted(answer["choices"], key=lambda c: c["index"])
+        except (KeyError, TypeError):
+            raise RolloutError(f"the vLLM server answered /v1/completions without choices: {str(answer)[:200]}"
+                               ) from None
 
     # -- generation ----------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams, seed: int | None = None,
@@ -169,7 +210,8 @@ class VllmBackend:
         rows = [_Row(prompt, s, j) for prompt, s in zip(prompts, seeds, strict=True) for j in range(n)]
         deadline = time.monotonic() + self.config.timeout_s
         calls = failures = 0
-        with ThreadPoolExecutor(max_workers=min(64, len(rows))) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(64, len(rows)))
+        try:
             batches = [(rows[i * n:(i + 1) * n], s) for i, s in enumerate(seeds)]  # round 0: one request a group
             for round_ in range(params.max_new_tokens + 1):
                 requests = [pool.submit(self._complete, group, s, params, deadline) for group, s in batches]
@@ -181,53 +223,69 @@ class VllmBackend:
                 if not pending:
                     break
                 batches = [([row], group_seed(row.seed, row.index, round_ + 1)) for row in pending]
+        except RolloutError:
+            self.failed = True
+            raise
+        finally:  # on an error or Ctrl-C, requests not sent yet are dropped, not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
         return self._batch(rows, len(prompts), n, calls, failures)
+
+    def _room(self, row: _Row, params: SamplingParams) -> int:
+        """Tokens ``row`` may still add: its budget, and what is left of the server's context."""
+        room = params.max_new_tokens - len(row.tokens)
+        if self.server.max_model_len is not None:
+            room = min(room, self.server.max_model_len - len(row.prompt) - len(row.tokens))
+        return room
 
     def _complete(self, group: list[_Row], seed: int, params: SamplingParams, deadline: float) -> list[dict]:
         """One request: ``len(group)`` samples continuing ``group[0]``'s prompt and tokens so far, by index."""
         row, greedy = group[0], params.temperature <= 0  # greedy: vLLM samples one, the group's rows are equal
         body = {"model": self.server.model, "prompt": row.prompt + row.tokens, "n": 1 if greedy else len(group),
-                "seed": seed % _SEED_RANGE, "max_tokens": params.max_new_tokens - len(row.tokens),
+                "seed": seed % _SEED_RANGE, "max_tokens": max(1, self._room(row, params)),
                 "temperature": params.temperature, "top_k": params.top_k or -1, "top_p": params.top_p or 1.0,
+                "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                 "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False,
                 "stop_token_ids": self.stop_ids + ([self.tokenizer.tool_end_id] if self.tools else [])}
         left = deadline - time.monotonic()
         if left <= 0:
             raise RolloutError(f"the vLLM server did not finish a generation within rollout.timeout_s="
                                f"{self.config.timeout_s:g} s (hung, or give it more time)")
-        choices = sorted(self.server.post("/v1/completions", body, timeout=left)["choices"], key=lambda c: c["index"])
+        choices = self._post(body, left)
         if greedy and len(choices) == 1:
             choices = choices * len(group)
-        if len(choices) != len(group):
-            raise RolloutError(f"the vLLM server answered {len(choices)} samples, {len(group)} were asked for")
+        if len(choices) != len(group) or not all(isinstance(c.get("token_ids"), list) and c["token_ids"] and
+                                                 isinstance((c.get("logprobs") or {}).get("token_logprobs"), list)
+                                                 for c in choices):
+            raise RolloutError(f"the vLLM server answered {len(choices)} samples for {len(group)}, or samples "
+                               f"without token ids and log-probs: {str(choices)[:200]}")
         return choices
 
     def _extend(self, row: _Row, choice: dict, params: SamplingParams) -> tuple[int, int]:
-        """Append one answer to ``row``; run a tool call it closed (→ (calls, failures) made)."""
+        """Append one answer to ``row``; run a tool call it closed, as the local engine does (→ (calls, failures)
+        made): a call closed on the budget's last token runs and counts, with no room left for its output."""
         tokens = list(choice["token_ids"])
         logprobs = choice["logprobs"]["token_logprobs"] if params.temperature > 0 else [0.0] * len(tokens)
         start = len(row.tokens)
         row.tokens += tokens
         row.logprobs += [float(x) for x in logprobs]
         row.mask += [1.0] * len(tokens)
-        budget = params.max_new_tokens - len(row.tokens)
-        last = tokens[-1] if tokens else None
-        if last in self.stop_ids:
+        room, tok = self._room(row, params), self.tokenizer
+        if tokens[-1] in self.stop_ids:
             row.finished = row.done = True
             return 0, 0
-        if self.tools is None or last != self.tokenizer.tool_end_id or budget <= 0:
-            row.done = True  # the budget (or the model's context) ran out
+        if self.tools is None or tokens[-1] != tok.tool_end_id:
+            row.done = True  # the budget (or the server's context) ran out
             return 0, 0
-        tok = self.tokenizer
         opened = [i for i in range(start, len(row.tokens) - 1) if row.tokens[i] == tok.tool_start_id]
-        if not opened:
-            return 0, 0  # a stray <|tool_end|> is just a token: the row goes on
+        if not opened:  # a stray <|tool_end|> is just a token: the row goes on
+            row.done = room <= 0
+            return 0, 0
         result = self.tools.run(tok.decode(row.tokens[opened[-1] + 1 : -1]))
-        forced = [tok.output_start_id, *tok.encode(result), tok.output_end_id][:budget]
+        forced = [tok.output_start_id, *tok.encode(result), tok.output_end_id][: max(room, 0)]
         row.tokens += forced
         row.logprobs += [0.0] * len(forced)
         row.mask += [0.0] * len(forced)
-        row.done = len(row.tokens) >= params.max_new_tokens
+        row.done = self._room(row, params) <= 0
         return 1, int(result.startswith("error"))
 
     def _batch(self, rows: list[_Row], prompts: int, n: int, calls: int, failures: int) -> RolloutBatch:
@@ -245,10 +303,13 @@ class VllmBackend:
             group_ids=torch.arange(prompts).repeat_interleave(n), tool_calls=calls, tool_failures=failures)
 
     def close(self) -> None:
+        """Stop the server we started; remove the temporary snapshot, but keep its ``vllm.log`` when something
+        failed (the error named it)."""
         try:
             if self.server is not None:
                 self.server.close()
         finally:
+            self.failed |= self.server is not None and self.server.failed
             self.server = None
-            if self.own_dir:
-                shutil.rmtree(self.root, ignore_errors=True)
+            if self.own_dir and self.root is not None:
+                shutil.rmtree(self.model_dir if self.failed else self.root, ignore_errors=True)

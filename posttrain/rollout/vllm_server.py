@@ -22,6 +22,7 @@ posttrain never imports vLLM: it pins its own torch and transformers, so it live
 from __future__ import annotations
 
 import ctypes
+import http.client
 import json
 import os
 import signal
@@ -31,11 +32,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 from posttrain.rollout.base import RolloutError, VllmConfig
 
-SERVED_NAME = "posttrain-policy"
+# Server traffic is local or to a URL the user gave: never through an http_proxy of the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Looked up before any fork: the child may only call it (a dlopen between fork and exec can deadlock).
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
 
 
 def _free_port() -> int:
@@ -45,9 +50,9 @@ def _free_port() -> int:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGTERM to this process when the process that started it dies (prctl PR_SET_PDEATHSIG = 1)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    """Linux: SIGTERM to this process when the thread that started it ends (prctl PR_SET_PDEATHSIG = 1)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
 
 
 class VllmServer:
@@ -55,15 +60,17 @@ class VllmServer:
 
     def __init__(self, config: VllmConfig, model_dir: Path, dtype: str, timeout_s: float, cpu: bool = False):
         self.config, self.timeout_s, self.process, self.log_path = config, timeout_s, None, None
+        self.failed = False  # it died, or answered a server error: its log is worth keeping
         if config.url is not None:
             self.url = config.url.rstrip("/")
             self._wait_healthy()
-            self.model = self.get("/v1/models")["data"][0]["id"]
+            self.model, self.max_model_len = self._served()
             return
         port = _free_port()
-        self.url, self.model, self.log_path = f"http://127.0.0.1:{port}", SERVED_NAME, model_dir.parent / "vllm.log"
+        name = f"posttrain-policy-{uuid.uuid4().hex[:8]}"  # ours, not whatever else may answer on that port
+        self.url, self.log_path = f"http://127.0.0.1:{port}", model_dir.parent / "vllm.log"
         command = [config.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                   "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
+                   "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
                    "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm", "--seed", "0"]
         if config.max_model_len is not None:
             command += ["--max-model-len", str(config.max_model_len)]
@@ -79,18 +86,27 @@ class VllmServer:
                                             preexec_fn=_die_with_parent)
         try:
             self._wait_healthy()
+            self.model, self.max_model_len = self._served()
+            if self.model != name:
+                raise RolloutError(f"another server answers on port {port} (it serves {self.model}); start again")
         except BaseException:
             self.close()
             raise
+
+    def _served(self) -> tuple[str, int | None]:
+        """(the name of the model the server serves, its context length)."""
+        card = self.get("/v1/models")["data"][0]
+        return card["id"], card.get("max_model_len")
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
         while True:
             if self.process is not None and self.process.poll() is not None:
+                self.failed = True
                 raise RolloutError(f"the vLLM server exited with code {self.process.returncode} while starting; "
                                    f"the end of its log ({self.log_path}):\n{self.tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as answer:
+                with _OPENER.open(self.url + "/health", timeout=5) as answer:
                     if answer.status == 200:
                         return
             except (urllib.error.URLError, OSError):
@@ -113,14 +129,16 @@ class VllmServer:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout_s) as answer:
+            with _OPENER.open(request, timeout=timeout or self.timeout_s) as answer:
                 raw = answer.read()
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:500]
+            self.failed |= err.code >= 500
             log = f"; the end of its log ({self.log_path}):\n{self.tail()}" if err.code >= 500 and self.log_path else ""
             raise RolloutError(f"the vLLM server refused {path} (HTTP {err.code}): {detail}{log}") from None
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             if self.process is not None and self.process.poll() is not None:
+                self.failed = True
                 raise RolloutError(f"the vLLM server died (exit code {self.process.returncode}) during {path}; "
                                    f"the end of its log ({self.log_path}):\n{self.tail()}") from None
             reason = getattr(err, "reason", err)
@@ -128,7 +146,11 @@ class VllmServer:
                 raise RolloutError(f"the vLLM server did not answer {path} within rollout.timeout_s="
                                    f"{self.timeout_s:g} s (hung, or give it more time)") from None
             raise RolloutError(f"the vLLM server at {self.url} did not answer {path}: {reason}") from None
-        return json.loads(raw) if raw.strip() else None
+        try:
+            return json.loads(raw) if raw.strip() else None
+        except ValueError:
+            raise RolloutError(f"the vLLM server answered {path} with something other than JSON: "
+                               f"{raw[:200]!r}") from None
 
     def post(self, path: str, body: dict, timeout: float | None = None) -> object:
         return self._request(path, body, timeout)
@@ -137,17 +159,20 @@ class VllmServer:
         return self._request(path, None, None)
 
     def close(self) -> None:
-        """Stop the server we started (its whole process group); a server of the user's is left running."""
+        """Stop the server we started: SIGTERM to its process group, SIGKILL to what is left of it after 10 s
+        (also when the main process is gone already: its engine processes may not be); a server of the user's is
+        left running."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
+        if process is None:
             return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                process.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        try:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()

@@ -175,8 +175,12 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
     rollout = make_backend(config.rollout, model, tokenizer, world.size, precision)
     evaluator = rollout
     if config.eval.backend not in (None, config.rollout.backend):
-        evaluator = make_backend(dataclasses.replace(config.rollout, backend=config.eval.backend), model, tokenizer,
-                                 world.size, precision)
+        try:
+            evaluator = make_backend(dataclasses.replace(config.rollout, backend=config.eval.backend), model,
+                                     tokenizer, world.size, precision)
+        except BaseException:
+            rollout.close()
+            raise
     return RLSetup(config, task, tokenizer, scorer, checked.sampler, rollout, evaluator, policy, objective, reference,
                    critic, critic_objective, critic_optim)
 
