@@ -73,10 +73,6 @@ def _launch(nproc: int, config) -> None:
     key = "prompts_per_step" if isinstance(config, RLConfig) else "batch_size"
     if getattr(config, key) < nproc:
         problem = f"{key} ({getattr(config, key)}) is the global batch: it must be at least nproc ({nproc})"
-    elif isinstance(config, RLConfig) and {config.rollout.backend, config.eval.backend} - {"local", None}:
-        remote = "rollout" if config.rollout.backend != "local" else "eval"
-        problem = (f"{remote}.backend={getattr(config, remote).backend} is driven by one trainer process: run it "
-                   "without nproc")
     elif config.distributed.strategy == "fsdp2" and config.precision == "fp16-mixed":
         problem = "precision fp16-mixed does not run with distributed.strategy fsdp2: use bf16-mixed, or strategy ddp"
     elif resolve_device(config.device).type == "cuda" and torch.cuda.device_count() < nproc:

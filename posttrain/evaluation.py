@@ -137,10 +137,11 @@ class SampleFailures:
 
 def evaluate_on(task, engine, config, world: World) -> dict[str, float]:
     """``task.evaluate`` with the same result on every rank: split over the ranks when the task's ``evaluate``
-    takes a ``world`` (the built-in tasks do), else computed by rank 0 (a task of your own)."""
+    takes a ``world`` (the built-in tasks do), else computed by rank 0 (a task of your own, or a backend that rank 0
+    drives: Ray workers, a vLLM server)."""
     if world.size == 1:
         return task.evaluate(engine, config)
-    if "world" in inspect.signature(task.evaluate).parameters:
+    if "world" in inspect.signature(task.evaluate).parameters and not getattr(engine, "remote", False):
         return task.evaluate(engine, config, world=world)
     return world.on_main(task.evaluate, engine, config)
 

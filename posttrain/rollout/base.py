@@ -16,6 +16,7 @@ import importlib.util
 import os
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -138,15 +139,35 @@ class RolloutBackend(Protocol):
     def close(self) -> None: ...
 
 
-def make_backend(config: RolloutConfig, model, tokenizer, processes: int = 1, precision: str = "fp32"
-                 ) -> RolloutBackend:
+class Follower:
+    """What a data-parallel rank other than 0 holds for a backend that rank 0 drives (Ray workers, a vLLM server):
+    the version its weights are at, so every rank takes the same sync decisions; rank 0 generates for all of them
+    (:func:`~posttrain.trainers.rollout.generate_groups`) and the batch is broadcast."""
+
+    remote = True
+
+    def __init__(self, config: RolloutConfig, tokenizer):
+        self.tokenizer, self.version, self.sync_every, self.backend = tokenizer, None, config.sync_every, config.backend
+
+    def generate(self, *args, **kwargs) -> RolloutBatch:
+        raise RuntimeError(f"rollout.backend={self.backend} generates on rank 0 only")
+
+    def update_weights(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.version = version
+
+    def close(self) -> None:
+        pass
+
+
+def make_backend(config: RolloutConfig, model, tokenizer, processes: int = 1, precision: str = "fp32",
+                 rank: int = 0) -> RolloutBackend:
     """The backend ``config.backend`` names around ``model`` (the policy, not synced yet: the first
     :func:`sync` sends the trainer's weights whatever their version), generating in the trainer's ``precision``,
     imported on first use (an optional dependency that is missing is a ConfigError saying what to install).
-    Only ``local`` runs in each of several data-parallel processes; the others are driven by one trainer process."""
-    if processes > 1 and config.backend != "local":
-        raise ConfigError(f"rollout.backend={config.backend} is driven by one trainer process: run it without "
-                          "nproc (its workers generate in parallel), or use rollout.backend=local")
+    ``local`` runs in each of several data-parallel processes; the others are driven by rank 0 (the other
+    ``processes`` get a :class:`Follower`)."""
+    if processes > 1 and config.backend != "local" and rank != 0:
+        return Follower(config, tokenizer)
     module, name = BACKENDS[config.backend].split(":")
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -158,10 +179,12 @@ def make_backend(config: RolloutConfig, model, tokenizer, processes: int = 1, pr
 
 def sync(backend: RolloutBackend, policy, force: bool = False) -> float:
     """Bring ``backend`` to the trained ``policy``'s weights (a :class:`~posttrain.trainers.model_engine.
-    ModelEngine`); returns the seconds it took (0: nothing sent). It sends them when the backend has none yet
-    (the whole state dict), went back past the policy (a rollback), is ``backend.sync_every`` versions behind
-    (1, the default: at every change) or ``force`` says so (evaluation); after the first, only the trainable
-    parameters go (LoRA: the adapter), as nothing else changes."""
+    ModelEngine`, or anything with ``version`` and ``named_weights``); returns the seconds it took (0: nothing
+    sent). It sends them when the backend has none yet (the whole state dict), went back past the policy (a
+    rollback), is ``backend.sync_every`` versions behind (1, the default: at every change) or ``force`` says so
+    (evaluation); after the first, only the trainable parameters go (LoRA: the adapter), as nothing else changes.
+    Data parallel with a backend rank 0 drives: every rank decides alike (a :class:`Follower` keeps the version),
+    gathers the weights together (FSDP2), rank 0 sends them, and its error, if any, is raised on every rank."""
     if backend.version == policy.version:
         return 0.0
     behind = backend.version is None or backend.version > policy.version or \
@@ -169,8 +192,22 @@ def sync(backend: RolloutBackend, policy, force: bool = False) -> float:
     if not (behind or force):
         return 0.0
     start = time.perf_counter()
-    backend.update_weights(policy.version, policy.named_weights(trainable_only=backend.version is not None))
+    world = getattr(policy, "world", None)
+    with policy.gathered() if hasattr(policy, "gathered") else nullcontext():
+        weights = policy.named_weights(trainable_only=backend.version is not None)
+        if world is not None and world.size > 1 and getattr(backend, "remote", False):
+            whole = list(full_tensors(weights))  # (FSDP2: a collective, so on every rank, in the same order)
+            world.on_main(lambda: backend.update_weights(policy.version, whole))
+            backend.version = policy.version
+        else:
+            backend.update_weights(policy.version, weights)
     return time.perf_counter() - start
+
+
+def full_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+    """``named`` with each DTensor (an FSDP2 parameter) as the whole tensor it shards."""
+    for name, tensor in named:
+        yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def interleave(parts: list[RolloutBatch], prompts: int, group_size: int, pad_id: int) -> RolloutBatch:

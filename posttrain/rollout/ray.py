@@ -62,6 +62,8 @@ class RolloutWorker:
 
 
 class RayBackend:
+    remote = True  # under data parallelism rank 0 drives the workers (rollout.base.Follower on the others)
+
     def __init__(self, config: RolloutConfig, model, tokenizer, precision: str = "fp32"):
         self.config, self.tokenizer, self.version, self.workers = config, tokenizer, None, []
         self.sync_every = config.sync_every

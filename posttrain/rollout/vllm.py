@@ -108,6 +108,8 @@ class _Row:
 
 
 class VllmBackend:
+    remote = True  # under data parallelism rank 0 drives the server (rollout.base.Follower on the others)
+
     def __init__(self, config: RolloutConfig, model, tokenizer, precision: str = "fp32"):
         from posttrain.models.hf import HFPolicy
 

@@ -172,12 +172,16 @@ def setup(config: RLConfig, reward_funcs: Mapping[str, Callable] | None = None, 
         clip_high=config.clip_high, dual_clip=config.dual_clip or None, ratio_level=config.ratio_level,
         kl_kind=config.kl_kind, kl_coef=config.kl_coef if config.kl_in == "loss" else 0.0,
         entropy_coef=config.entropy_coef, temperature=config.sampling.temperature))
-    rollout = make_backend(config.rollout, model, tokenizer, world.size, precision)
+    # a backend of its own copies the policy (FSDP2: rank 0's whole copy of it; the weights come at the first sync)
+    copied = policy.twin if policy.sharded else model
+    rollout = make_backend(config.rollout, model if config.rollout.backend == "local" else copied, tokenizer,
+                           world.size, precision, world.rank)
     evaluator = rollout
     if config.eval.backend not in (None, config.rollout.backend):
         try:
-            evaluator = make_backend(dataclasses.replace(config.rollout, backend=config.eval.backend), model,
-                                     tokenizer, world.size, precision)
+            evaluator = make_backend(dataclasses.replace(config.rollout, backend=config.eval.backend),
+                                     model if config.eval.backend == "local" else copied, tokenizer, world.size,
+                                     precision, world.rank)
         except BaseException:
             rollout.close()
             raise

@@ -278,9 +278,12 @@ def generate_groups(engine: Engine, ids: list[list[int]], group_size: int, sampl
     """``engine.generate`` of ``group_size`` samples for each prompt of ``ids``; under data parallelism each rank
     generates prompts rank, rank + size, ... and the ranks' rows are gathered back into prompt order, so every
     rank holds the whole batch. A group's samples come from its own seed, so they do not depend on which rank
-    or batch made them."""
+    or batch made them. A backend that rank 0 drives (Ray workers, a vLLM server) generates the whole batch there,
+    and it is broadcast."""
     if world.size == 1:
         return engine.generate(ids, group_size, sampling, seeds=seeds)
+    if getattr(engine, "remote", False):
+        return world.on_main(lambda: engine.generate(ids, group_size, sampling, seeds=seeds))
     mine = world.shard(list(range(len(ids))))
     local = engine.generate([ids[i] for i in mine], group_size, sampling, seeds=[seeds[i] for i in mine])
     parts = world.gather([local])  # (host tensors) rank r's batch holds prompts r, r + size, ... in that order
