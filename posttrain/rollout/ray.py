@@ -16,7 +16,8 @@ KV-cache engine (CPU threads of its own, or one GPU each).
 
 Ray starts locally for the run (``ray.init(address="local")``, shut down with the run, also on errors) unless
 ``rollout.ray_address`` names a cluster to join, or the caller started Ray already (then that Ray is used and
-left running). Only one trainer process drives the workers (data parallelism with this backend is refused).
+left running). Under data parallelism rank 0 drives the workers (see :func:`~posttrain.rollout.base.sync` and
+:class:`~posttrain.rollout.base.Follower`).
 """
 
 from __future__ import annotations
