@@ -83,7 +83,13 @@ def real_test() -> list[Problem]:
         ("5 dollars", None),
         ("abc", None),
         ("", None),
-        ("1e5", None),
+        ("1e5", "100000"),  # scientific notation is its value
+        ("2.5E-2", "0.025"),
+        ("3/4", "0.75"),  # a fraction: its decimal when finite,
+        ("-2/6", "-1/3"),  # else in lowest terms
+        ("10 / 4", "2.5"),
+        ("5/0", None),
+        ("1e99999", None),  # past the digit limit
     ],
 )
 def test_normalize_number(text, expected):
@@ -92,8 +98,10 @@ def test_normalize_number(text, expected):
 
 @pytest.mark.parametrize(
     ("a", "b", "expected"),
-    [("72", "72", True), ("72", "72.0000001", True), ("72", "72.001", False), ("0", "0", True),
-     ("-3.5", "3.5", False), (None, "1", False), ("1", "x", False)],
+    [("72", "72", True), ("72", "72.0", True), ("72", "72.0000001", False), ("72", "72.001", False), ("0", "0", True),
+     ("-3.5", "3.5", False), (None, "1", False), ("1", "x", False),
+     ("1000001", "1000000", False), ("17.99999", "18", False), ("0.75", "3/4", True), ("1e3", "1000", True),
+     ("1/3", "0.333333", False), ("2/6", "1/3", True)],  # exact: no tolerance
 )
 def test_same_number(a, b, expected):
     assert same_number(a, b) is expected
@@ -114,6 +122,10 @@ def test_same_number(a, b, expected):
         ("the answer is 5-3", None, "3", None),  # a minus between numbers is not a sign
         ("the answer is 45%.", None, "45", None),
         ("#### .5", "0.5", "0.5", None),
+        ("#### 3/4", "0.75", "4", None),  # after ####, a fraction counts whole (flexible: the last number)
+        ("#### 1e3", "1000", "3", None),  # and so does scientific notation
+        ("#### 3/4 of them", "0.75", "4", None),
+        ("<answer>3/4</answer>", None, "4", "0.75"),
         ("no answer here", None, None, None),
         ("", None, None, None),
         ("<reasoning>\n2*9=18\n</reasoning>\n<answer>\n$18\n</answer>\n", None, "18", "18"),
@@ -141,6 +153,10 @@ def test_extract_answer_unknown_mode():
         ("#### 72", "Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "strict", True),  # the dataset field
         ("#### 72", "72", "strict", True),
         ("#### 72.0", "72", "strict", True),
+        ("#### 1000001", "1000000", "strict", False),  # compared exactly, not to a relative 1e-6
+        ("#### 17.99999", "18", "strict", False),
+        ("#### 3/4", "3", "strict", False),  # 3/4 is not 3
+        ("#### 1e3", "1000", "strict", True),
         ("#### 1,000", "1000", "strict", True),
         ("#### 2125", "#### 2,125", "strict", True),
         ("the answer is 72", "72", "strict", False),  # no ####

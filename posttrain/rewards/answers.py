@@ -125,7 +125,7 @@ def exact_match(completions: list, answer: Sequence | None = None, **kwargs) -> 
 
 def numeric_match(completions: list, answer: Sequence | None = None, **kwargs) -> list[float | None]:
     """1.0 when the number the final answer gives (:func:`number_in`) equals the gold's number (its text after
-    the last ``####`` when it has one) to a relative 1e-6 (``numbers.same_number``), else 0.0."""
+    the last ``####`` when it has one) exactly (``numbers.same_number``: 0.75 and 3/4 are equal), else 0.0."""
     def right(final: str, gold: str) -> bool:
         want = number_in(gold.rpartition("####")[2])
         return want is not None and same_number(number_in(final), want)

@@ -24,8 +24,10 @@ hash → strict, xml → xml, tool → strict):
 - ``xml``: the content of the last ``<answer>...</answer>``: normalised when it is a number, else the
   stripped text as written (it then only matches the gold through math-verify).
 
-Numbers are normalised by ``normalize_number`` and compared as floats with a relative tolerance of
-1e-6 (``same_number``).
+Numbers are normalised by ``normalize_number`` (after ``####`` a fraction or scientific notation counts whole:
+"#### 3/4" is 0.75, "#### 1e3" is 1000) and compared exactly (``same_number``: "#### 1000001" is not 1000000,
+"#### 17.99999" is not 18). Only the check of a solution's ``<<expr=claimed>>`` annotations against the
+calculator allows a relative 1e-6 (``close_number``: the calculator returns floats).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pathlib import Path
 
 from posttrain.config import suggest
 from posttrain.evaluation import evaluate_task
-from posttrain.numbers import DIGITS, NUMBER_IN_TEXT, normalize_number, same_number
+from posttrain.numbers import ANSWER_NUMBER, DIGITS, NUMBER_IN_TEXT, close_number, normalize_number, same_number
 from posttrain.task_config import GSM8K_DATA
 from posttrain.tasks.files import file_rows, hub_rows, load_hub, split_file
 from posttrain.tools import DATA_TIMEOUT_S, calculate
@@ -50,7 +52,7 @@ HASH_INSTRUCTION = "Solve it step by step, then give the final answer on its own
 XML_SYSTEM = "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 
 _NUMBER = re.compile(NUMBER_IN_TEXT)
-_AFTER_HASH = re.compile(r"\s*(" + _NUMBER.pattern + ")")
+_AFTER_HASH = re.compile(r"\s*(" + ANSWER_NUMBER + ")")  # "#### 3/4" is 3/4 and "#### 1e3" 1000, not 3 and 1
 _ANNOTATION = re.compile(r"<<(.*?)>>")
 _LEADING_NUMBER = re.compile(r"-?" + DIGITS)
 
@@ -150,14 +152,14 @@ def tool_parts(solution: str) -> list[dict]:
         pos = found.end()
         expr, _, claimed = found.group(1).rpartition("=")
         result = calculate(expr, timeout_s=DATA_TIMEOUT_S)
-        if not same_number(result, normalize_number(claimed)):
+        if not close_number(result, normalize_number(claimed, extended=False)):  # a float against the text's
             continue
         if text:
             parts.append({"type": "text", "text": text})
         parts += [{"type": "tool_call", "text": expr.strip()}, {"type": "tool_output", "text": result}]
         text = ""
         repeated = _LEADING_NUMBER.match(solution, pos)  # "<<9*2=18>>18": the output already says 18
-        if repeated and same_number(normalize_number(repeated.group()), result):
+        if repeated and close_number(normalize_number(repeated.group()), result):
             pos = repeated.end()
     text += solution[pos:]
     if text:
