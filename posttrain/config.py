@@ -276,6 +276,9 @@ class RLConfig(RunOptions):
             raise ConfigError("config key 'rewards' names 'reward_model' but 'reward_model.path' is not set "
                               "(reward_model.path=runs/rm/checkpoints/final)")
         self.rollout.check_keys(tuple(dict.fromkeys((self.rollout.backend, self.eval.backend or self.rollout.backend))))
+        if self.kl_in == "loss" and self.kl_kind == "k1" and self.kl_coef > 0:
+            raise ConfigError("config key 'kl_kind' k1 in the loss (kl_in=loss) has an expected gradient of exactly "
+                              "0: use k2 (the gradient of KL(π‖π_ref)) or k3 (of KL(π_ref‖π)), or kl_in=reward")
         if self.is_correction != "none" and self.ratio_level != "token":
             raise ConfigError("config key 'is_correction' weighs tokens: it needs ratio_level=token")
         if self.dual_clip and self.dual_clip <= 1:

@@ -478,3 +478,13 @@ def test_the_sampler_trainer_correction_checks_its_keys():
         load_config(RLConfig, overrides=["is_correction=tsi"])
     with pytest.raises(ConfigError, match="is_clip"):
         load_config(RLConfig, overrides=["is_correction=tis", "is_clip=1"])
+
+
+def test_k1_in_the_loss_is_refused_its_expected_gradient_is_zero():
+    from posttrain.config import RLConfig, load_config
+
+    with pytest.raises(ConfigError, match=r"'kl_kind' k1 in the loss \(kl_in=loss\) has an expected gradient of "
+                                          r"exactly 0: use k2"):
+        load_config(RLConfig, None, ["algorithm=grpo", "kl_kind=k1"])
+    assert load_config(RLConfig, None, ["algorithm=ppo"]).kl_kind == "k1"  # in the reward: fine
+    assert load_config(RLConfig, None, ["algorithm=grpo", "kl_kind=k1", "kl_coef=0"]).kl_coef == 0  # no KL term

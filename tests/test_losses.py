@@ -30,6 +30,34 @@ def test_kl_estimators_by_hand():
     close(L.kl(logp, ref, "abs"), [[1.0, 1.0]])
 
 
+def test_kl_with_a_mask_is_zero_off_it_even_where_k3_would_overflow():
+    logp = torch.tensor([[-0.5, -300.0]])  # a padding position's log-prob can be anything
+    ref = torch.tensor([[-1.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    assert torch.isnan(L.kl(logp, ref, "k3") * mask).any()  # exp(300) = inf, and inf · 0 is NaN
+    for kind in L.KL_ESTIMATORS:
+        masked = L.kl(logp, ref, kind, mask)
+        assert masked[0, 1] == 0 and masked[0, 0] == L.kl(logp[:, :1], ref[:, :1], kind)[0, 0]
+
+
+@pytest.mark.parametrize(("kind", "gradient_of"), [("k1", None), ("k2", "reverse"), ("k3", "forward")])
+def test_each_kl_estimator_as_a_loss_has_the_expected_gradient(kind, gradient_of):
+    """E_π[∇ k(log π, log ref)] over a softmax policy, summed exactly over its tokens: k1 gives 0, k2 the gradient
+    of KL(π‖ref), k3 the gradient of KL(ref‖π)."""
+    logits = torch.tensor([0.3, -1.2, 0.8, 0.1], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    logp = torch.log_softmax(logits, -1)
+    expected_loss = (logp.exp().detach() * L.kl(logp, ref.log(), kind)).sum()  # samples of π: no score term
+    (grad,) = torch.autograd.grad(expected_loss, logits)
+    if gradient_of is None:
+        torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-12, rtol=0)
+        return
+    p = torch.softmax(logits, -1)
+    divergence = (p * (p.log() - ref.log())).sum() if gradient_of == "reverse" else (ref * (ref.log() - p.log())).sum()
+    (want,) = torch.autograd.grad(divergence, logits)
+    torch.testing.assert_close(grad, want, atol=1e-12, rtol=0)
+
+
 def test_kl_bad_kind():
     with pytest.raises(ValueError, match=r"'k4'.*abs, k1, k2, k3"):
         L.kl(torch.zeros(1, 1), torch.zeros(1, 1), "k4")

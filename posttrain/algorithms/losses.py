@@ -27,17 +27,21 @@ from posttrain.algorithms.advantages import choose
 
 
 def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k1 = log π − log π_ref. Unbiased, high variance, can be negative."""
+    """k1 = log π − log π_ref. Unbiased, high variance, can be negative. As a loss term its expected gradient is
+    0 (E_π[∇ log π] = 0): it belongs in the reward (``kl_in: reward``), and the config refuses it in the loss."""
     return logprobs - ref_logprobs
 
 
 def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k2 = ½ (log π − log π_ref)². Biased, low variance, ≥ 0."""
+    """k2 = ½ (log π − log π_ref)². Biased, low variance, ≥ 0. As a loss term (samples of π, no score-function
+    term) its expected gradient is E_π[(log π − log π_ref) ∇ log π] = ∇ KL(π ‖ π_ref): the reverse KL's."""
     return 0.5 * (logprobs - ref_logprobs) ** 2
 
 
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    """k3 = exp(ref − logp) − (ref − logp) − 1. Unbiased, low variance, always ≥ 0 (GRPO's choice).
+    """k3 = exp(ref − logp) − (ref − logp) − 1. Unbiased, low variance, always ≥ 0 (GRPO's choice). As a loss
+    term its expected gradient is E_π[(1 − π_ref/π) ∇ log π] = ∇ KL(π_ref ‖ π): the forward KL's, not the reverse
+    one it estimates (Tang & Munos 2025); k2 gives the reverse KL's.
 
     No clamping of the log-ratio (verl's "low_var_kl" clamps to ±20 / ±10); keep log-ratios sane upstream.
     """
@@ -58,9 +62,15 @@ KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
-def kl(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
-    """Per-token KL(π ‖ π_ref) estimate, (B, T), with estimator `kind` in KL_ESTIMATORS (k1|k2|k3|abs)."""
-    return choose(KL_ESTIMATORS, kind, "kl estimator")(logprobs, ref_logprobs)
+def kl(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3", mask: Tensor | None = None) -> Tensor:
+    """Per-token KL(π ‖ π_ref) estimate, (B, T), with estimator `kind` in KL_ESTIMATORS (k1|k2|k3|abs); with
+    ``mask`` (B, T), computed only where it is 1 and 0 elsewhere (k3's exp of a padding position's arbitrary
+    log-ratio can overflow to inf, and inf · 0 is NaN)."""
+    estimate = choose(KL_ESTIMATORS, kind, "kl estimator")
+    if mask is None:
+        return estimate(logprobs, ref_logprobs)
+    keep = mask.bool()
+    return estimate(torch.where(keep, logprobs, 0.0), torch.where(keep, ref_logprobs, 0.0)) * mask
 
 
 # --- aggregation: per-token (B, T) -> scalar ---------------------------------------------------------

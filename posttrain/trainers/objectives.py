@@ -63,7 +63,8 @@ class PolicyObjective:
                                          ratio_level=c.ratio_level, token_weights=micro.is_weight)
         stats["policy_loss"] = loss.detach()
         if c.kl_coef > 0 and micro.ref_logp is not None:
-            loss = loss + c.kl_coef * losses.aggregate(losses.kl(logp, micro.ref_logp, c.kl_kind), m, c.agg, c.max_len)
+            kl_tok = losses.kl(logp, micro.ref_logp, c.kl_kind, m)  # (B, T), 0 off the mask
+            loss = loss + c.kl_coef * losses.aggregate(kl_tok, m, c.agg, c.max_len)
         if c.entropy_coef > 0:
             loss = loss - c.entropy_coef * losses.aggregate(entropy, m, c.agg, c.max_len)
         stats["entropy"] = losses.token_mean(entropy.detach(), m)
@@ -113,7 +114,7 @@ class Mismatch:
 
     def add(self, behaviour: Tensor, logp: Tensor, mask: Tensor) -> None:
         d = (logp.float() - behaviour.float()) * mask  # (B, T)
-        kl_sum = (losses.kl(behaviour.float(), logp.float(), "k3") * mask).sum()
+        kl_sum = losses.kl(behaviour.float(), logp.float(), "k3", mask).sum()
         diff_max = d.abs().max() if d.numel() else torch.zeros((), device=d.device)
         self.kl_sum = kl_sum if self.kl_sum is None else self.kl_sum + kl_sum
         self.count = mask.sum() if self.count is None else self.count + mask.sum()

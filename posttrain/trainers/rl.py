@@ -329,7 +329,7 @@ def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monito
     data.old_logp = old_logp if multi_update else None  # one on-policy update: the ratio is exactly 1
     kl_tok = torch.zeros_like(data.mask)  # (B, L)
     if data.ref_logp is not None:
-        kl_tok = losses.kl(old_logp, data.ref_logp, config.kl_kind) * data.mask
+        kl_tok = losses.kl(old_logp, data.ref_logp, config.kl_kind, data.mask)
         metrics["kl"] = losses.token_mean(kl_tok, data.mask).item()
         events += monitor.check_rollout(step + 1, {"kl": metrics["kl"]})
     t_score = time.perf_counter()
