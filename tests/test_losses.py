@@ -144,10 +144,13 @@ def test_aggregate_lengths_1_and_3_and_policy_loss_on_policy():
     close(L.aggregate(X13, MASK13, "seq-mean-token-sum-norm", max_len=4), 1.5)  # 12 / (2·4)
 
 
-def test_aggregate_all_masked_row_is_zero_not_nan():
-    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
-    close(L.aggregate(X, mask, "seq-mean-token-mean"), 0.75)  # (1.5 + 0) / 2
-    close(L.aggregate(X, torch.zeros_like(X), "token-mean"), 0.0)
+def test_a_fully_masked_row_counts_in_no_sequence_mean_and_an_empty_batch_is_zero_not_nan():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # row 2: truncated under overlong=mask
+    close(L.aggregate(X, mask, "seq-mean-token-mean"), 1.5)  # (1 + 2) / 2 over the one row with tokens
+    close(L.aggregate(X, mask, "seq-mean-token-sum"), 3.0)  # 3 / 1
+    close(L.aggregate(X, mask, "seq-mean-token-sum-norm", max_len=4), 0.75)  # 3 / (1 · 4)
+    for mode in L.AGGREGATIONS:
+        close(L.aggregate(X, torch.zeros_like(X), mode), 0.0)
 
 
 def test_aggregate_bad_mode_suggests():

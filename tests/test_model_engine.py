@@ -204,3 +204,24 @@ def test_the_correction_weights_reach_the_policy_gradient(make_gpt, tok):
         total = sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
         assert (total > 0) == (weight > 0)
         engine.zero_grad()
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_a_fully_masked_row_changes_no_sequence_mean_gradient(make_gpt, tok, agg):
+    """A row truncated under overlong=mask (mask all 0) adds nothing and shrinks nothing: the gradient of a batch
+    with it equals the gradient without it (it used to count in the number of sequences)."""
+    model = make_gpt()
+    prompts = [tok.encode("what is 3 plus 4"), tok.encode("7 times 8")]
+    batch = Engine(model, tok).generate(prompts, 3, SamplingParams(temperature=1.0, max_new_tokens=8), seed=5)
+    data = layout(batch, tok.pad_id)
+    data.advantages = torch.linspace(-1, 1, data.mask.numel()).reshape(data.mask.shape)
+    data.mask[-1] = 0.0  # the truncated row
+    engine = ModelEngine(model, OptimConfig(lr=0.1), torch.device("cpu"), "fp32", max_tokens_per_micro_batch=24)
+    objective = PolicyObjective(PolicyLoss(agg=agg, max_len=8))
+    grads = []
+    for rows in (torch.arange(len(data.mask)), torch.arange(len(data.mask) - 1)):
+        engine.forward_backward(data, rows, objective.share(data.mask[rows]).clamp(min=1), objective)
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        engine.zero_grad()
+    for with_row, without in zip(*grads, strict=True):
+        torch.testing.assert_close(with_row, without, rtol=1e-5, atol=1e-7)

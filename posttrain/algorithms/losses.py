@@ -74,7 +74,14 @@ def kl(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3", mask: Tensor | 
 
 
 # --- aggregation: per-token (B, T) -> scalar ---------------------------------------------------------
-# Denominators are clamped to ≥ 1 token so an all-masked row or batch gives 0, not NaN.
+# Denominators are clamped to ≥ 1 so an all-masked batch gives 0, not NaN. The sequence means count only the
+# rows with a token on the mask (B' below; as verl): a fully masked row (a truncated one under overlong=mask)
+# would otherwise shrink every other row's weight.
+
+
+def rows_with_tokens(mask: Tensor) -> Tensor:
+    """B' = the number of rows with at least one token on ``mask`` (B, T), as a float (≥ 0)."""
+    return (mask.sum(-1) > 0).sum().float()
 
 
 def token_mean(x: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
@@ -83,20 +90,20 @@ def token_mean(x: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
 
 
 def seq_mean_token_mean(x: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
-    """mean_b (Σ_t x·m / Σ_t m): every sequence weighs the same (original GRPO)."""
+    """Σ_b (Σ_t x·m / Σ_t m) / B': every sequence weighs the same (original GRPO)."""
     per_seq = (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (B,)
-    return per_seq.mean()
+    return per_seq.sum() / rows_with_tokens(mask).clamp(min=1)
 
 
 def seq_mean_token_sum(x: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
-    """mean_b Σ_t x·m: sum over tokens, mean over sequences."""
-    return (x * mask).sum(-1).mean()
+    """Σ_b Σ_t x·m / B': sum over tokens, mean over sequences."""
+    return (x * mask).sum() / rows_with_tokens(mask).clamp(min=1)
 
 
 def seq_mean_token_sum_norm(x: Tensor, mask: Tensor, max_len: int | None = None) -> Tensor:
-    """Σ x·m / (B · max_len): a constant normaliser, no length bias (Dr. GRPO). max_len defaults to T."""
-    batch, length = x.shape[0], x.shape[-1]
-    return (x * mask).sum() / (batch * (max_len or length))
+    """Σ x·m / (B' · max_len): a constant normaliser per sequence, no length bias (Dr. GRPO). max_len defaults
+    to T."""
+    return (x * mask).sum() / (rows_with_tokens(mask).clamp(min=1) * (max_len or x.shape[-1]))
 
 
 AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int | None], Tensor]] = {
@@ -111,7 +118,8 @@ def aggregate(
     per_token: Tensor, mask: Tensor, mode: str = "token-mean", max_len: int | None = None
 ) -> Tensor:
     """Reduce a per-token (B, T) loss to a scalar with `mode` in AGGREGATIONS:
-    token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm (÷ B·max_len)."""
+    token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm (÷ B'·max_len;
+    B': the rows with a token on the mask)."""
     return choose(AGGREGATIONS, mode, "loss aggregation")(per_token, mask, max_len)
 
 

@@ -4,7 +4,7 @@ configured by a small dataclass instead of the whole RLConfig.
 An objective has three methods the engine calls (see ``ModelEngine.score`` / ``forward_backward``):
 ``score(module, micro)`` (B, L) under no grad, ``loss(module, micro) -> (loss, stats)`` with the loss
 aggregated over the micro-batch, and ``share(mask)``, the micro-batch's part of the global normaliser
-(its valid tokens for token-mean, its rows otherwise).
+(its valid tokens for token-mean, its rows with a valid token otherwise).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from posttrain.trainers.train_batch import TrainBatch
 
 
 def share(mask: Tensor, agg: str) -> Tensor:
-    """A micro-batch's share of the loss normaliser: its tokens for token-mean, its rows otherwise."""
-    return mask.sum() if agg == "token-mean" else torch.tensor(float(mask.shape[0]), device=mask.device)
+    """A micro-batch's share of the loss normaliser: its tokens for token-mean, otherwise its rows with a token on
+    the mask (``losses.rows_with_tokens``: a fully masked row counts in no sequence mean)."""
+    return mask.sum() if agg == "token-mean" else losses.rows_with_tokens(mask)
 
 
 @dataclass

@@ -440,7 +440,7 @@ def policy_update(engine: ModelEngine, objective: PolicyObjective, data: TrainBa
     leaving out rows whose loss is 0 changes nothing but the cost. ``gate(loss, grad_norm, entropy) -> bool``
     (the health checks) decides whether the step is applied. Statistics are means over the live rows
     (``policy_loss``: the minibatch's loss)."""
-    normaliser = objective.share(data.mask[rows])
+    normaliser = objective.share(data.mask[rows]).clamp(min=1)  # (a minibatch of fully masked rows: loss 0)
     running = rows[live[rows]]
     sums = global_sums(engine, engine.forward_backward(data, engine.world.shard(running), normaliser, objective))
     total_loss = sums.pop("loss")
@@ -455,8 +455,8 @@ def critic_update(engine: ModelEngine, objective: ValueObjective, data: TrainBat
                   gate=None) -> dict[str, float]:
     """One optimizer step of the critic on minibatch ``rows``: the clipped value loss against the returns,
     aggregated like the policy loss; ``gate`` as in :func:`policy_update`."""
-    sums = global_sums(engine, engine.forward_backward(data, engine.world.shard(rows), objective.share(data.mask[rows]),
-                                                       objective))
+    normaliser = objective.share(data.mask[rows]).clamp(min=1)
+    sums = global_sums(engine, engine.forward_backward(data, engine.world.shard(rows), normaliser, objective))
     value_loss = sums["loss"]
     grad_norm, _ = engine.optim_step(None if gate is None else lambda g: gate(value_loss, g), loss=value_loss)
     return {"value_loss": value_loss, "vf_clipfrac": sums["vf_clipfrac"], "critic/grad_norm": grad_norm}
