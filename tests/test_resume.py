@@ -4,6 +4,7 @@ weights as the same run never interrupted. Timings are the only numbers allowed 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -173,6 +174,43 @@ def test_resume_refuses_what_it_cannot_honour(sft_reference, tmp_path):
     assert other.exit_code == 2 and "gpt.n_embd (32 -> 64)" in " ".join(other.output.split())
     missing = invoke("sft", tmp_path, [*TINY_SFT, f"resume={tmp_path / 'nope'}"])
     assert missing.exit_code == 2 and "is not a checkpoint" in missing.output
+
+
+def test_a_run_whose_pointers_are_gone_resumes_from_its_newest_step_and_keeps_its_logs(sft_reference, tmp_path):
+    """A copy that drops symlinks (rsync -r, an object store) or a kill before the first pointer: resume=auto
+    takes the newest complete step; it used to start over and empty metrics.jsonl."""
+    import shutil
+
+    shutil.copytree(sft_reference, tmp_path / "run", symlinks=True)
+    for pointer in ("latest", "final"):
+        (tmp_path / "run" / "checkpoints" / pointer).unlink()
+    before = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    more = invoke("sft", tmp_path / "run", [*TINY_SFT, "steps=13"])
+    assert more.exit_code == 0, more.output
+    after = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(before)] == before and {json.loads(row)["step"] for row in after[len(before):]} == {13}
+
+
+def test_resuming_an_earlier_checkpoint_of_the_run_is_refused_and_branching_is_a_new_run_dir(sft_reference,
+                                                                                           tmp_path):
+    """resume=<step 11 of a run at step 12> used to delete step 12 and cut the logs back; now it is refused,
+    naming the way to branch, and the branch in a new run_dir leaves the run as it was."""
+    import shutil
+
+    shutil.copytree(sft_reference, tmp_path / "run", symlinks=True)
+    ckpts, logs = tmp_path / "run" / "checkpoints", (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    earlier = invoke("sft", tmp_path / "run", [*TINY_SFT, "steps=13", f"resume={ckpts / 'step_000011'}"])
+    text = " ".join(earlier.output.split())
+    assert earlier.exit_code == 2 and "is an earlier checkpoint of this run, which goes on to step 12" in text
+    assert "start a new run_dir with resume=" in text
+    assert sorted(p.name for p in ckpts.iterdir()) == ["final", "latest", "step_000011", "step_000012"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == logs
+    branch = invoke("sft", tmp_path / "branch", [*TINY_SFT, f"resume={ckpts / 'step_000011'}"])
+    assert branch.exit_code == 0, branch.output
+    assert [json.loads(row)["step"] for row in (tmp_path / "branch" / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(row)] == [12]  # the branch trains step 12 again, from step 11
+    assert sorted(p.name for p in ckpts.iterdir()) == ["final", "latest", "step_000011", "step_000012"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == logs
 
 
 def test_report_and_export_commands_on_a_finished_run(sft_reference, tmp_path):

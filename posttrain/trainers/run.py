@@ -162,12 +162,20 @@ class Run:
                 raise ConfigError(f"resume=never, but {self.checkpoints.root} holds checkpoints of an earlier run: "
                                   "continue it with resume=auto, or choose another run_dir")
             return None
-        if resume == "auto":
-            return self.checkpoints.pointer("latest")
+        if resume == "auto":  # latest; without it (a kill before the first pointer, a copy that dropped
+            steps = self.checkpoints.steps()  # symlinks) the newest complete step: never a fresh start over logs
+            return self.checkpoints.pointer("latest") or (self.checkpoints.path(steps[-1]) if steps else None)
         path = Path(resume)
         if not (path / "trainer_state.json").exists():
             raise ConfigError(f"config key 'resume': {path} is not a checkpoint (no trainer_state.json); "
                               "use auto, never or a checkpoints/step_XXXXXX directory")
+        newest = self.checkpoints.steps()
+        if path.resolve().parent == self.checkpoints.root.resolve() and newest and path.resolve() != \
+                self.checkpoints.path(newest[-1]).resolve():
+            raise ConfigError(f"resume={path} is an earlier checkpoint of this run, which goes on to step "
+                              f"{newest[-1]}: resuming here would discard the later checkpoints and log rows. To "
+                              f"branch from it, start a new run_dir with resume={path}; to continue this run, "
+                              "resume=auto")
         return path
 
     def check_config(self, notice: Callable[[str], None]) -> None:
