@@ -10,7 +10,8 @@ import typer
 
 from posttrain.config import ConfigError, ModelConfig, RLConfig, SFTConfig, TaskConfig, load_config
 
-RESUME_HELP = ("auto: go on from RUN_DIR/checkpoints/latest if there is one (the default) | never: start fresh | "
+RESUME_HELP = ("auto: go on from RUN_DIR/checkpoints/latest if there is one (the default; refused when a value "
+               "that shapes training changed) | force: the same, taking the changed values | never: start fresh | "
                "a checkpoint directory (same as resume=...)")
 DRY_RUN_HELP = ("check the config, the data and the rewards as a run does before its model loads, print the "
                 "resolved config, and stop: no model is loaded, nothing is written")

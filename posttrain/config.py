@@ -96,7 +96,8 @@ class LogConfig:
 class RunOptions:
     """What every trainer's run has: resuming, checkpoints, metric sinks, the health monitor."""
 
-    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any | never: start fresh | a ckpt dir
+    resume: str = "auto"  # auto: continue from run_dir's latest checkpoint, if any (refused when a key that shapes
+    # training changed) | force: the same, with the changed values | never: start fresh | a ckpt dir
     save_every: int = 50  # write a resumable checkpoint every N steps (0: only the final one)
     keep_last: int = 3  # step checkpoints kept (older ones are deleted; the final one always stays)
     log: LogConfig = field(default_factory=LogConfig)  # metric sinks
@@ -330,7 +331,8 @@ def check_run(config: RunOptions) -> None:
     model = getattr(config, "model", None)  # a device this machine lacks, or a precision it cannot do: now
     resolve_precision(config.precision, resolve_device(config.device), model.dtype if model else "float32")
     if not config.resume.strip():
-        raise ConfigError(f"config key 'resume' must be 'auto', 'never' or a checkpoint dir, got {config.resume!r}")
+        raise ConfigError(f"config key 'resume' must be 'auto', 'force', 'never' or a checkpoint dir, got "
+                          f"{config.resume!r}")
     task = getattr(config, "task", None)
     evaluation = getattr(config, "eval", None)
     if evaluation is not None and evaluation.correct is not None and (task is None or task.name != "dataset"):

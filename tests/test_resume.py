@@ -213,6 +213,25 @@ def test_resuming_an_earlier_checkpoint_of_the_run_is_refused_and_branching_is_a
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == logs
 
 
+def test_a_resume_with_other_training_values_is_refused_unless_forced(sft_reference, tmp_path):
+    """Re-running a command with a new learning rate in the same run_dir used to extend the old run after a yellow
+    notice; now it is refused before any model loads, naming the keys and the two ways on."""
+    import shutil
+
+    shutil.copytree(sft_reference, tmp_path / "run", symlinks=True)
+    logs = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    changed = invoke("sft", tmp_path / "run", [*TINY_SFT, "steps=13", "optim.lr=5e-3"])
+    text = " ".join(changed.output.split())
+    assert changed.exit_code == 2 and "holds a run that trained with other values: optim.lr (0.01 -> 0.005)" in text
+    assert "another run_dir, or continue this one with the new values: resume=force" in text
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == logs
+    longer = invoke("sft", tmp_path / "run", [*TINY_SFT, "steps=13", "eval.every=3", "threads=2"])  # may change
+    assert longer.exit_code == 0 and "resuming with a changed config" in longer.output, longer.output
+    forced = invoke("sft", tmp_path / "run", [*TINY_SFT, "steps=14", "optim.lr=5e-3"], "--resume", "force")
+    assert forced.exit_code == 0 and "optim.lr 0.01 -> 0.005" in " ".join(forced.output.split()), forced.output
+    assert [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1] == 14
+
+
 def test_report_and_export_commands_on_a_finished_run(sft_reference, tmp_path):
     from typer.testing import CliRunner
 

@@ -41,6 +41,11 @@ LOGS = ("metrics", "samples", "events")
 # Config keys a resumed run may not change: they decide what the checkpoint's tensors are.
 FIXED_KEYS = ("model", "lora", "gpt", "task.name", "advantage", "critic")
 IGNORED_KEYS = ("resume", "threads", "distributed")  # how a run is executed, not what it computes
+# What a resumed run may change without resume=force: how long it runs, where and how it executes, what it logs,
+# evaluates and saves (a run moves between machines and backends). Anything else changes what it trains.
+MAY_CHANGE = ("steps", "epochs", "run_dir", "device", "precision", "threads", "distributed", "rollout", "log",
+              "log_samples_every", "mismatch_every", "eval", "eval_before", "save_every", "keep_last",
+              "reward_workers")
 
 
 class RunStopped(RuntimeError):
@@ -116,6 +121,10 @@ def config_changes(old: dict, new: dict, defaults: dict | None = None) -> dict[s
             and not (k not in a and k in d and b.get(k) == d[k])}
 
 
+def _listed(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in changes.items())
+
+
 def defaults_of(config) -> dict:
     """The plain data of a config class's defaults (for :func:`config_changes`)."""
     return to_dict(type(config)())
@@ -147,6 +156,7 @@ class Run:
         # decided by rank 0 alone: another rank could otherwise already see a checkpoint rank 0 has just written
         self.resume_from = self.world.broadcast(self._resume_point() if self.world.main else None)
         self.state = json.loads((self.resume_from / "trainer_state.json").read_text()) if self.resume_from else {}
+        self.changes = self._config_changes()  # (before any model loads: a refused resume costs nothing)
         self._start_checkpoint = self.world.broadcast(self._needs_start_checkpoint() if self.world.main else None)
         self.logs: dict[str, JsonlWriter] = {}
         self.sinks: list = []
@@ -162,13 +172,13 @@ class Run:
                 raise ConfigError(f"resume=never, but {self.checkpoints.root} holds checkpoints of an earlier run: "
                                   "continue it with resume=auto, or choose another run_dir")
             return None
-        if resume == "auto":  # latest; without it (a kill before the first pointer, a copy that dropped
+        if resume in ("auto", "force"):  # latest; without it (a kill before the first pointer, a copy that dropped
             steps = self.checkpoints.steps()  # symlinks) the newest complete step: never a fresh start over logs
             return self.checkpoints.pointer("latest") or (self.checkpoints.path(steps[-1]) if steps else None)
         path = Path(resume)
         if not (path / "trainer_state.json").exists():
             raise ConfigError(f"config key 'resume': {path} is not a checkpoint (no trainer_state.json); "
-                              "use auto, never or a checkpoints/step_XXXXXX directory")
+                              "use auto, force, never or a checkpoints/step_XXXXXX directory")
         newest = self.checkpoints.steps()
         if path.resolve().parent == self.checkpoints.root.resolve() and newest and path.resolve() != \
                 self.checkpoints.path(newest[-1]).resolve():
@@ -178,20 +188,30 @@ class Run:
                               "resume=auto")
         return path
 
-    def check_config(self, notice: Callable[[str], None]) -> None:
-        """Compare with the config the checkpoint was written under: a changed model/task/algorithm
-        structure is an error, any other change a notice (the run is then no longer the one it was)."""
+    def _config_changes(self) -> dict[str, tuple]:
+        """The config changes since the checkpoint resumed from. A changed model/task/algorithm structure is an
+        error; so is a change of anything that shapes training (the learning rate, the rewards, the data...)
+        unless ``resume=force``, since re-running a command with new values would otherwise quietly extend the
+        old run; the keys of ``MAY_CHANGE`` (length, execution, logging, evaluation, saving) may change."""
         saved = self.resume_from / "config.yaml" if self.resume_from else None
         if saved is None or not saved.exists():
-            return
+            return {}
         changes = config_changes(yaml.safe_load(saved.read_text()), to_dict(self.config), defaults_of(self.config))
         fixed = {k: v for k, v in changes.items() if k.startswith(FIXED_KEYS)}
         if fixed:
-            raise ConfigError(f"cannot resume {self.resume_from} with a different " + ", ".join(
-                f"{k} ({a!r} -> {b!r})" for k, (a, b) in fixed.items()) + ": use another run_dir for that run")
-        if changes:
+            raise ConfigError(f"cannot resume {self.resume_from} with a different " + _listed(fixed)
+                              + ": use another run_dir for that run")
+        trained = {k: v for k, v in changes.items() if not k.startswith(MAY_CHANGE)}
+        if trained and self.config.resume != "force":
+            raise ConfigError(f"{self.dir} holds a run that trained with other values: {_listed(trained)}. Start "
+                              "a new run with another run_dir, or continue this one with the new values: resume=force")
+        return changes
+
+    def check_config(self, notice: Callable[[str], None]) -> None:
+        """Say what changed since the checkpoint resumed from (what :meth:`_config_changes` let through)."""
+        if self.changes:
             notice("[yellow]resuming with a changed config: " + ", ".join(
-                f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in self.changes.items()))
 
     def open(self, notice: Callable[[str], None]) -> None:
         """Save config.yaml, open the logs (cut back to the checkpoint's lengths) and the optional sinks."""
