@@ -86,10 +86,13 @@ class LogConfig:
     report_to: tuple[str, ...] = ()  # extra sinks: tensorboard (needs tensorboard) | wandb (needs wandb, logged in)
     project: str = "posttrain"  # W&B project
     run_name: str | None = None  # W&B run / TensorBoard label (None: the run directory's name)
+    every: int = 10  # without a live progress bar (no terminal, or --no-progress): a plain text line of the key
+    # metrics every N steps and at the last (0: none)
 
     def __post_init__(self):
         for name in self.report_to:
             check_choice("log.report_to", name, list(SINKS))
+        check_range("log.every", self.every, 0, note=" (0: no plain lines)")
 
 
 @dataclass

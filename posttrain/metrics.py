@@ -38,6 +38,7 @@ import json
 import math
 import os
 import secrets
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -112,11 +113,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 class StepProgress:
     """A progress bar over training steps that shows a few live metrics. ``initial``: steps already done
-    (a resumed run); the ETA comes from the speed of this run's steps only."""
+    (a resumed run); the ETA comes from the speed of this run's steps only. Where no live bar shows (no terminal:
+    a cluster job, CI, nohup; or ``enabled`` False), a plain text line with the same metrics, the elapsed time and
+    the ETA is printed every ``every`` steps and at the last (0: never)."""
 
     def __init__(self, description: str, total: int, keys: tuple[str, ...], enabled: bool = True, initial: int = 0,
-                 quiet: bool = False):
+                 quiet: bool = False, every: int = 0):
         self.keys, self.quiet = keys, quiet  # quiet: print nothing at all (a rank other than 0)
+        self.description, self.total, self.done, self.initial, self.every = description, total, initial, initial, every
+        self.started = time.monotonic()
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -127,6 +132,7 @@ class StepProgress:
             disable=not enabled or quiet,
         )
         self._task = self._progress.add_task(description, total=total, completed=initial, info="")
+        self.live = enabled and not quiet and self._progress.console.is_terminal
 
     def __enter__(self) -> StepProgress:
         self._progress.start()
@@ -138,6 +144,13 @@ class StepProgress:
     def update(self, metrics: dict) -> None:
         info = "  ".join(f"{k}={metrics[k]:.3g}" for k in self.keys if k in metrics)
         self._progress.update(self._task, advance=1, info=info)
+        self.done += 1
+        if self.live or self.quiet or not self.every or (self.done % self.every and self.done != self.total):
+            return
+        elapsed = time.monotonic() - self.started
+        left = elapsed / (self.done - self.initial) * (self.total - self.done)
+        print(f"{self.description} step {self.done}/{self.total}  {info}  elapsed {_clock(elapsed)}  "
+              f"eta {_clock(left)}", flush=True)
 
     def print(self, text: str) -> None:
         if not self.quiet:
@@ -147,6 +160,12 @@ class StepProgress:
         """One line of the metrics (a failure count shows only when it is not 0; the logs keep every value)."""
         shown = {k: v for k, v in metrics.items() if not (k.endswith("failures") and v == 0)}
         self.print(f"{label}: " + "  ".join(f"{k}={v:.3f}" for k, v in shown.items()))
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss."""
+    whole = int(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def eval_due(step: int, total: int, every: int) -> bool:

@@ -293,3 +293,17 @@ def test_unknown_report_to_names_are_errors_naming_the_closest_and_open_nothing(
 
 def test_no_report_to_opens_no_sink(tmp_path):
     assert open_sinks((), tmp_path, "run-a", "proj", {}, 0, print) == []
+
+
+def test_without_a_terminal_a_plain_line_every_n_steps_and_at_the_last(capsys):
+    with StepProgress("rl", 5, ("reward",), initial=0, every=2) as bar:  # pytest's stdout is not a terminal
+        for step in range(5):
+            bar.update({"reward": step / 10})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("rl step")]
+    assert [line.split("  ")[0] for line in lines] == ["rl step 2/5", "rl step 4/5", "rl step 5/5"]
+    assert "reward=0.1" in lines[0] and "elapsed 0:00:00" in lines[0] and "eta " in lines[0]
+    with StepProgress("rl", 2, ("reward",), quiet=True, every=1) as bar:  # a rank other than 0: nothing
+        bar.update({"reward": 1.0})
+    with StepProgress("rl", 2, ("reward",), every=0) as bar:  # log.every=0: no plain lines
+        bar.update({"reward": 1.0})
+    assert "rl step" not in capsys.readouterr().out

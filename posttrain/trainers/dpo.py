@@ -187,7 +187,8 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     parts = Parts(model, tokenizer, state, engines={"policy": policy})
     pad = tokenizer.pad_id
     with StepProgress("dpo", config.steps, ("loss", "rewards/accuracies", "eval/rewards/accuracies"),
-                      progress and world.main, initial=run.start_step, quiet=not world.main) as bar:
+                      progress and world.main, initial=run.start_step, quiet=not world.main,
+                      every=config.log.every) as bar:
         run.check_config(bar.print)
         train, test = prepare_pairs(config, tokenizer, model, bar.print, checked.pairs)
         ref_train = ref_test = None

@@ -148,7 +148,7 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
     state = TrainerState()
     parts = Parts(trunk, tokenizer, state, engines={"rm": rm}, modules={HEAD: rm.module.head})
     with StepProgress("rm", config.steps, ("loss", "accuracy", "eval/accuracy"), progress and world.main,
-                      initial=run.start_step, quiet=not world.main) as bar:
+                      initial=run.start_step, quiet=not world.main, every=config.log.every) as bar:
         run.check_config(bar.print)
         train, test = prepare_pairs(config, tokenizer, trunk, bar.print, checked.pairs)
         run.open(bar.print)

@@ -215,7 +215,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 
     with closing(rl.rollout), closing(rl.evaluator), rl.scorer.pool, StepProgress(  # all end with the run
             "rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress and world.main,
-            initial=run.start_step, quiet=not world.main) as bar:
+            initial=run.start_step, quiet=not world.main, every=config.log.every) as bar:
         run.check_config(bar.print)
         run.open(bar.print)
         if rl.scorer.placement() is not None:

@@ -125,7 +125,7 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
                 return evaluate_on(task, engine, config.eval, world)
 
     with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress and world.main,
-                      initial=run.start_step, quiet=not world.main) as bar:
+                      initial=run.start_step, quiet=not world.main, every=config.log.every) as bar:
         run.check_config(bar.print)
         run.open(bar.print)
         step = run.restore(parts) if run.resume_from else 0
