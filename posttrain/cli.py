@@ -124,13 +124,15 @@ def _run_errors():
     """Around a training run: a config it cannot honour or data it cannot read exits 2, a run the health
     monitor stopped exits 3, a checkpoint that could not be written exits 4, the device out of memory exits 5,
     a reward function failing past reward_on_error / reward_max_failure_rate exits 6, a rollout backend's worker
-    that died or hung exits 7 (each with the message, not a traceback)."""
+    that died or hung exits 7, a run that SIGTERM or Ctrl-C stopped at a step boundary (with a checkpoint) exits 8
+    (each with the message, not a traceback)."""
     from posttrain.checkpoint import CheckpointError
     from posttrain.distributed import leave
     from posttrain.rewards import RewardFailed
     from posttrain.rollout.base import RolloutError
     from posttrain.tasks.files import DataError
     from posttrain.trainers.model_engine import OutOfMemory
+    from posttrain.trainers.preemption import RunInterrupted
     from posttrain.trainers.run import RunStopped
 
     try:
@@ -145,6 +147,9 @@ def _run_errors():
     except RunStopped as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(3) from None
+    except RunInterrupted as err:
+        typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(8) from None
     except OutOfMemory as err:
         typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(5) from None

@@ -232,6 +232,29 @@ def test_a_resume_with_other_training_values_is_refused_unless_forced(sft_refere
     assert [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1] == 14
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_after_the_step_in_flight_with_a_checkpoint_and_it_resumes(tmp_path, sig):
+    """Preemption (SIGTERM) or Ctrl-C (SIGINT): the step in flight ends, a checkpoint of it is written (save_every
+    is far away), exit code 8 with one line; the same command resumes there and says so."""
+    args = cli("sft", tmp_path, [*TINY_SFT, "steps=400", "save_every=1000"])
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and _rows(tmp_path / "metrics.jsonl") < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    steps = [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    stopped = steps[-1]
+    assert proc.returncode == 8, err[-2000:]
+    assert f"{sig.name}: stopped after step {stopped} of 400, with a checkpoint" in " ".join(err.split())
+    assert (tmp_path / "checkpoints" / f"step_{stopped:06d}" / "trainer_state.json").exists()
+    again = subprocess.run([*args[:-2], "steps=" + str(stopped + 2), "save_every=1000"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from step {stopped} (" in " ".join((again.stdout + again.stderr).split())
+    assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1] == stopped + 2
+
+
 def test_report_and_export_commands_on_a_finished_run(sft_reference, tmp_path):
     from typer.testing import CliRunner
 

@@ -186,7 +186,7 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
     state = PairState()
     parts = Parts(model, tokenizer, state, engines={"policy": policy})
     pad = tokenizer.pad_id
-    with StepProgress("dpo", config.steps, ("loss", "rewards/accuracies", "eval/rewards/accuracies"),
+    with run.preemption, StepProgress("dpo", config.steps, ("loss", "rewards/accuracies", "eval/rewards/accuracies"),
                       progress and world.main, initial=run.start_step, quiet=not world.main,
                       every=config.log.every) as bar:
         run.check_config(bar.print)
@@ -209,7 +209,7 @@ def train_dpo(config: DPOConfig, progress: bool = True) -> dict[str, dict[str, f
                 return out
 
         run.open(bar.print)
-        step = run.restore(parts) if run.resume_from else 0
+        step = run.resume(parts, bar.print)
         if run.resume_from is None:
             state.before = state.last_eval = evaluate()
             run.write({"step": 0, **state.before})

@@ -147,12 +147,13 @@ def train_reward_model(config: RMConfig, progress: bool = True) -> dict[str, flo
                      world=world, strategy=config.distributed.strategy)
     state = TrainerState()
     parts = Parts(trunk, tokenizer, state, engines={"rm": rm}, modules={HEAD: rm.module.head})
-    with StepProgress("rm", config.steps, ("loss", "accuracy", "eval/accuracy"), progress and world.main,
-                      initial=run.start_step, quiet=not world.main, every=config.log.every) as bar:
+    with run.preemption, StepProgress("rm", config.steps, ("loss", "accuracy", "eval/accuracy"),
+                                      progress and world.main, initial=run.start_step, quiet=not world.main,
+                                      every=config.log.every) as bar:
         run.check_config(bar.print)
         train, test = prepare_pairs(config, tokenizer, trunk, bar.print, checked.pairs)
         run.open(bar.print)
-        step = run.restore(parts) if run.resume_from else 0
+        step = run.resume(parts, bar.print)
         if run.resume_from is None and run.needs_start_checkpoint:
             run.save(0, parts)
 

@@ -213,7 +213,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         parts.engines["critic"] = rl.critic
     reported: set[str] = set()  # reward functions whose first failure was printed
 
-    with closing(rl.rollout), closing(rl.evaluator), rl.scorer.pool, StepProgress(  # all end with the run
+    with run.preemption, closing(rl.rollout), closing(rl.evaluator), rl.scorer.pool, StepProgress(  # all end
             "rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress and world.main,
             initial=run.start_step, quiet=not world.main, every=config.log.every) as bar:
         run.check_config(bar.print)
@@ -222,7 +222,7 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
             bar.print(f"[dim]{rl.scorer.placement()}")
         if rl.policy.packing_problem is not None:
             bar.print(f"[yellow]scoring and updates run on padded rows, not packed: {rl.policy.packing_problem}")
-        step = run.restore(parts) if run.resume_from else 0
+        step = run.resume(parts, bar.print)
         if run.resume_from is None:  # a fresh run (a resumed one has these in its checkpoint and logs)
             if config.eval_before:
                 state.before = state.last_eval = evaluate(rl)

@@ -36,6 +36,7 @@ from posttrain.distributed import World
 from posttrain.metrics import JsonlWriter, eval_due, open_sinks
 from posttrain.monitor import Event, Monitor
 from posttrain.trainers.model_engine import ModelEngine, out_of_memory
+from posttrain.trainers.preemption import Preemption, RunInterrupted
 
 LOGS = ("metrics", "samples", "events")
 # Config keys a resumed run may not change: they decide what the checkpoint's tensors are.
@@ -160,6 +161,7 @@ class Run:
         self._start_checkpoint = self.world.broadcast(self._needs_start_checkpoint() if self.world.main else None)
         self.logs: dict[str, JsonlWriter] = {}
         self.sinks: list = []
+        self.preemption = Preemption()  # entered around the training loop
 
     @property
     def start_step(self) -> int:
@@ -243,6 +245,14 @@ class Run:
             writer.close()
         for sink in self.sinks:
             sink.close()
+
+    def resume(self, parts: Parts, notice: Callable[[str], None]) -> int:
+        """The step to start at: 0, or that of the checkpoint resumed from, loaded into ``parts`` (and said)."""
+        if self.resume_from is None:
+            return 0
+        step = self.restore(parts)
+        notice(f"resumed from step {step} ({self.resume_from})")
+        return step
 
     def restore(self, parts: Parts, path: Path | None = None) -> int:
         """Load checkpoint ``path`` (default: the one resumed from) into ``parts``; returns its step."""
@@ -396,8 +406,12 @@ def end_step(run: Run, parts: Parts, bar, step: int, metrics: dict, events: list
         bar.print_metrics(f"step {step}", parts.state.last_eval)
     run.write(metrics)
     bar.update(metrics)
-    if run.save_due(step) or step == run.config.steps:
+    signalled = run.preemption.due(run.world)  # SIGTERM / Ctrl-C: checkpoint this step, then stop
+    if run.save_due(step) or step == run.config.steps or signalled:
         run.save(step, parts, final=step == run.config.steps)
+    if signalled and step < run.config.steps:
+        raise RunInterrupted(f"{signalled}: stopped after step {step} of {run.config.steps}, with a checkpoint "
+                             f"({run.checkpoints.path(step)}); the same command resumes the run")
     return step
 
 

@@ -124,11 +124,12 @@ def train_sft(config: SFTConfig, progress: bool = True) -> dict[str, float]:
             with policy.autocast():
                 return evaluate_on(task, engine, config.eval, world)
 
-    with StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"), progress and world.main,
-                      initial=run.start_step, quiet=not world.main, every=config.log.every) as bar:
+    with run.preemption, StepProgress("sft", config.steps, ("loss", "grad_norm", "eval/pass@1"),
+                                      progress and world.main, initial=run.start_step, quiet=not world.main,
+                                      every=config.log.every) as bar:
         run.check_config(bar.print)
         run.open(bar.print)
-        step = run.restore(parts) if run.resume_from else 0
+        step = run.resume(parts, bar.print)
         if run.resume_from is None and run.needs_start_checkpoint:
             run.save(0, parts)
         announced = set()
