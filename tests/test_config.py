@@ -306,7 +306,7 @@ def test_lora_on_a_builtin_checkpoint_is_a_config_error(tmp_path, make_gpt, tok)
         (SFTConfig, "save_every=-1", "config key 'save_every' must be >= 0 (0: only the final checkpoint), got -1"),
         (SFTConfig, "keep_last=0", "config key 'keep_last' must be >= 1, got 0"),
         (SFTConfig, "threads=-1", "config key 'threads' must be >= 0 (0: torch's default), got -1"),
-        (SFTConfig, "resume=''", "config key 'resume' must be 'auto', 'never' or a checkpoint dir, got ''"),
+        (SFTConfig, "resume=''", "config key 'resume' must be 'auto', 'force', 'never' or a checkpoint dir, got ''"),
         (RLConfig, "steps=-3", "config key 'steps' must be >= 1, got -3"),
         (RLConfig, "prompts_per_step=0", "config key 'prompts_per_step' must be >= 1, got 0"),
         (RLConfig, "samples_per_prompt=1",
