@@ -72,12 +72,13 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(path: str | Path, model, tokenizer, state: dict | None = None, *,
                     modules: dict | None = None, optimizers: dict | None = None, tensors: dict | None = None,
-                    config=None) -> Path:
+                    config=None, writers: list | None = None) -> Path:
     """Write model, tokenizer and ``state`` (JSON) to ``path`` atomically; returns ``path``.
 
     ``modules``: extra ``nn.Module`` s saved as ``<name>.safetensors``; ``optimizers``: optimizers whose
     state is saved for resuming; ``tensors``: {file stem: {name: tensor}} saved as ``<stem>.safetensors``
-    (the RNG states); ``config``: the run's config, saved as ``config.yaml``. On failure
+    (the RNG states); ``config``: the run's config, saved as ``config.yaml``; ``writers``: callables that write
+    more files into the directory they are given (the queued rollouts of asynchronous RL). On failure
     (disk full, read-only directory) nothing at ``path`` changes and :class:`CheckpointError` says where.
     """
     path = Path(path)
@@ -96,6 +97,8 @@ def save_checkpoint(path: str | Path, model, tokenizer, state: dict | None = Non
             _save_optimizer(optimizer, tmp, name)
         if config is not None:
             save_config(config, tmp / "config.yaml")
+        for write in writers or []:
+            write(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps(state or {}, indent=1))
         _fsync_tree(tmp)
         move_into_place(tmp, path)

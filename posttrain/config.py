@@ -217,6 +217,8 @@ class RLConfig(RunOptions):
     is_correction: str = "none"  # sampler/trainer mismatch: none | tis (policy-gradient term × min(π_old/π_behaviour,
     # is_clip)) | icepop (tokens whose π_old/π_behaviour is outside [1/is_clip, is_clip] get none); scores π_old always
     is_clip: float = 2.0  # C of is_correction
+    off_policy: str = "decoupled"  # rows made by older weights (rollout.max_staleness): decoupled (π_old recomputed,
+    # ratio against it, tokens weighed by is_correction) | bypass (the behaviour log-probs are π_old: no recompute)
     critic: CriticConfig = field(default_factory=CriticConfig)  # PPO critic (advantage: gae)
     sampling: SamplingParams = field(default_factory=SamplingParams)  # rollout sampling
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # where rollouts are generated: local | ray
@@ -257,6 +259,7 @@ class RLConfig(RunOptions):
             ("ratio_level", losses.RATIO_LEVELS),
             ("is_correction", losses.IS_CORRECTIONS),
             ("overlong", ["none", "mask", "penalty"]),
+            ("off_policy", ["decoupled", "bypass"]),
             ("reward_on_error", ["fallback", "raise"]),
         ):
             check_choice(key, getattr(self, key), list(valid))
@@ -279,6 +282,7 @@ class RLConfig(RunOptions):
         if "reward_model" in self.rewards and not self.reward_model.path:
             raise ConfigError("config key 'rewards' names 'reward_model' but 'reward_model.path' is not set "
                               "(reward_model.path=runs/rm/checkpoints/final)")
+        self._check_off_policy()
         self.rollout.check_keys(tuple(dict.fromkeys((self.rollout.backend, self.eval.backend or self.rollout.backend))))
         if self.kl_in == "loss" and self.kl_kind == "k1" and self.kl_coef > 0:
             raise ConfigError("config key 'kl_kind' k1 in the loss (kl_in=loss) has an expected gradient of exactly "
@@ -288,6 +292,30 @@ class RLConfig(RunOptions):
         if self.dual_clip and self.dual_clip <= 1:
             raise ConfigError(f"config key 'dual_clip' must be > 1 (e.g. 3.0) or 0 (off), got {self.dual_clip}")
         self._check_numbers()
+
+    def _check_off_policy(self) -> None:
+        """Asynchronous RL and its correction: one correction, never two; none is a ConfigError when rows lag."""
+        lag = self.rollout.max_staleness
+        if lag and self.rollout.backend == "local":
+            raise ConfigError(f"rollout.max_staleness={lag} overlaps generation with training, and with "
+                              "rollout.backend=local both run in this one process: there is nothing to overlap. "
+                              "Use rollout.backend=ray or vllm, or rollout.max_staleness=0")
+        S = self.rollout.segment_tokens
+        if S and S >= self.sampling.max_new_tokens:
+            raise ConfigError(f"rollout.segment_tokens={S} must be below sampling.max_new_tokens="
+                              f"{self.sampling.max_new_tokens} (a segment that long never parks a completion)")
+        if S and self.dynamic_sampling:
+            raise ConfigError("rollout.segment_tokens (partial rollouts) with dynamic_sampling is not supported: "
+                              "a step trains the groups that finished in it, which dynamic sampling cannot refill "
+                              "the same way; use one of them")
+        if self.off_policy == "bypass" and self.is_correction != "none":
+            raise ConfigError(f"off_policy=bypass takes the behaviour log-probs as π_old, and is_correction="
+                              f"{self.is_correction} weighs tokens by π_old/π_behaviour: together they would correct "
+                              "twice. Use off_policy=decoupled with is_correction, or bypass with is_correction=none")
+        if (lag or self.rollout.segment_tokens) and self.off_policy == "decoupled" and self.is_correction == "none":
+            what = f"rollout.max_staleness={lag}" if lag else f"rollout.segment_tokens={self.rollout.segment_tokens}"
+            raise ConfigError(f"{what} trains on tokens of older weights: off_policy=decoupled "
+                              "needs is_correction=tis (or icepop) to weigh them, or use off_policy=bypass")
 
     def _check_numbers(self) -> None:
         """Range checks of the numeric fields (after the preset filled its fields)."""

@@ -265,7 +265,7 @@ def test_no_process_outlives_a_run_cut_short_by_ctrl_c(policy, tmp_path, monkeyp
         raise KeyboardInterrupt
 
     children = set(multiprocessing.active_children())
-    monkeypatch.setattr("posttrain.trainers.rl.generate", interrupted)
+    monkeypatch.setattr("posttrain.trainers.rl_rollouts.make_round", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train_rl(rl_config(policy, tmp_path / "run", "{format_soft: 1.0}", "steps=1"), progress=False)
     assert set(multiprocessing.active_children()) == children

@@ -19,6 +19,18 @@
   clipped value loss on the critic. With one epoch and one minibatch the ratio is 1 and the update
   is the plain policy gradient −A·∇log π.
 
+Rows made by older weights (``rollout.max_staleness`` K > 0: generation runs ahead of training, see
+posttrain/trainers/rl_rollouts.py; or ``rollout.segment_tokens``: parked completions continued later) are trained
+with one of two named objectives (``off_policy``), never both (that would correct twice). With π_b the behaviour
+policy (the weights that sampled the token: its log-probs come back with every row), π_old the policy at the start
+of the step and r_t = π_θ / π_old:
+
+* ``decoupled`` (default; AReaL's decoupled PPO): π_old is recomputed by the trainer, the clipped surrogate is
+  taken against it, and each token's term is weighted by w_t = min(π_old / π_b, C) (``is_correction: tis``, C =
+  ``is_clip``) or w_t = 1[1/C ≤ π_old / π_b ≤ C] (``icepop``): L = −w_t · min(r_t·A, clip(r_t)·A);
+* ``bypass`` (verl's bypass mode): π_old := π_b, no recompute and no extra weight: L = −min(ρ_t·A, clip(ρ_t)·A)
+  with ρ_t = π_θ / π_b (the clip bounds the whole off-policy ratio).
+
 Rows whose loss is exactly zero (advantage 0 everywhere, no KL or entropy term) skip the forward and
 backward, but still count in the loss normaliser, so skipping changes cost and nothing else.
 
@@ -72,8 +84,9 @@ from posttrain.trainers.model_engine import ModelEngine, out_of_memory, resolve_
 from posttrain.trainers.objectives import Mismatch, PolicyLoss, PolicyObjective, ValueLoss, ValueObjective
 from posttrain.trainers.reward_model import RewardScorer, check_reward_checkpoint
 from posttrain.trainers.rl_advantages import advantage_metrics, estimate_advantages, kl_shaped_rewards
+from posttrain.trainers.rl_rollouts import Rollouts
 from posttrain.trainers.rl_state import RLState
-from posttrain.trainers.rollout import PromptLimit, Rollout, Scorer, collect, rollout_metrics
+from posttrain.trainers.rollout import Rollout, Scorer, rollout_metrics
 from posttrain.trainers.run import Parts, Run, end_step, health_gate, nothing_to_do
 from posttrain.trainers.train_batch import TrainBatch, layout
 
@@ -213,9 +226,11 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         parts.engines["critic"] = rl.critic
     reported: set[str] = set()  # reward functions whose first failure was printed
 
-    with run.preemption, closing(rl.rollout), closing(rl.evaluator), rl.scorer.pool, StepProgress(  # all end
+    rollouts = Rollouts(rl, state, parts.rngs["prompts"])
+    parts.queue = rollouts
+    with run.preemption, closing(rl.rollout), closing(rl.evaluator), closing(rollouts), rl.scorer.pool, StepProgress(
             "rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress and world.main,
-            initial=run.start_step, quiet=not world.main, every=config.log.every) as bar:
+            initial=run.start_step, quiet=not world.main, every=config.log.every) as bar:  # all end (the queue first)
         run.check_config(bar.print)
         run.open(bar.print)
         if rl.scorer.placement() is not None:
@@ -225,68 +240,70 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
         step = run.resume(parts, bar.print)
         if run.resume_from is None:  # a fresh run (a resumed one has these in its checkpoint and logs)
             if config.eval_before:
-                state.before = state.last_eval = evaluate(rl)
+                state.before = state.last_eval = evaluate(rl, rollouts)
                 run.write({"step": 0, **state.before})
             if state.before:
                 bar.print_metrics("before RL", state.before)
             if run.needs_start_checkpoint:
                 run.save(0, parts)
+        rollouts.start(step)
         while step < config.steps:
             t0 = time.perf_counter()
             lr = lr_at(step, config.steps, config.optim) * run.monitor.lr_scale
             rl.policy.set_lr(lr)
             if rl.critic is not None:
                 rl.critic.set_lr(lr_at(step, config.steps, rl.critic_optim) * run.monitor.lr_scale)
-            synced = sync(rl.rollout, rl.policy)  # the rollout generates with the weights just trained
-            try:
+            try:  # the rollout: made ahead while earlier steps trained (rollout.max_staleness), or now
                 with out_of_memory(step + 1, "generation"):
-                    ro = generate(rl, state, parts.rngs["prompts"], step)
+                    ro, timing = rollouts.next(step)
             except RewardFailed as err:  # past reward_on_error / reward_max_failure_rate: logged like a health stop
                 run.stop(step + 1, str(err), bar.print, check="reward", error=RewardFailed)
             for name, line in rl.scorer.failures(config.reward_fallback).items():
                 if name not in reported:
                     bar.print(f"[yellow]{line}")
                     reported.add(name)
-            t_gen = time.perf_counter() - t0 - synced
             metrics = {"step": step + 1, **rollout_metrics(ro), **rl.sampler.metrics(step / config.steps),
-                       "learning_rate": lr, "timing_s/gen": t_gen, "timing_s/update_weights": synced}
+                       "learning_rate": lr, **timing}
             events = run.monitor.check_rollout(step + 1, metrics)  # lengths, signal (KL below, once scored)
             if len(ro.rewards):  # else dynamic sampling found no group with signal: nothing to learn
                 out = rl_step(rl, state, ro, step, run.monitor, events)
-                metrics |= out.metrics | {"throughput/gen_tokens_per_s": float(ro.batch.mask.sum()) / max(t_gen, 1e-9)}
+                metrics |= out.metrics | {"throughput/gen_tokens_per_s": float(ro.batch.mask.sum()) /
+                                          max(timing["timing_s/gen"], 1e-9)}
                 if config.log_samples_every and step % config.log_samples_every == 0:
                     log_samples(run, step + 1, ro, out.rewards, out.advantages, out.mask, config.samples_per_prompt)
             metrics["timing_s/step"] = time.perf_counter() - t0
-            step = end_step(run, parts, bar, step, metrics, events, partial(evaluate, rl), config.eval.every)
+            skipped = metrics.get("health/skipped_update", 0.0) > 0
+            done = end_step(run, parts, bar, step, metrics, events, partial(evaluate, rl, rollouts), config.eval.every)
+            if done <= step or skipped:  # a rollback, or an update not applied: the queued rows' weights are gone
+                flush(run, rollouts, done, "rollback" if done <= step else "skipped update", bar.print)
+            step = done
     run.close()
     return {"before": state.before, "after": state.last_eval}
 
 
-def evaluate(rl: RLSetup) -> dict:
+def flush(run: Run, rollouts: Rollouts, step: int, why: str, notice) -> None:
+    """Drop the rollouts made ahead (their weights no longer exist), logged when there were any."""
+    dropped = rollouts.flush(step)
+    if dropped:
+        run.logs["events"].write({"step": step, "check": "rollout_queue", "action": "flush",
+                                  "values": {"dropped": dropped}, "message": f"{why}: {dropped} queued rollouts "
+                                  "dropped"})
+        notice(f"[yellow]{why}: {dropped} rollout{'s' * (dropped > 1)} made ahead dropped (made by weights that no "
+               "longer exist)")
+
+
+def evaluate(rl: RLSetup, rollouts: Rollouts | None = None) -> dict:
     """The task's held-out evaluation of the current policy (the problems split over the ranks; the same
-    numbers on every rank)."""
+    numbers on every rank), after the generation in flight (``rollouts``) finished."""
+    if rollouts is not None:
+        rollouts.drain()
     sync(rl.evaluator, rl.policy, force=True)  # the policy as it is now
+    if rollouts is not None:
+        rollouts.synced()
     with rl.policy.gathered():
         rl.policy.module.eval()
         with rl.policy.autocast():
             return evaluate_on(rl.task, rl.evaluator, rl.config.eval, rl.policy.world)
-
-
-def generate(rl: RLSetup, state: RLState, prompt_rng: random.Random, step: int) -> Rollout:
-    """The step's rollout: P prompts × G samples (more rounds with dynamic sampling), scored. The prompt
-    sampler starts from the state's copy (also after a resume or rollback) and learns every group drawn."""
-    config = rl.config
-    rl.policy.module.eval()
-    rl.sampler.load_state_dict(state.prompt_sampling)
-    with rl.policy.gathered(), rl.policy.autocast():  # FSDP2: each rank generates with the whole policy
-        ro = collect(rl.rollout, rl.task, rl.scorer, prompt_rng, config.prompts_per_step, config.samples_per_prompt,
-                     config.sampling, seed=config.seed, step=step, dynamic=config.dynamic_sampling,
-                     max_rounds=config.max_sampling_rounds,
-                     draw=partial(rl.sampler.draw, progress=step / config.steps),
-                     limit=PromptLimit(config.max_prompt_length, config.long_prompts == "skip"), world=rl.policy.world)
-    rl.sampler.update(ro.pool_ids, ro.success)
-    state.prompt_sampling = rl.sampler.state_dict()
-    return ro
 
 
 def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monitor, events: list) -> StepOut:
@@ -313,11 +330,12 @@ def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monito
     # 2. score: old policy (for several updates per batch, the KL, or the periodic mismatch check), reference
     # and critic under no grad; the health checks on KL
     multi_update = config.ppo_epochs * config.minibatches > 1
+    bypass = config.off_policy == "bypass"  # π_old is the sampler's: nothing to recompute for the ratio
     check_all = config.mismatch_every > 0 and step % config.mismatch_every == 0
     correct = config.is_correction != "none"
     with out_of_memory(step + 1, "scoring", knob="max_tokens_per_micro_batch"):
         old_logp = None
-        if multi_update or rl.reference is not None or check_all or correct:
+        if (multi_update and not bypass) or rl.reference is not None or check_all or correct:
             old_logp = rl.policy.score(data, rl.objective)
             metrics |= mismatch(data, old_logp)
         if correct:  # π_old against the sampler's π_behaviour, per token (losses.is_weights)
@@ -326,7 +344,10 @@ def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monito
             metrics |= {k: float(v) for k, v in is_stats.items()}
         data.ref_logp = rl.reference.score(data, rl.objective) if rl.reference is not None else None
         data.values = rl.critic.score(data, rl.critic_objective) if rl.critic is not None else None
-    data.old_logp = old_logp if multi_update else None  # one on-policy update: the ratio is exactly 1
+    if bypass:
+        data.old_logp = data.behaviour  # (B, L) the ratio is taken against the behaviour policy, every update
+    else:
+        data.old_logp = old_logp if multi_update else None  # one on-policy update: the ratio is exactly 1
     kl_tok = torch.zeros_like(data.mask)  # (B, L)
     if data.ref_logp is not None:
         kl_tok = losses.kl(old_logp, data.ref_logp, config.kl_kind, data.mask)
@@ -358,7 +379,7 @@ def rl_step(rl: RLSetup, state: RLState, ro: Rollout, step: int, monitor: Monito
         "timing_s/reward": t_reward - t0,
         "timing_s/ref": t_score - t_reward,
         "timing_s/update": t_end - t_score,
-        "rollout/policy_version": rl.policy.version, "rollout/behaviour_version": rl.rollout.version,
+        "rollout/policy_version": rl.policy.version,
         **rl.policy.metrics(),
     }
     return StepOut(metrics, rewards.cpu(), data.advantages.cpu(), data.mask.cpu())

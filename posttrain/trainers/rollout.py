@@ -5,8 +5,10 @@ as training tensors. The engine never learns which algorithm runs; this module n
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -42,6 +44,13 @@ class Rollout:
     extra: list[dict]  # (B,) what the reward functions logged for the row with log_extra
     prompts_truncated: int = 0  # prompts drawn longer than the limit and cut to it (PromptLimit)
     prompts_skipped: int = 0  # prompts drawn longer than the limit and left out for another
+    made_at: Tensor | None = None  # (B,) the policy step whose weights generated each row (its last segment)
+    seconds: float = 0.0  # generating and scoring it took this long (all rounds)
+    first_made_at: Tensor | None = None  # (B,) that of each row's first segment
+    segments: Tensor | None = None  # (B,) generation segments of each row (1 without partial rollouts)
+    version: int | None = None  # the oldest policy version that generated a row
+    resumed: int = 0  # parked rows continued while making it (partial rollouts)
+    parked: int = 0  # rows left parked after it
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,59 @@ class Scorer:
         return prompts, completions, columns
 
 
+@dataclass
+class Round:
+    """One generation round: the groups of the prompts drawn, scored, and the weights that made them."""
+
+    picked: list[tuple[int, object]]  # (pool index, problem) of each group
+    convs: list[dict]  # one conversation per group
+    batch: RolloutBatch  # len(convs) · G rows in group order
+    texts: list[str]  # (B,) decoded completions
+    scores: Scores  # the reward functions' scoring of the rows
+    solved: list[bool]  # (B,) the task counts the row as right
+    truncated: int = 0  # prompts cut to the limit
+    skipped: int = 0  # prompts left out for another
+    made_at: list[int] | None = None  # (B,) the policy step whose weights generated each row (its last segment)
+    first_made_at: list[int] | None = None  # (B,) that of each row's first segment (partial rollouts: older)
+    seconds: float = 0.0  # the time generating and scoring took
+    version: int | None = None  # the policy version that generated it (partial rollouts: the last segments)
+    segments: list[int] | None = None  # (B,) generation segments each row took (partial rollouts; None: one)
+    resumed: int = 0  # parked rows continued in it (partial rollouts)
+    parked: int = 0  # rows parked after it, to be continued (partial rollouts)
+
+
+def draw_round(draw: Callable, rng: random.Random, task, tok, prompts: int, limit: PromptLimit
+               ) -> tuple[list, list[dict], list[list[int]], int, int]:
+    """The prompts of a round: :func:`draw_prompts` with ``draw`` (default: the task's stream)."""
+    return draw_prompts(draw or TaskStream(task).draw, rng, task, tok, prompts, limit)
+
+
+def make_round(engine: Engine, scorer: Scorer, drawn: tuple, group_size: int, sampling: SamplingParams,
+               seeds: list[int], step: int, world: World, made_at: int = 0, version: int | None = None) -> Round:
+    """Generate the groups of ``drawn`` (:func:`draw_round`'s) and score them at training step ``step``; the
+    weights are those of policy step ``made_at`` and policy version ``version``."""
+    start = time.perf_counter()
+    picked, convs, ids, truncated, skipped = drawn
+    batch = generate_groups(engine, ids, group_size, sampling, seeds, world)
+    return scored_round(engine.tokenizer, scorer, picked, convs, batch, step, world, truncated, skipped,
+                        [made_at] * len(batch.lengths), start, version)
+
+
+def scored_round(tok, scorer: Scorer, picked: list, convs: list[dict], batch: RolloutBatch, step: int, world: World,
+                 truncated: int, skipped: int, made_at: list[int], start: float, version: int | None,
+                 **more) -> Round:
+    """The :class:`Round` of whole groups ``batch`` (rows i·G … i·G + G − 1 answer ``convs[i]``), scored."""
+    group_size = len(batch.lengths) // max(1, len(convs))
+    done = [completion_text(tok, batch, i) for i in range(len(batch.lengths))]
+    row_convs = [convs[i // group_size] for i in range(len(done))]
+    if done:
+        scores, solved = world.on_main(score_rows, scorer, row_convs, done, batch, step)
+    else:  # (partial rollouts: no group finished in this round)
+        scores, solved = Scores(torch.zeros(0), {}, {}, []), []
+    return Round(picked, convs, batch, done, scores, solved, truncated, skipped, made_at,
+                 more.pop("first_made_at", made_at), time.perf_counter() - start, version, **more)
+
+
 def collect(
     engine: Engine,
     task,
@@ -202,6 +264,9 @@ def collect(
     draw: Callable[[random.Random], tuple[int, object]] | None = None,
     limit: PromptLimit = PromptLimit(),
     world: World | None = None,
+    first: Round | None = None,
+    made_at: int = 0,
+    run: Callable[[Callable], Round] | None = None,
 ) -> Rollout:
     """Generate ``group_size`` completions for ``prompts`` prompts and score them.
 
@@ -219,13 +284,43 @@ def collect(
     group drawn, kept or not, is reported in ``pool_ids`` and ``success`` for the sampler to learn from.
     ``limit``: how long a prompt may be (:func:`draw_prompts`); what it cut or left out is counted.
 
+    ``first``: the first round, made already (the asynchronous queue generates it ahead of its step); the
+    rounds after it (dynamic sampling's refills) are made now, with the weights the engine has now, and
+    tagged ``made_at``; ``run(make)``, when given, makes a round (``make(world=...)``) where the engine is driven
+    from (the asynchronous queue).
+
     Data parallel (``world``): every rank draws the same prompts and generates its share of the groups
     (:func:`generate_groups`); rank 0 scores the whole batch and sends the scores to the others (a reward that
     times out, samples or fails does so once, for every rank); the rest runs on the whole batch, the same on
     every rank.
     """
-    draw = draw or TaskStream(task).draw
-    tok, G = engine.tokenizer, group_size
+    world = world or World()
+    rounds: list[Round] = []
+    kept = 0
+    for r in range(max_rounds if dynamic else 1):
+        if r == 0 and first is not None:
+            made = first
+        else:
+            drawn = draw_round(draw, prompt_rng, task, engine.tokenizer, prompts, limit)
+            seeds = [group_seed(seed, step, i, r) for i in range(prompts)]
+            make = partial(make_round, engine, scorer, drawn, group_size, sampling, seeds, step, made_at=made_at)
+            made = make(world=world) if run is None else run(make)
+        rounds.append(made)
+        kept += sum(1 for g in range(len(made.convs)) if not (dynamic and _zero_std(made, g, group_size)))
+        if kept >= prompts:
+            break
+    return assemble(rounds, prompts, group_size, dynamic, engine.tokenizer.pad_id)
+
+
+def _zero_std(made: Round, group: int, group_size: int) -> bool:
+    r = made.scores.totals[group * group_size : (group + 1) * group_size]
+    return bool((r == r[0]).all())
+
+
+def assemble(rounds: list[Round], prompts: int, group_size: int, dynamic: bool, pad_id: int) -> Rollout:
+    """The step's :class:`Rollout` from its rounds: with ``dynamic`` only groups whose rewards differ, the first
+    ``prompts`` of them; every group drawn is reported to the prompt sampler (``pool_ids``, ``success``)."""
+    G = group_size
     convs: list[dict] = []
     parts: list[RolloutBatch] = []
     texts: list[str] = []
@@ -234,37 +329,39 @@ def collect(
     extra: list[dict] = []
     pool_ids: list[int] = []
     success: list[float] = []
-    frac_zero_std, kept, rounds, first, first_metrics = 0.0, 0, 0, torch.zeros(0), {}
-    truncated = skipped = 0
-    for rounds in range(1, (max_rounds if dynamic else 1) + 1):
-        picked, drawn, ids, cut, left_out = draw_prompts(draw, prompt_rng, task, tok, prompts, limit)
-        truncated, skipped = truncated + cut, skipped + left_out
-        seeds = [group_seed(seed, step, i, rounds - 1) for i in range(prompts)]
-        batch = generate_groups(engine, ids, G, sampling, seeds, world or World())
-        done = [completion_text(tok, batch, i) for i in range(len(drawn) * G)]
-        row_convs = [drawn[i // G] for i in range(len(drawn) * G)]
-        scores, solved = (world or World()).on_main(score_rows, scorer, row_convs, done, batch, step)
-        r, parts_r = scores.totals, scores.rows()  # (B,), (B,)
-        zero_std = group_stats(r, batch.group_ids).zero_std  # (B,)
-        pool_ids += [i for i, _ in picked]
-        success += group_success(solved, G)
-        if rounds == 1:
-            first, frac_zero_std, first_metrics = r, zero_std.float().mean().item(), scores.metrics
-        groups = [g for g in range(len(drawn)) if not (dynamic and zero_std[g * G])][: prompts - kept]
+    made_at: list[int] = []
+    first_made_at: list[int] = []
+    segments: list[int] = []
+    kept = 0
+    for made in rounds:
+        r, parts_r = made.scores.totals, made.scores.rows()  # (B,), (B,)
+        zero_std = group_stats(r, made.batch.group_ids).zero_std  # (B,)
+        pool_ids += [i for i, _ in made.picked]
+        success += group_success(made.solved, G)
+        groups = [g for g in range(len(made.convs)) if not (dynamic and zero_std[g * G])][: prompts - kept]
         rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
-        convs += [drawn[g] for g in groups]
-        parts.append(batch.select(rows))
-        texts += [done[i] for i in rows.tolist()]
+        convs += [made.convs[g] for g in groups]
+        parts.append(made.batch.select(rows))
+        texts += [made.texts[i] for i in rows.tolist()]
         rewards.append(r[rows])
         breakdown += [parts_r[i] for i in rows.tolist()]
-        extra += [scores.extra[i] for i in rows.tolist()]
+        extra += [made.scores.extra[i] for i in rows.tolist()]
+        made_at += [made.made_at[i] for i in rows.tolist()]
+        first_made_at += [made.first_made_at[i] for i in rows.tolist()]
+        segments += [made.segments[i] if made.segments else 1 for i in rows.tolist()]
         kept += len(groups)
-        if kept >= prompts:
-            break
-    batch = RolloutBatch.concat(parts, tok.pad_id)
+    first = rounds[0]
+    batch = RolloutBatch.concat(parts, pad_id)
     batch.group_ids = torch.arange(kept).repeat_interleave(G)  # 0..kept−1 in row order
-    return Rollout(convs, batch, texts, torch.cat(rewards), rounds, rounds * prompts * G, first, frac_zero_std,
-                   first_metrics, breakdown, pool_ids, success, extra, truncated, skipped)
+    zero = group_stats(first.scores.totals, first.batch.group_ids).zero_std.float().mean().item() \
+        if first.texts else 0.0
+    return Rollout(convs, batch, texts, torch.cat(rewards), len(rounds), sum(len(m.texts) for m in rounds),
+                   first.scores.totals, zero, first.scores.metrics, breakdown, pool_ids, success, extra,
+                   sum(m.truncated for m in rounds), sum(m.skipped for m in rounds),
+                   torch.tensor(made_at, dtype=torch.long), sum(m.seconds for m in rounds),
+                   torch.tensor(first_made_at, dtype=torch.long), torch.tensor(segments, dtype=torch.long),
+                   min((m.version for m in rounds if m.version is not None), default=None),
+                   sum(m.resumed for m in rounds), sum(m.parked for m in rounds))
 
 
 def score_rows(scorer: Scorer, convs: list[dict], completions: list[str], batch: RolloutBatch, step: int):
@@ -307,18 +404,17 @@ def rollout_metrics(ro: Rollout) -> dict:
     ``sampling/batch_success`` is the mean group success over every group drawn, all rounds."""
     batch, first = ro.batch, ro.first_rewards
     out = {
-        "reward": first.mean().item(),
-        "reward_std": first.std().item() if len(first) > 1 else 0.0,
-        "frac_reward_zero_std": ro.frac_zero_std,
-        **ro.reward_metrics,
         "sampling/rounds": ro.rounds,
         "sampling/groups": len(ro.convs),
-        "sampling/batch_success": sum(ro.success) / len(ro.success),
-        "tools/call_frequency": batch.tool_calls / ro.drawn,
-        "tools/failure_frequency": batch.tool_failures / max(1, batch.tool_calls),
         "data/prompts_truncated": ro.prompts_truncated,
         "data/prompts_skipped": ro.prompts_skipped,
     }
+    if len(first):  # (partial rollouts: a step where no group finished has none)
+        out |= {"reward": first.mean().item(), "reward_std": first.std().item() if len(first) > 1 else 0.0,
+                "frac_reward_zero_std": ro.frac_zero_std, **ro.reward_metrics,
+                "sampling/batch_success": sum(ro.success) / len(ro.success),
+                "tools/call_frequency": batch.tool_calls / ro.drawn,
+                "tools/failure_frequency": batch.tool_failures / max(1, batch.tool_calls)}
     if len(ro.rewards) == 0:
         return out
     lengths = batch.lengths.float()

@@ -80,6 +80,7 @@ class Parts:
     engines: dict[str, ModelEngine] = field(default_factory=dict)  # trained modules' optimizers and versions
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # other trained modules (the critic)
     rngs: dict[str, random.Random] = field(default_factory=dict)  # the trainer's own RNGs (data order)
+    queue: object | None = None  # RL's rollouts made ahead: drain(), save(dir), load(dir) (trainers/rl_rollouts.py)
 
     @property
     def trained(self) -> dict[str, ModelEngine]:
@@ -273,6 +274,8 @@ class Run:
             set_random_state(rng, state["rngs"][name])
         self.monitor.load_state_dict(state["monitor"])
         parts.state.load_state_dict(state["extra"])
+        if parts.queue is not None:
+            parts.queue.load(path)
         restore_rng(state["rng"], load_file(path / "rng.safetensors"))  # last: loading may draw random numbers
         return state["step"]
 
@@ -280,6 +283,8 @@ class Run:
         """A resumable checkpoint of ``step``; ``final`` also points ``checkpoints/final`` at it. Written by
         rank 0 (every rank holds the same weights and state; FSDP2: every rank helps gather them to rank 0
         first); every rank returns once it is on disk."""
+        if parts.queue is not None:
+            parts.queue.drain()  # the generation in flight finishes: its rollout goes into the checkpoint
         disk = parts.on_disk()
         optimizers = {name: engine.optimizer_state() for name, engine in parts.trained.items()}
         if not self.world.main:
@@ -298,7 +303,8 @@ class Run:
                  "logs": {name: writer.position for name, writer in self.logs.items()}}
         return self.checkpoints.save(step, final=final, model=parts.model, tokenizer=parts.tokenizer, state=state,
                                      modules=parts.modules, optimizers=optimizers, config=self.config,
-                                     tensors={"rng": rng_tensors})
+                                     tensors={"rng": rng_tensors},
+                                     writers=[parts.queue.save] if parts.queue is not None else [])
 
     def save_due(self, step: int) -> bool:
         every = self.config.save_every
