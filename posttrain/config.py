@@ -312,6 +312,12 @@ class RLConfig(RunOptions):
             raise ConfigError(f"off_policy=bypass takes the behaviour log-probs as π_old, and is_correction="
                               f"{self.is_correction} weighs tokens by π_old/π_behaviour: together they would correct "
                               "twice. Use off_policy=decoupled with is_correction, or bypass with is_correction=none")
+        truncated = self.sampling.top_k is not None or (self.sampling.top_p is not None and self.sampling.top_p < 1)
+        if self.off_policy == "bypass" and truncated:
+            raise ConfigError("off_policy=bypass takes the sampler's log-probs as π_old, and with sampling.top_k / "
+                              "top_p they are of the truncated distribution (the ratio starts below 1 on every "
+                              "token): use off_policy=decoupled with is_correction, or sampling.top_k=null and "
+                              "top_p=null")
         if (lag or self.rollout.segment_tokens) and self.off_policy == "decoupled" and self.is_correction == "none":
             what = f"rollout.max_staleness={lag}" if lag else f"rollout.segment_tokens={self.rollout.segment_tokens}"
             raise ConfigError(f"{what} trains on tokens of older weights: off_policy=decoupled "

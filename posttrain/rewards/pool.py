@@ -225,6 +225,8 @@ class RewardPool:
         end = None if timeout_s is None or not shared else time.monotonic() + timeout_s
         try:
             while pending or self._busy:
+                if pending and not self._idle and not self._busy:  # close() ran in another thread: the run ends
+                    raise RuntimeError("the reward workers were closed during a scoring call")
                 self._dispatch(spec, name, calls, progress, timeout_s, end, pending, results)
                 if end is not None and time.monotonic() >= end:
                     for i in pending:

@@ -226,14 +226,14 @@ def sync_later(backend: RolloutBackend, policy, have: int | None) -> Callable[[]
     change the policy before the sync runs. ``have``: the version the backend will hold when the sync runs.
     The returned job sends them (on rank 0 for a backend rank 0 drives; the other ranks' :class:`Follower` only
     takes the version) and returns its seconds."""
-    version = policy.version
+    version, follower = policy.version, isinstance(backend, Follower)
     with policy.gathered() if hasattr(policy, "gathered") else nullcontext():
-        weights = [(name, tensor.detach().to("cpu", copy=True))
-                   for name, tensor in full_tensors(policy.named_weights(trainable_only=have is not None))]
+        whole = full_tensors(policy.named_weights(trainable_only=have is not None))
+        weights = [(name, tensor.detach().to("cpu", copy=True)) for name, tensor in whole if not follower]
 
     def send() -> float:
         start = time.perf_counter()
-        backend.update_weights(version, [] if isinstance(backend, Follower) else weights)
+        backend.update_weights(version, weights)  # (a Follower: none, it takes the version)
         return time.perf_counter() - start
 
     return send

@@ -6,24 +6,28 @@ popped: the synchronous loop is this queue with nothing ahead. With ``background
 jobs while the caller trains; :meth:`pop` waits for the oldest result. Because jobs run one at a time in the order
 they were submitted, what a seeded run generates does not depend on timing, only on the order of submissions.
 
+The worker is a daemon thread: a run that stops (an error, Ctrl-C) cancels the jobs not started and does not wait
+for the one running, which ends when the backend it drives is closed.
+
 Timing: :meth:`pop` reports how long the caller waited for the result (``wait_s``) and for how long since the
 previous pop a job ran while the caller was busy elsewhere (``overlap_s``).
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 
 @dataclass
 class _Entry:
-    future: Future | None  # background: the job's future; inline: None until it runs
+    future: Future | None  # background: the job's future; inline: None
     job: Callable[[], Any] | None  # inline: the job still to run (None: done, or a preloaded result)
     result: Any = None
     produces: bool = True  # False: a job run for its side effect (a weight sync), never popped
@@ -34,11 +38,13 @@ class RolloutQueue:
 
     def __init__(self, background: bool):
         self.background = background
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rollout") if background else None
         self._entries: deque[_Entry] = deque()
         self._busy: list[list[float]] = []  # [start, end] of each job run since the last pop (end inf: running)
         self._lock = threading.Lock()
         self._since = time.perf_counter()  # the end of the last pop: the caller's own work started then
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        if background:
+            threading.Thread(target=self._work, name="rollout-queue", daemon=True).start()
 
     def __len__(self) -> int:
         """Results submitted and not popped yet."""
@@ -47,10 +53,8 @@ class RolloutQueue:
     def submit(self, job: Callable[[], Any], produces: bool = True) -> None:
         """Queue ``job`` behind every job submitted before it. ``produces`` False: run for its side effect only
         (its error, if any, is raised by the next :meth:`pop` or :meth:`drain`)."""
-        if not self.background:
-            self._entries.append(_Entry(None, job, produces=produces))
-            return
-        self._entries.append(_Entry(self._pool.submit(self._timed, job), None, produces=produces))
+        self._entries.append(_Entry(self._start(job), None, produces=produces) if self.background
+                             else _Entry(None, job, produces=produces))
 
     def call(self, job: Callable[[], Any]) -> Any:
         """Run ``job`` behind every job submitted before it and return its result now (not queued)."""
@@ -58,7 +62,7 @@ class RolloutQueue:
             for entry in self._entries:  # the jobs before it run first, as in the background
                 self._finish(entry)
             return job()
-        return self._pool.submit(self._timed, job).result()
+        return self._start(job).result()
 
     def preload(self, results: list) -> None:
         """Put finished results (from a checkpoint) at the front, in their order."""
@@ -81,26 +85,50 @@ class RolloutQueue:
         return value, self._since - start, overlap
 
     def drain(self) -> list:
-        """Wait for every job in flight and return the results not popped yet, in order (they stay queued)."""
+        """Wait for every job in flight and return the results not popped yet, in order (they stay queued); the
+        first job's error, if one failed, is raised."""
         for entry in self._entries:
             self._finish(entry)
         return [e.result for e in self._entries if e.produces]
 
     def flush(self) -> int:
-        """Wait for the jobs in flight and drop every queued result (made by weights that no longer exist);
-        returns how many were dropped. A job's error is dropped with it."""
+        """Drop every queued result (made by weights that no longer exist): the jobs not started are cancelled, the
+        one running is waited for. Returns how many results were dropped. Errors go with their jobs."""
         dropped = len(self)
         for entry in self._entries:
-            if entry.future is not None:
-                entry.future.exception()  # waits; the error goes with the result
+            if entry.future is not None and not entry.future.cancel():
+                entry.future.exception()  # the running one: wait
         self._entries.clear()
         return dropped
 
     def close(self) -> None:
-        """Cancel the jobs not started; one in flight ends with its backend (closed after this)."""
+        """Cancel the jobs not started; the one running ends with its backend (closed after this)."""
+        for entry in self._entries:
+            if entry.future is not None:
+                entry.future.cancel()
         self._entries.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.background:
+            self._jobs.put(None)
+
+    def _start(self, job: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, job))
+        return future
+
+    def _work(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            future, job = item
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled before it started
+            span = [time.perf_counter(), float("inf")]
+            with self._lock:
+                self._busy.append(span)
+            try:
+                future.set_result(job())
+            except BaseException as err:  # noqa: BLE001 - handed to the thread that takes the result
+                future.set_exception(err)
+            finally:
+                span[1] = time.perf_counter()
 
     def _finish(self, entry: _Entry):
         if entry.future is not None:
@@ -108,15 +136,6 @@ class RolloutQueue:
         elif entry.job is not None:
             entry.result, entry.job = entry.job(), None
         return entry.result
-
-    def _timed(self, job: Callable[[], Any]):
-        span = [time.perf_counter(), float("inf")]
-        with self._lock:
-            self._busy.append(span)
-        try:
-            return job()
-        finally:
-            span[1] = time.perf_counter()
 
     def _overlap(self, start: float, end: float) -> float:
         """Seconds within [start, end] during which a job ran."""

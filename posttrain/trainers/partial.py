@@ -14,7 +14,9 @@ Cut at a safe point: with a tokenizer that has tool tokens, a row cut inside a t
 again in the next segment (the engine runs a tool only for a call it saw opened).
 
 Continuations draw from ``group_seed(seed, step, P + k, 0)`` for the k-th parked row continued in step ``step`` (P:
-prompts per step), so a seeded run is reproducible. The pile belongs to whoever makes the rounds (the asynchronous
+the prompts drawn for the step), so a seeded run is reproducible. The budget counts the tokens generated for a row,
+those of a tool call dropped at a cut included, so a call longer than a segment ends at the budget instead of
+being sampled again forever. The pile belongs to whoever makes the rounds (the asynchronous
 queue's one thread, in submission order); checkpoints store it with the queued rollouts.
 """
 
@@ -43,10 +45,12 @@ class PartialRow:
     made_at: int = 0  # the policy step of its last segment
     first_made_at: int = 0  # of its first
     segments: int = 0
+    spent: int = 0  # tokens generated for it so far, those of tool calls dropped at a cut included
 
     def add(self, batch: RolloutBatch, row: int, budget: int, made_at: int) -> None:
         """Append ``batch``'s row ``row`` (a segment), cut to the ``budget`` left."""
         n = min(int(batch.lengths[row]), budget)
+        self.spent += n
         self.tokens += batch.completion_ids[row, :n].tolist()
         self.logprobs += batch.logprobs[row, :n].tolist()
         self.mask += batch.mask[row, :n].tolist()
@@ -55,7 +59,8 @@ class PartialRow:
         self.made_at, self.segments = made_at, self.segments + 1
 
     def done(self, max_new_tokens: int) -> bool:
-        return self.finished or len(self.tokens) >= max_new_tokens
+        """Finished, or at the budget (counted in tokens generated: a tool call cut again and again ends it too)."""
+        return self.finished or self.spent >= max_new_tokens
 
     def cut_to_safe_point(self, tok) -> None:
         """Drop an unfinished tool call at the end (see the module doc)."""
@@ -90,12 +95,14 @@ class Segments:
         short = replace(sampling, max_new_tokens=min(self.segment_tokens, budget))
         waiting = [row for group in self.pile for row in group.rows if not row.done(budget)]
         calls = failures = 0
-        if waiting:
-            more = generate_groups(engine, [r.prompt_ids + r.tokens for r in waiting], 1, short,
-                                   [group_seed(self.seed, step, len(ids) + k, 0) for k in range(len(waiting))], world)
-            for k, row in enumerate(waiting):
-                row.add(more, k, budget - len(row.tokens), made_at)
-            calls, failures = more.tool_calls, more.tool_failures
+        for left in sorted({budget - row.spent for row in waiting}):  # one call per budget left: none runs past it
+            ks = [k for k, row in enumerate(waiting) if budget - row.spent == left]
+            more = generate_groups(engine, [waiting[k].prompt_ids + waiting[k].tokens for k in ks], 1,
+                                   replace(short, max_new_tokens=min(short.max_new_tokens, left)),
+                                   [group_seed(self.seed, step, len(ids) + k, 0) for k in ks], world)
+            for j, k in enumerate(ks):
+                waiting[k].add(more, j, left, made_at)
+            calls, failures = calls + more.tool_calls, failures + more.tool_failures
         fresh = generate_groups(engine, ids, group_size, short, seeds, world)
         calls, failures = calls + fresh.tool_calls, failures + fresh.tool_failures
         groups = self.pile + [

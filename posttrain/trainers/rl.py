@@ -47,8 +47,9 @@ distribution it drew from, after top-k / top-p truncation; ``mismatch/logprob_di
 ``mismatch_every`` steps (truncation makes them differ by design).
 
 Structure: :func:`setup` builds the models (each in a :class:`ModelEngine`: device, precision,
-optimizer), :func:`generate` makes a step's rollout and :func:`rl_step` learns from it; the resumable
-values between steps are an :class:`RLState`. :func:`train_rl` is the driver.
+optimizer), a :class:`~posttrain.trainers.rl_rollouts.Rollouts` gives each step its rollout (made ahead with
+``rollout.max_staleness`` > 0, or when the step asks) and :func:`rl_step` learns from it; the resumable values
+between steps are an :class:`RLState`. :func:`train_rl` is the driver.
 """
 
 from __future__ import annotations
@@ -228,9 +229,10 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
 
     rollouts = Rollouts(rl, state, parts.rngs["prompts"])
     parts.queue = rollouts
-    with run.preemption, closing(rl.rollout), closing(rl.evaluator), closing(rollouts), rl.scorer.pool, StepProgress(
+    with run.preemption, closing(rl.rollout), closing(rl.evaluator), rl.scorer.pool, StepProgress(
             "rl", config.steps, ("reward", "kl", "entropy", "grad_norm", "eval/pass@1"), progress and world.main,
-            initial=run.start_step, quiet=not world.main, every=config.log.every) as bar:  # all end (the queue first)
+            initial=run.start_step, quiet=not world.main, every=config.log.every) as bar, closing(rollouts):
+        # (closed in reverse order: the queue first, then what its jobs use)
         run.check_config(bar.print)
         run.open(bar.print)
         if rl.scorer.placement() is not None:
@@ -272,18 +274,19 @@ def train_rl(config: RLConfig, progress: bool = True, before: dict | None = None
                 if config.log_samples_every and step % config.log_samples_every == 0:
                     log_samples(run, step + 1, ro, out.rewards, out.advantages, out.mask, config.samples_per_prompt)
             metrics["timing_s/step"] = time.perf_counter() - t0
-            skipped = metrics.get("health/skipped_update", 0.0) > 0
+            if metrics.get("health/skipped_update", 0.0) > 0:  # before the step's checkpoint, which stores the queue
+                flush(run, rollouts, step + 1, "skipped update", bar.print, parked=False)
             done = end_step(run, parts, bar, step, metrics, events, partial(evaluate, rl, rollouts), config.eval.every)
-            if done <= step or skipped:  # a rollback, or an update not applied: the queued rows' weights are gone
-                flush(run, rollouts, done, "rollback" if done <= step else "skipped update", bar.print)
+            if done <= step:  # a rollback: the rows made ahead (and parked) are of weights that no longer exist
+                flush(run, rollouts, done, "rollback", bar.print)
             step = done
     run.close()
     return {"before": state.before, "after": state.last_eval}
 
 
-def flush(run: Run, rollouts: Rollouts, step: int, why: str, notice) -> None:
-    """Drop the rollouts made ahead (their weights no longer exist), logged when there were any."""
-    dropped = rollouts.flush(step)
+def flush(run: Run, rollouts: Rollouts, step: int, why: str, notice, parked: bool = True) -> None:
+    """Drop the rollouts made ahead (and with ``parked`` the parked completions), logged when there were any."""
+    dropped = rollouts.flush(step, parked)
     if dropped:
         run.logs["events"].write({"step": step, "check": "rollout_queue", "action": "flush",
                                   "values": {"dropped": dropped}, "message": f"{why}: {dropped} queued rollouts "

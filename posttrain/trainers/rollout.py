@@ -167,7 +167,7 @@ class Scorer:
         printed once; ``fallback``: the value its samples got."""
         out = {name: f"reward '{name}' failed (a failed call is retried a sample at a time; samples that still fail "
                      f"get the fallback {fallback}, counted in rewards/{name}/failures), first error: {error}"
-               for name, error in self.rewards.first_errors.items()}
+               for name, error in dict(self.rewards.first_errors).items()}  # (a copy: a queued job may add)
         if self.checker is not None and "task" in self.checker.first_errors:
             out["task (solved)"] = ("the task's reward failed while checking which completions are right for the "
                                     "prompt sampler (they count as not solved), first error: "
@@ -338,7 +338,8 @@ def assemble(rounds: list[Round], prompts: int, group_size: int, dynamic: bool, 
         zero_std = group_stats(r, made.batch.group_ids).zero_std  # (B,)
         pool_ids += [i for i, _ in made.picked]
         success += group_success(made.solved, G)
-        groups = [g for g in range(len(made.convs)) if not (dynamic and zero_std[g * G])][: prompts - kept]
+        groups = [g for g in range(len(made.convs)) if not (dynamic and zero_std[g * G])]
+        groups = groups[: prompts - kept] if dynamic else groups  # (partial rollouts: every group made whole)
         rows = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
         convs += [made.convs[g] for g in groups]
         parts.append(made.batch.select(rows))
@@ -382,7 +383,10 @@ def generate_groups(engine: Engine, ids: list[list[int]], group_size: int, sampl
     if getattr(engine, "remote", False):
         return world.on_main(lambda: engine.generate(ids, group_size, sampling, seeds=seeds))
     mine = world.shard(list(range(len(ids))))
-    local = engine.generate([ids[i] for i in mine], group_size, sampling, seeds=[seeds[i] for i in mine])
+    local = engine.generate([ids[i] for i in mine], group_size, sampling, seeds=[seeds[i] for i in mine]) if mine \
+        else RolloutBatch([], torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0), torch.zeros(0, 0),
+                          torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool),
+                          torch.zeros(0, dtype=torch.long))  # fewer prompts than ranks (partial rollouts)
     parts = world.gather([local])  # (host tensors) rank r's batch holds prompts r, r + size, ... in that order
     return interleave(parts, len(ids), group_size, engine.tokenizer.pad_id)
 
