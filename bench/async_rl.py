@@ -91,8 +91,8 @@ def main() -> None:
             posttrain("rl", *common, f"algorithm={preset}", f"run_dir={run}", f"rollout.max_staleness={k}")
             results[f"{preset}, K={k}"] = summary(run)
     if args.long:
-        long = [*common, f"algorithm={presets[0]}", f"steps={args.long_steps}", "sampling.max_new_tokens=192", "sampling.temperature=1.3",
-                "eval.max_new_tokens=192", "eval.problems=128", "rollout.max_staleness=1"]
+        long = [*common, f"algorithm={presets[0]}", f"steps={args.long_steps}", "sampling.max_new_tokens=192",
+                "sampling.temperature=1.3", "eval.max_new_tokens=192", "eval.problems=128", "rollout.max_staleness=1"]
         for name, extra in (("long, K=1", []), ("long, K=1, segments 48", ["rollout.segment_tokens=48"])):
             run = out / name.replace(", ", "_").replace(" ", "")
             posttrain("rl", *long, f"run_dir={run}", *extra)
