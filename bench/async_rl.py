@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -74,9 +75,20 @@ def main() -> None:
     ap.add_argument("--long", action="store_true", help="also the long-generation setting, with partial rollouts")
     ap.add_argument("--long-steps", type=int, default=30)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_async"))
+    ap.add_argument("--reuse", action="store_true", help="summarise a run already complete in --out instead of "
+                    "running it again (else its directory is replaced)")
     args = ap.parse_args()
     out = Path(args.out)
     sft = args.sft
+
+    def rl(run: Path, *extra: str) -> dict:
+        """The run in ``run`` (made now, or reused with --reuse when it is complete) summarised."""
+        done = run / "checkpoints" / "final"
+        if not (args.reuse and done.exists()):
+            shutil.rmtree(run, ignore_errors=True)  # the benchmark's own output
+            posttrain("rl", *extra, f"run_dir={run}")
+        return summary(run)
+
     if sft is None:
         posttrain("sft", "configs/demo_sft.yaml", f"run_dir={out / 'sft'}", "resume=never")
         sft = str(out / "sft" / "checkpoints" / "final")
@@ -87,16 +99,13 @@ def main() -> None:
     results = {}
     for preset in presets:
         for k in (0, 1):
-            run = out / f"{preset}_k{k}"
-            posttrain("rl", *common, f"algorithm={preset}", f"run_dir={run}", f"rollout.max_staleness={k}")
-            results[f"{preset}, K={k}"] = summary(run)
+            results[f"{preset}, K={k}"] = rl(out / f"{preset}_k{k}", *common, f"algorithm={preset}",
+                                             f"rollout.max_staleness={k}")
     if args.long:
         long = [*common, f"algorithm={presets[0]}", f"steps={args.long_steps}", "sampling.max_new_tokens=192",
                 "sampling.temperature=1.3", "eval.max_new_tokens=192", "eval.problems=128", "rollout.max_staleness=1"]
         for name, extra in (("long, K=1", []), ("long, K=1, segments 48", ["rollout.segment_tokens=48"])):
-            run = out / name.replace(", ", "_").replace(" ", "")
-            posttrain("rl", *long, f"run_dir={run}", *extra)
-            results[name] = summary(run)
+            results[name] = rl(out / name.replace(", ", "_").replace(" ", ""), *long, *extra)
 
     print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores; the demo's RL stage, {args.steps} steps, "
           "Ray 1 worker x 1 thread + trainer 1 thread")

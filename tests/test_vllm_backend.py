@@ -306,6 +306,35 @@ def test_rl_with_lora_and_tools_on_vllm_and_eval_on_vllm_equal_local(served, lla
 
 
 @needs_vllm
+def test_generation_one_step_ahead_and_partial_rollouts_on_vllm(served, llama64, tmp_path):
+    """rollout.max_staleness=1 against the running server, LoRA and tool tokens: the server generates the next step
+    while one trains (the first two steps from the starting weights, then each from the weights one step old), and
+    with partial rollouts parked completions continue there."""
+    backend, _, _ = served
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    rows = {}
+    for name, extra in (("ahead", []), ("segments", ["rollout.segment_tokens=5"])):
+        run = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "-m", "posttrain", "rl", "-", f"model={llama64}", "lora.rank=8", "lora.alpha=16",
+             "algorithm=grpo", "kl_coef=0.05", "threads=1", "steps=4", "prompts_per_step=2", "samples_per_prompt=3",
+             "eval.every=0",
+             "eval_before=false", "eval.problems=2", "eval.samples=1", "eval.ks=[1]", "eval.max_new_tokens=4",
+             "sampling.max_new_tokens=12", "sampling.top_k=null", "task.test_size=8", "task.format=tool",
+             "reward_workers=0", "optim.lr=1e-2", "mismatch_every=1", "rollout.backend=vllm",
+             "rollout.max_staleness=1", "is_correction=tis", f"rollout.vllm.url={backend.server.url}",
+             f"rollout.vllm.snapshot_dir={tmp_path / name / 'snapshot'}", f"run_dir={run}", "--no-progress", *extra],
+            capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[name] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ahead = [r for r in rows["ahead"] if "staleness/max" in r]
+    assert [r["rollout/behaviour_version"] for r in ahead] == [0, 0, 1, 2]
+    assert [r["staleness/max"] for r in ahead] == [0, 1, 1, 1] and "is/ratio_max" in ahead[-1]
+    segmented = [r for r in rows["segments"] if "partial/parked" in r]
+    assert len(segmented) == 4 and any(r["partial/resumed"] > 0 for r in segmented)
+
+
+@needs_vllm
 def test_a_hung_or_dead_server_is_one_clear_error(served):
     """Last of the module: it kills the server."""
     backend, policy, tok = served
