@@ -239,7 +239,8 @@ def _async_args(base: Path, run: Path, *extra: str) -> list[str]:
             "eval.max_new_tokens=8", "sampling.max_new_tokens=12", "task.test_size=8",
             f"rewards={{{base / 'rw.py'}:even: 1.0}}", "reward_workers=0", "optim.lr=1e-2", "rollout.backend=ray",
             "rollout.workers=1", "rollout.max_staleness=1", "is_correction=tis", "dynamic_sampling=true",
-            "max_sampling_rounds=2", "save_every=2", f"run_dir={run}", "--no-progress", *extra]
+            "max_sampling_rounds=2", "prompt_sampling.strategy=priority", "prompt_sampling.pool_size=32",
+            "save_every=2", f"run_dir={run}", "--no-progress", *extra]
 
 
 def _same(a: list[dict], b: list[dict]) -> None:
@@ -252,9 +253,9 @@ def _same(a: list[dict], b: list[dict]) -> None:
 
 @needs_ray
 def test_generation_runs_one_step_ahead_and_a_killed_run_resumes_exactly(sft_policy):
-    """K = 1 on a Ray worker with dynamic sampling and an evaluation every 3 steps: every trained row is one step
-    old from step 2 on, generation overlaps training, and a run killed (SIGKILL) after a checkpoint resumes to the
-    uninterrupted run's numbers exactly (the checkpoint holds the rollout that was made ahead)."""
+    """K = 1 on a Ray worker with dynamic sampling, priority prompt sampling and an evaluation every 3 steps: every
+    trained row is at most one step old, generation overlaps training, and a run killed (SIGKILL) after a checkpoint
+    resumes to the uninterrupted run's numbers exactly (the checkpoint holds the rollout that was made ahead)."""
     whole = sft_policy / "whole"
     proc = subprocess.run(_async_args(sft_policy, whole), capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -264,6 +265,7 @@ def test_generation_runs_one_step_ahead_and_a_killed_run_resumes_exactly(sft_pol
     assert all(r["staleness/max"] <= 1 and r["staleness/dropped"] == 0 for r in trained)
     assert any(r["staleness/max"] == 1 for r in trained[1:]) and sum(r["timing_s/overlap"] for r in trained) > 0
     assert any(r["sampling/rounds"] > 1 for r in trained)  # dynamic sampling refilled some step
+    assert trained[-1]["sampling/seen"] > trained[0]["sampling/seen"]  # the priority sampler learned, as consumed
     assert (whole / "checkpoints" / "step_000002" / "rollouts.pt").exists()
 
     cut = sft_policy / "cut"
