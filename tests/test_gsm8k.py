@@ -471,3 +471,22 @@ def test_evaluate_delegates_to_evaluate_task(small, monkeypatch):
     assert seen == {"engine": "engine", "task": small, "problems": small.test[:1], "world": None}
     small.evaluate("engine", config, world="the ranks")
     assert seen["world"] == "the ranks"  # a data-parallel run's world goes through
+
+
+def test_samples_log_the_question_not_the_system_prompt_for_the_xml_format():
+    """samples.jsonl's prompt is the conversation's last message: the question (xml puts a system turn first)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from posttrain.tasks.gsm8k import conversation
+    from posttrain.trainers.rl import log_samples
+
+    problem = Problem("Tom has 3 apples and buys 4 more. How many now?", "3 + 4 = 7", "7")
+    logged = []
+    ro = SimpleNamespace(convs=[conversation(problem, "xml")], texts=["<answer>7</answer>", "x"],
+                         breakdown=[{"task": 1.0}, {"task": 0.0}], extra=[{}, {}])
+    log_samples(SimpleNamespace(sample=logged.append), 3, ro, torch.tensor([1.0, 0.0]), torch.ones(2, 4),
+                torch.ones(2, 4), group_size=2)
+    assert conversation(problem, "xml")["messages"][0]["role"] == "system"
+    assert [row["prompt"] for row in logged] == [problem.question]
