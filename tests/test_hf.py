@@ -186,17 +186,45 @@ def test_engine_runs_tools_for_an_hf_tokenizer_with_tool_tokens(llama_dir):
     assert Engine(plain_policy, plain_tok, default_registry()).tools is None  # no tool tokens: no calls
 
 
-@pytest.mark.parametrize("rank", [0, 8])
-def test_an_hf_run_resumed_mid_way_ends_with_the_same_weights(llama_dir, tmp_path, rank):
-    """Full fine-tuning and LoRA: 2 steps, then the same run raised to 4 steps (it resumes from the
-    step-2 checkpoint: weights or adapter, Adam state, RNGs), equals 4 steps in one go."""
+def test_the_critic_of_a_lora_policy_is_the_frozen_base_with_its_own_adapter_and_no_lm_head(llama_dir):
+    """PPO's value model of a LoRA policy trains as few weights as the policy (its adapter) plus the value head; the
+    base stays frozen and the LM head, which values never read, is gone. A full policy's critic trains everything."""
+    from posttrain.models.heads import ValueModel
+
+    def trainable(module):
+        return {n: p.numel() for n, p in module.named_parameters() if p.requires_grad}
+
+    policy, _ = load(llama_dir, rank=8)
+    critic = ValueModel.from_policy(policy)
+    hidden = policy.hidden_size
+    assert sum(trainable(critic).values()) == sum(trainable(policy).values()) + hidden + 1
+    assert all("lora_" in n or n.startswith("head.") for n in trainable(critic))
+    assert not any("lm_head" in n for n in critic.state_dict()) and critic(torch.tensor([[1, 2, 3]])).shape == (1, 3)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    critic.head.weight.data.fill_(0.1)  # (zero at init: no gradient would reach the trunk)
+    loss = critic(torch.tensor([[1, 2, 3, 4]])).pow(2).mean()
+    loss.backward()
+    assert all(p.grad is None for n, p in critic.named_parameters() if not p.requires_grad)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in critic.named_parameters() if "lora_B" in n)
+    assert all(p.equal(before[n]) for n, p in policy.named_parameters())
+    full, _ = load(llama_dir)
+    assert sum(trainable(ValueModel.from_policy(full)).values()) == sum(
+        p.numel() for n, p in full.named_parameters() if "lm_head" not in n) + hidden + 1
+
+
+@pytest.mark.parametrize("rank, algorithm", [(0, "grpo"), (8, "grpo"), (8, "ppo")])
+def test_an_hf_run_resumed_mid_way_ends_with_the_same_weights(llama_dir, tmp_path, rank, algorithm):
+    """Full fine-tuning and LoRA (with PPO: a LoRA critic too): 2 steps, then the same run raised to 4 steps (it
+    resumes from the step-2 checkpoint: weights or adapter, the critic, Adam state, RNGs), equals 4 steps in one
+    go."""
     from safetensors.torch import load_file
 
     from posttrain.trainers.rl import train_rl
 
     def config(run_dir, steps):
         return load_config(RLConfig, None, [
-            f"model={llama_dir}", f"lora.rank={rank}", "lora.alpha=16", f"run_dir={run_dir}", "algorithm=grpo",
+            f"model={llama_dir}", f"lora.rank={rank}", "lora.alpha=16", f"run_dir={run_dir}", f"algorithm={algorithm}",
+            "critic.warmup_steps=1",
             f"steps={steps}", "prompts_per_step=2", "samples_per_prompt=3", "sampling.max_new_tokens=12",
             "eval_before=false", "eval.every=0", "eval.problems=2", "eval.samples=1", "eval.ks=[1]",
             "eval.max_new_tokens=4", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.schedule=constant",
@@ -211,3 +239,15 @@ def test_an_hf_run_resumed_mid_way_ends_with_the_same_weights(llama_dir, tmp_pat
     rows = [[{k: v for k, v in r.items() if not k.startswith(("timing_s", "throughput"))}
              for r in read_jsonl(tmp_path / run / "metrics.jsonl")] for run in ("once", "twice")]
     assert [r for r in rows[0] if r["step"] > 2] == [r for r in rows[1] if r["step"] > 2]
+
+
+def test_decoding_passes_the_kv_cache_under_the_name_this_transformers_takes(llama_dir):
+    """transformers renamed forward's past_key_values to cache (the old name warns, then goes in 5.40): no
+    deprecation warning while decoding, with the supported range's old and new names alike."""
+    import warnings
+
+    policy, tok = load(llama_dir, rank=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Engine(policy, tok, default_registry()).generate([[1, 2, 3]], 2, SamplingParams(max_new_tokens=4), seed=0)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -52,7 +52,10 @@ class ValueModel(ScalarHead):
 
     @classmethod
     def from_policy(cls, policy: nn.Module) -> ValueModel:
-        """A trainable copy of ``policy``'s trunk (its LM head removed) with a fresh value head."""
+        """A copy of ``policy``'s trunk (its LM head removed) with a fresh value head: every weight trainable, or
+        for a LoRA policy (``critic_trunk``) the frozen base with an adapter of its own, as lean as the policy."""
+        if hasattr(policy, "critic_trunk"):
+            return cls(policy.critic_trunk(), policy.hidden_size)
         trunk = copy.deepcopy(policy).requires_grad_(True)
         trunk.lm_head = nn.Identity()  # unused by hidden_states; frees its weights
         return cls(trunk, policy.hidden_size)

@@ -20,6 +20,7 @@ With LoRA on, the reference policy is the same module with the adapter disabled
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -148,6 +149,9 @@ class HFPolicy(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
+        base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
+        # transformers renamed forward's past_key_values to cache (the old name warns, and goes in 5.40)
+        self._cache_argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -187,8 +191,9 @@ class HFPolicy(nn.Module):
             positions = cache.next_pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
             cache.next_pos = cache.next_pos + T
         out = self.hf(input_ids=idx, attention_mask=cache.attention_mask, position_ids=positions,
-                      past_key_values=cache.kv, use_cache=True, logits_to_keep=1)
-        cache.kv = out.past_key_values
+                      **{self._cache_argument: cache.kv}, use_cache=True, logits_to_keep=1)
+        kv = getattr(out, "cache", None)  # (named past_key_values before transformers' rename)
+        cache.kv = kv if kv is not None else out.past_key_values
         return out.logits.float()  # (B, 1, V)
 
     def logprobs(self, idx, targets, temperature: float = 1.0, entropy: bool = False, doc_ids=None,
@@ -259,6 +264,16 @@ class HFPolicy(nn.Module):
         if other:
             return f"this model has {', '.join(other)} layers, which carry state across packed examples"
         return None
+
+    def critic_trunk(self) -> HFPolicy:
+        """A copy for a value model (PPO's critic): without the LM head (``hidden_states`` never reads it); with
+        LoRA the base stays frozen and only the copy's own adapter (the policy's starting one) trains, so the critic
+        trains as many weights as the policy, not the whole model; otherwise every weight trains."""
+        trunk = copy.deepcopy(self)
+        (trunk.hf.get_base_model() if trunk.is_lora else trunk.hf).set_output_embeddings(nn.Identity())
+        for name, param in trunk.named_parameters():
+            param.requires_grad_(not trunk.is_lora or "lora_" in name)
+        return trunk
 
     def reference(self) -> nn.Module:
         """The frozen starting policy for KL terms: with LoRA, this very model with its adapter off
