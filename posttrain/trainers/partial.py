@@ -22,6 +22,7 @@ queue's one thread, in submission order); checkpoints store it with the queued r
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field, replace
 
@@ -125,10 +126,13 @@ class Segments:
                             resumed=len(waiting), parked=sum(not r.done(budget) for g in self.pile for r in g.rows))
 
     def state_dict(self) -> dict:
-        return {"pile": self.pile}
+        """The pile as plain containers (problems by pool index only: the prompt is in ``conv``)."""
+        return {"pile": [{"picked": [int(g.picked[0]), None], "conv": g.conv,
+                          "rows": [dataclasses.asdict(r) for r in g.rows]} for g in self.pile]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pile = list(state.get("pile", []))
+        self.pile = [PartialGroup(tuple(g["picked"]), g["conv"], [PartialRow(**r) for r in g["rows"]])
+                     for g in state.get("pile", [])]
 
 
 def as_batch(rows: list[PartialRow], group_size: int, pad_id: int, tool_calls: int = 0,

@@ -25,8 +25,9 @@ that order, so a seeded run makes the same rows whatever the timing.
   parked completions of partial rollouts. A stop cancels what is queued.
 * **Evaluation** drains the queue first (waits for the generation in flight; its results stay queued), then
   syncs the weights of now.
-* **Checkpoints** drain the queue and store its finished rollouts (``rollouts.pt``), so a resumed run consumes
-  exactly the rollouts the uninterrupted run would have.
+* **Checkpoints** drain the queue and store its finished rollouts (``rollouts.pt``: plain containers and tensors,
+  read back with torch's weights-only loader), so a resumed run consumes exactly the rollouts the uninterrupted
+  run would have.
 
 Under data parallelism a remote backend is driven by rank 0 (:class:`~posttrain.rollout.base.Follower` on the
 others): every rank submits the same jobs (weights are gathered by all ranks together), rank 0's run, and each
@@ -35,6 +36,7 @@ popped result is broadcast from rank 0.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from contextlib import nullcontext
@@ -44,12 +46,14 @@ from pathlib import Path
 import torch
 
 from posttrain.distributed import World
+from posttrain.engine import RolloutBatch
 from posttrain.random_streams import group_seed
+from posttrain.rewards import Scores
 from posttrain.rollout.base import sync, sync_due, sync_later
 from posttrain.rollout.queue import RolloutQueue
 from posttrain.trainers.partial import Segments
 from posttrain.trainers.rl_state import RLState
-from posttrain.trainers.rollout import PromptLimit, Rollout, collect, draw_round, make_round
+from posttrain.trainers.rollout import PromptLimit, Rollout, Round, collect, draw_round, make_round
 
 FILE = "rollouts.pt"  # the queued rollouts in a checkpoint
 
@@ -232,19 +236,19 @@ class Rollouts:
         self.planned = self.rl.rollout.version
 
     def save(self, directory: Path) -> None:
-        """Store the queued rollouts (drained) in checkpoint ``directory`` (rank 0 writes checkpoints)."""
+        """Store the queued rollouts (drained) in checkpoint ``directory`` (rank 0 writes checkpoints), as plain
+        containers and tensors (torch's weights-only format: nothing pickled)."""
         results = self.queue.drain()
         pile = self.segments.state_dict() if self.segments is not None else {}
         if results or pile.get("pile"):
-            torch.save({"rollouts": results, **pile}, directory / FILE)
+            torch.save({"rollouts": [round_to_plain(r) for r in results], **pile}, directory / FILE)
 
     def load(self, directory: Path) -> None:
-        """Replace the queue with the rollouts stored in checkpoint ``directory`` (none: empty). The file is the
-        run's own (pickled Python objects: the problems are the task's)."""
+        """Replace the queue with the rollouts stored in checkpoint ``directory`` (none: empty)."""
         self.queue.flush()
         path = directory / FILE
-        saved = torch.load(path, weights_only=False) if path.exists() else {}
-        self.queue.preload(saved.get("rollouts", []))
+        saved = torch.load(path, weights_only=True) if path.exists() else {}
+        self.queue.preload([round_from_plain(r) for r in saved.get("rollouts", [])])
         if self.segments is not None:
             self.segments.load_state_dict(saved)
 
@@ -252,3 +256,18 @@ class Rollouts:
         self.queue.close()
 
 
+
+
+def round_to_plain(made: Round) -> dict:
+    """A :class:`Round` as dicts, lists, numbers, strings and tensors (its problems by pool index only: the prompt
+    is in ``convs``, and the sampler needs nothing else)."""
+    plain = {f.name: getattr(made, f.name) for f in dataclasses.fields(made)}
+    plain["picked"] = [[int(i), None] for i, _ in made.picked]
+    plain["batch"] = dataclasses.asdict(made.batch)
+    plain["scores"] = dataclasses.asdict(made.scores)
+    return plain
+
+
+def round_from_plain(plain: dict) -> Round:
+    return Round(**{**plain, "picked": [tuple(p) for p in plain["picked"]], "batch": RolloutBatch(**plain["batch"]),
+                    "scores": Scores(**plain["scores"])})
