@@ -4,7 +4,8 @@ into a policy (built-in GPT or Hugging Face model) and its tokenizer.
 A checkpoint is a directory. The policy's part is what its ``save_pretrained`` writes, so the
 directory loads as a model on its own: for the built-in GPT ``model.safetensors`` + ``model.json``
 + ``tokenizer.json``; for an HF policy config.json + model.safetensors + tokenizer files (with LoRA
-the merged model plus ``adapter/``). The resume part, next to it:
+``adapter/`` and ``base_model.json``, the model under the adapter, which loading merges it into). The resume
+part, next to it:
 
 * ``trainer_state.json``: step, stage, the RNG states of Python and NumPy, the trainer's own RNGs
   (data order), the health monitor, the KL controller and anything else the trainer keeps (JSON);
@@ -13,7 +14,8 @@ the merged model plus ``adapter/``). The resume part, next to it:
   ``optimizer.<name>.json`` for each optimizer (tensors and the rest, split so nothing is pickled);
 * ``config.yaml``: the resolved config of the run that wrote it.
 
-Nothing is unpickled on load: safetensors and JSON only.
+Nothing is unpickled on load: safetensors and JSON only (and, for asynchronous RL's queued rollouts,
+``rollouts.pt`` read with torch's weights-only loader: plain containers and tensors).
 
 Writes are atomic: everything goes to a temporary directory, every file and the directory are
 fsynced, then one ``rename`` puts it in place, so a run killed at any moment leaves either the whole

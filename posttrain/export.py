@@ -181,7 +181,25 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, fmt: str = "
 
 
 def export_hf_checkpoint(checkpoint: Path, dst: Path, adapter: bool = False) -> list[str]:
-    """Copy the model files of an HF checkpoint (and ``adapter/`` if asked) into ``dst``; returns their names."""
+    """Copy the model files of an HF checkpoint (and ``adapter/`` if asked) into ``dst``; returns their names. A
+    LoRA checkpoint (its adapter and ``base_model.json``) is first merged: its base model loaded, the adapter
+    merged into it in place, written out."""
+    from posttrain.models.hf import BASE_FILE
+
+    if (checkpoint / BASE_FILE).is_file():
+        from posttrain.models.hf import load_hf
+
+        dtype = json.loads((checkpoint / BASE_FILE).read_text()).get("dtype", "float32")
+        policy, tokenizer = load_hf(str(checkpoint), dtype)
+        merged = dst / ".merged"
+        policy.hf.save_pretrained(merged)
+        tokenizer.save_pretrained(merged)
+        names = export_hf_checkpoint(merged, dst)
+        shutil.rmtree(merged)
+        if adapter:
+            shutil.copytree(checkpoint / "adapter", dst / "adapter")
+            names.append("adapter/")
+        return names
     names = sorted({p.name for pattern in HF_MODEL_FILES for p in checkpoint.glob(pattern) if p.is_file()})
     if "config.json" not in names:
         raise ExportError(f"{checkpoint} is neither a built-in checkpoint (model.json) nor an HF one (config.json)")

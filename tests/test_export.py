@@ -281,9 +281,13 @@ def test_hf_checkpoint_exports_a_plain_hf_model(llama_run):
     run, idx, logits = llama_run
     out = export_checkpoint(run)
     source = {p.name for p in (run / "checkpoints" / "step_000002").iterdir()}
-    resume = {"adapter", "trainer_state.json", "optimizer.policy.json", "critic.safetensors"}
-    assert {p.name for p in out.iterdir()} == source - resume | {"README.md"}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= source
+    exported = {p.name for p in out.iterdir()}
+    # a LoRA checkpoint holds the adapter and where its base model is; the export is the merged model
+    assert {"adapter", "base_model.json", "tokenizer.json"} <= source
+    assert not {"config.json", "model.safetensors"} & source
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md"} <= exported
+    assert not {"adapter", "base_model.json", "trainer_state.json", "optimizer.policy.json", "critic.safetensors"} \
+        & exported
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=idx).logits, logits, atol=1e-5, rtol=0)

@@ -142,10 +142,26 @@ def test_save_load_round_trip_full_and_lora(llama_dir, tmp_path):
                 p.normal_(0, 0.2)
         expected = lora(ids)
     save_checkpoint(tmp_path / "lora", lora, tok)
-    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
-    from transformers import AutoModelForCausalLM  # the merged export loads with plain transformers
+    saved = {p.name for p in (tmp_path / "lora").iterdir()}  # the adapter and where its base is, not the model
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists() and "base_model.json" in saved
+    assert not {"model.safetensors", "config.json"} & saved
+    size = sum(p.stat().st_size for p in (tmp_path / "lora").rglob("*") if p.is_file())
+    assert size < 0.5 * (llama_dir / "model.safetensors").stat().st_size
+    reloaded, _ = load(tmp_path / "lora")  # base + adapter, merged
+    assert not reloaded.is_lora
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids), expected, atol=1e-4, rtol=1e-4)
+    again, _ = load(tmp_path / "lora", rank=4)  # and a fresh adapter on top, saved in turn: a chain of adapters
+    save_checkpoint(tmp_path / "lora2", again, tok)
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "lora2")[0](ids), expected, atol=1e-4, rtol=1e-4)
 
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
+    from transformers import AutoModelForCausalLM  # the export is the merged model, for plain transformers
+
+    from posttrain.export import export_hf_checkpoint
+
+    export_hf_checkpoint(tmp_path / "lora", tmp_path / "export")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -175,7 +191,8 @@ def test_sft_then_grpo_with_lora_on_an_hf_model(llama_dir, tmp_path):
     assert len(steps) == 3 and all(r["kl"] >= 0 and "rewards/length_penalty/mean" in r for r in steps)
     assert steps[-1]["kl"] > 0  # the adapter moved the policy away from its adapter-off reference
     final = tmp_path / "rl" / "checkpoints" / "final"
-    assert (final / "config.json").exists() and (final / "adapter" / "adapter_model.safetensors").exists()
+    assert (final / "base_model.json").exists() and (final / "adapter" / "adapter_model.safetensors").exists()
+    assert not (final / "model.safetensors").exists()  # the adapter, not a merged copy of the model, per save
 
 
 def test_engine_runs_tools_for_an_hf_tokenizer_with_tool_tokens(llama_dir):
@@ -251,3 +268,18 @@ def test_decoding_passes_the_kv_cache_under_the_name_this_transformers_takes(lla
         warnings.simplefilter("always")
         Engine(policy, tok, default_registry()).generate([[1, 2, 3]], 2, SamplingParams(max_new_tokens=4), seed=0)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_a_lora_checkpoint_whose_base_model_moved_says_so(llama_dir, tmp_path):
+    import json
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(llama_dir, base)
+    lora, tok = load(base, rank=4)
+    save_checkpoint(tmp_path / "ckpt", lora, tok)
+    assert json.loads((tmp_path / "ckpt" / "base_model.json").read_text())["path"] == str(base.resolve())
+    shutil.rmtree(base)
+    with pytest.raises(FileNotFoundError, match=r"holds a LoRA adapter on the model .*base, which is not there any "
+                                                r"more: put it back, or load an export of the run"):
+        load(tmp_path / "ckpt")

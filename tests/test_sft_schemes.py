@@ -290,7 +290,10 @@ def test_lora_sft_trains_only_the_adapter_and_reloads(lora_base, tmp_path):
     assert adapter and all("lora_" in k for k in adapter)
     assert any(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it trained
     base = AutoModelForCausalLM.from_pretrained(lora_base).state_dict()
-    merged = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    from posttrain.export import export_hf_checkpoint
+
+    export_hf_checkpoint(final, tmp_path / "merged")  # the checkpoint holds the adapter: the export merges it
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     assert merged.keys() == base.keys()
     lora_targets = {k.split(".lora_")[0].removeprefix("base_model.model.") + ".weight" for k in adapter}
     assert all(merged[k].equal(base[k]) for k in base if k not in lora_targets)  # embeddings, norms, LM head
@@ -301,5 +304,5 @@ def test_lora_sft_trains_only_the_adapter_and_reloads(lora_base, tmp_path):
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
         reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lora_base), final / "adapter")
-        torch.testing.assert_close(reloaded(ids).logits, AutoModelForCausalLM.from_pretrained(final)(ids).logits,
-                                   atol=1e-5, rtol=1e-4)
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        torch.testing.assert_close(reloaded(ids).logits, exported(ids).logits, atol=1e-5, rtol=1e-4)

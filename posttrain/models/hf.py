@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +41,7 @@ FALLBACK_TEMPLATE = (
 # Attention implementations whose masks keep packed examples apart (transformers' create_causal_mask).
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_FILE = "base_model.json"  # a LoRA checkpoint: where the model under its adapter comes from
 # Config attributes by which some families scale the LM head's output, each its own way (Cohere
 # logit_scale ×, Granite logits_scaling ÷, HyperCLOVAX logits_scaling ×, Muse output_multiplier ×).
 LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
@@ -146,9 +148,10 @@ def read_chat_template(given: str) -> str:
 class HFPolicy(nn.Module):
     """An HF causal LM with the built-in GPT's calling conventions (see the module docstring)."""
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, base: dict | None = None):
         super().__init__()
         self.hf = hf_model
+        self.base = base  # how load_hf rebuilds the model under the adapter (path, dtype, tool_tokens), or None
         base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
         # transformers renamed forward's past_key_values to cache (the old name warns, and goes in 5.40)
         self._cache_argument = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -286,13 +289,16 @@ class HFPolicy(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, path: str | Path) -> None:
-        """HF format in ``path`` (config.json + model.safetensors). With LoRA: the merged full model
-        there, loadable with no peft at all, and the adapter alone in ``path/adapter``."""
+        """HF format in ``path`` (config.json + model.safetensors). With LoRA: the adapter alone in
+        ``path/adapter`` and ``base_model.json``, where the model under it comes from (:func:`load_hf` merges the
+        two; ``posttrain export`` writes the merged model); a LoRA model of unknown origin is saved merged."""
         path = Path(path)
         if self.is_lora:
             self.hf.save_pretrained(path / "adapter")
-            merged = copy.deepcopy(self.hf).merge_and_unload()
-            merged.save_pretrained(path)
+            if self.base is not None:
+                (path / BASE_FILE).write_text(json.dumps(self.base, indent=1))
+                return
+            copy.deepcopy(self.hf).merge_and_unload().save_pretrained(path)
         else:
             self.hf.save_pretrained(path)
 
@@ -444,6 +450,8 @@ def load_hf(path: str, dtype: str = "float32", tool_tokens: bool = False, lora=N
     transformers = _require_hf()
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (valid: {', '.join(DTYPES)})")
+    if (Path(path) / BASE_FILE).is_file():
+        return _load_adapter_checkpoint(Path(path), dtype, lora, device, chat_template)
     source, extra = _split_gguf(path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **extra)
@@ -459,12 +467,38 @@ def load_hf(path: str, dtype: str = "float32", tool_tokens: bool = False, lora=N
         tokenizer.chat_template = read_chat_template(chat_template)
     if tool_tokens and tokenizer.add_special_tokens({"additional_special_tokens": list(TOOL_TOKENS)}):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    where = str(Path(path).resolve()) if Path(source).exists() else path  # a hub id stays as it is
+    return _policy(model, tokenizer, lora, device, {"path": where, "dtype": dtype, "tool_tokens": tool_tokens})
+
+
+def _policy(model, tokenizer, lora, device, base: dict) -> tuple[HFPolicy, HFTokenizer]:
+    """The loaded model on ``device`` as an :class:`HFPolicy` (a fresh LoRA adapter when ``lora.rank`` > 0)."""
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     extra_stop = tuple(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     model = model.to(device)
     if lora is not None and lora.rank > 0:
         model = apply_lora(model, lora)
-    return HFPolicy(model), HFTokenizer(tokenizer, extra_stop)
+    return HFPolicy(model, base), HFTokenizer(tokenizer, extra_stop)
+
+
+def _load_adapter_checkpoint(path: Path, dtype: str, lora, device, chat_template) -> tuple[HFPolicy, HFTokenizer]:
+    """A LoRA checkpoint (``adapter/`` + ``base_model.json``): its base model loaded as it was, the adapter merged
+    into it in place (W + (α/r)·B·A), the checkpoint's own tokenizer (tool tokens, chat template)."""
+    import peft
+    import transformers
+
+    base = json.loads((path / BASE_FILE).read_text())
+    looks_local = base["path"].startswith((".", "/")) or base["path"].endswith(".gguf")
+    if looks_local and not Path(base["path"]).exists():
+        raise FileNotFoundError(f"{path} holds a LoRA adapter on the model {base['path']}, which is not there any "
+                                "more: put it back, or load an export of the run (posttrain export)")
+    under, _ = load_hf(base["path"], base.get("dtype", dtype), base.get("tool_tokens", False), None, "cpu")
+    model = peft.PeftModel.from_pretrained(under.hf, path / "adapter").merge_and_unload()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    model = model.to(DTYPES[dtype])
+    return _policy(model, tokenizer, lora, device, {"path": str(path.resolve()), "dtype": dtype, "tool_tokens": False})
 
 
 def apply_lora(model: nn.Module, lora) -> nn.Module:
