@@ -92,7 +92,12 @@ def save_checkpoint(path: str | Path, model, tokenizer, state: dict | None = Non
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, module in (modules or {}).items():
-            save_model(module, str(tmp / f"{name}.safetensors"))
+            frozen = _frozen(module)  # (a LoRA critic: its frozen base is the policy's, rebuilt at load)
+            if frozen:
+                save_file({k: v.contiguous() for k, v in module.state_dict().items() if k not in frozen},
+                          tmp / f"{name}.safetensors")
+            else:
+                save_model(module, str(tmp / f"{name}.safetensors"))
         for name, group in (tensors or {}).items():
             save_file({k: v.contiguous() for k, v in group.items()}, tmp / f"{name}.safetensors")
         for name, optimizer in (optimizers or {}).items():
@@ -109,6 +114,9 @@ def save_checkpoint(path: str | Path, model, tokenizer, state: dict | None = Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write the checkpoint {path}: {err}. The previous checkpoints in "
                               f"{path.parent} are intact.") from err
+    except BaseException:  # nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return path
 
 
@@ -172,7 +180,22 @@ def read_optimizer_state(directory: str | Path, name: str, cut=None) -> dict:
 
 
 def restore_module(module: torch.nn.Module, directory: str | Path, name: str) -> None:
-    load_model(module, str(Path(directory) / f"{name}.safetensors"))
+    """Load ``name.safetensors`` into ``module``: every weight, or, for a module with frozen weights (a LoRA
+    critic), the trainable ones and buffers (the frozen ones are not saved: the module was built with them)."""
+    path = Path(directory) / f"{name}.safetensors"
+    frozen = _frozen(module)
+    if not frozen:
+        load_model(module, str(path))
+        return
+    missing, unexpected = module.load_state_dict(load_file(path), strict=False)
+    wrong = [k for k in missing if k not in frozen] + list(unexpected)
+    if wrong:
+        raise KeyError(f"{path} does not fit the module it is restored into: {wrong[:3]}")
+
+
+def _frozen(module: torch.nn.Module) -> set[str]:
+    """Names of ``module``'s parameters that do not train."""
+    return {n for n, p in module.named_parameters() if not p.requires_grad}
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:

@@ -184,12 +184,12 @@ def export_hf_checkpoint(checkpoint: Path, dst: Path, adapter: bool = False) -> 
     """Copy the model files of an HF checkpoint (and ``adapter/`` if asked) into ``dst``; returns their names. A
     LoRA checkpoint (its adapter and ``base_model.json``) is first merged: its base model loaded, the adapter
     merged into it in place, written out."""
-    from posttrain.models.hf import BASE_FILE
+    from posttrain.models.hf_base import BASE_FILE
 
     if (checkpoint / BASE_FILE).is_file():
         from posttrain.models.hf import load_hf
 
-        dtype = json.loads((checkpoint / BASE_FILE).read_text()).get("dtype", "float32")
+        dtype = json.loads((checkpoint / BASE_FILE).read_text()).get("dtype", "float32")  # as trained
         policy, tokenizer = load_hf(str(checkpoint), dtype)
         merged = dst / ".merged"
         policy.hf.save_pretrained(merged)

@@ -321,3 +321,18 @@ def test_two_processes_generating_ahead_train_as_one(sft_policy):
         for key in ("reward", "value_loss", "grad_norm", "staleness/max", "eval/pass@1"):
             if key in one:
                 assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+
+
+def test_the_rollouts_file_holds_plain_values_only():
+    import numpy as np
+
+    from posttrain.trainers.rl_rollouts import plain
+
+    value = {"row": {"n": np.int64(3), "x": np.float32(0.5), "v": np.arange(3)}, "t": (1, "a", None)}
+    out = plain(value)
+    assert out["row"]["n"] == 3 and type(out["row"]["n"]) is int and out["t"] == [1, "a", None]
+    assert torch.equal(out["row"]["v"], torch.arange(3))
+    with pytest.raises(ValueError, match=r"hold a datetime at rollouts\['when'\], which a checkpoint keeps only"):
+        import datetime
+
+        plain({"when": datetime.datetime(2026, 12, 7)})

@@ -256,6 +256,9 @@ def test_an_hf_run_resumed_mid_way_ends_with_the_same_weights(llama_dir, tmp_pat
     rows = [[{k: v for k, v in r.items() if not k.startswith(("timing_s", "throughput"))}
              for r in read_jsonl(tmp_path / run / "metrics.jsonl")] for run in ("once", "twice")]
     assert [r for r in rows[0] if r["step"] > 2] == [r for r in rows[1] if r["step"] > 2]
+    if algorithm == "ppo":  # the LoRA critic's checkpoint holds its adapter and head, not its frozen base
+        critic = (tmp_path / "once" / "checkpoints/final" / "critic.safetensors").stat().st_size
+        assert critic < 0.2 * (llama_dir / "model.safetensors").stat().st_size
 
 
 def test_decoding_passes_the_kv_cache_under_the_name_this_transformers_takes(llama_dir):
@@ -270,16 +273,42 @@ def test_decoding_passes_the_kv_cache_under_the_name_this_transformers_takes(lla
     assert not [w for w in caught if "past_key_values" in str(w.message)]
 
 
-def test_a_lora_checkpoint_whose_base_model_moved_says_so(llama_dir, tmp_path):
+def test_a_lora_checkpoint_finds_its_base_moved_with_it_and_refuses_one_with_other_weights(llama_dir, tmp_path):
+    """base_model.json: the base's path (relative first: a folder moved with its base still loads) and a
+    fingerprint of its weights (a base overwritten since is an error, never other weights under the adapter)."""
     import json
     import shutil
 
-    base = tmp_path / "base"
+    base = tmp_path / "run" / "base"
     shutil.copytree(llama_dir, base)
     lora, tok = load(base, rank=4)
+    save_checkpoint(tmp_path / "run" / "ckpt", lora, tok)
+    record = json.loads((tmp_path / "run" / "ckpt" / "base_model.json").read_text())
+    assert record["path"] == str(base.resolve()) and record["relative"] == "../base" and record["dtype"] == "float32"
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # the whole folder elsewhere: found by the relative path
+    assert not load(tmp_path / "moved" / "ckpt")[0].is_lora
+    other, _ = load(tmp_path / "moved" / "base", rank=4)  # the base overwritten by other weights
+    with torch.no_grad():
+        next(p for n, p in other.hf.named_parameters() if "embed" in n).add_(1.0)
+    other.hf.get_base_model().save_pretrained(tmp_path / "moved" / "base")
+    with pytest.raises(FileNotFoundError, match=r"holds a LoRA adapter on a base model that cannot be found: .*"
+                                                r"base \(other weights than the adapter was trained on\)"):
+        load(tmp_path / "moved" / "ckpt")
+    shutil.rmtree(tmp_path / "moved" / "base")
+    with pytest.raises(FileNotFoundError, match=r"\(not there\)\. Put the base back, or load an export"):
+        load(tmp_path / "moved" / "ckpt")
+
+
+def test_tool_tokens_asked_for_on_a_lora_checkpoint_are_added(llama_dir, tmp_path):
+    """rl model=<a LoRA checkpoint without tool tokens> model.tool_tokens=true: the merged model gets them, with
+    rows at the exact mean, and a LoRA trained on top records it for its own base rebuild."""
+    lora, tok = load(llama_dir, rank=4)
     save_checkpoint(tmp_path / "ckpt", lora, tok)
-    assert json.loads((tmp_path / "ckpt" / "base_model.json").read_text())["path"] == str(base.resolve())
-    shutil.rmtree(base)
-    with pytest.raises(FileNotFoundError, match=r"holds a LoRA adapter on the model .*base, which is not there any "
-                                                r"more: put it back, or load an export of the run"):
-        load(tmp_path / "ckpt")
+    merged, mtok = load_policy(
+        ModelConfig(str(tmp_path / "ckpt"), tool_tokens=True), LoraConfig(rank=4, alpha=8.0))
+    assert mtok.has_tools
+    emb = merged.hf.get_base_model().get_input_embeddings().weight
+    assert torch.equal(emb[-1], emb[:-4].mean(0))
+    save_checkpoint(tmp_path / "ckpt2", merged, mtok)
+    again, atok = load(tmp_path / "ckpt2")
+    assert atok.has_tools and again.hf.get_input_embeddings().weight.shape == emb.shape

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from posttrain.models.gpt import doc_positions
+from posttrain.models.hf_base import BASE_FILE, add_tool_tokens, load_adapter_checkpoint, write_base
 from posttrain.models.logprobs import token_logprobs_from_hidden
 
 TOOL_TOKENS = ("<|tool_start|>", "<|tool_end|>", "<|output_start|>", "<|output_end|>")
@@ -41,7 +41,6 @@ FALLBACK_TEMPLATE = (
 # Attention implementations whose masks keep packed examples apart (transformers' create_causal_mask).
 PACKING_ATTENTION = ("sdpa", "eager", "flex_attention")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BASE_FILE = "base_model.json"  # a LoRA checkpoint: where the model under its adapter comes from
 # Config attributes by which some families scale the LM head's output, each its own way (Cohere
 # logit_scale ×, Granite logits_scaling ÷, HyperCLOVAX logits_scaling ×, Muse output_multiplier ×).
 LOGIT_SCALES = ("logit_scale", "logits_scaling", "output_multiplier")
@@ -296,7 +295,7 @@ class HFPolicy(nn.Module):
         if self.is_lora:
             self.hf.save_pretrained(path / "adapter")
             if self.base is not None:
-                (path / BASE_FILE).write_text(json.dumps(self.base, indent=1))
+                write_base(self.base, path, next(self.hf.parameters()).dtype)
                 return
             copy.deepcopy(self.hf).merge_and_unload().save_pretrained(path)
         else:
@@ -439,19 +438,23 @@ def _split_gguf(path: str) -> tuple[str, dict]:
 
 
 def load_hf(path: str, dtype: str = "float32", tool_tokens: bool = False, lora=None,
-            device: str | torch.device = "cpu", chat_template: str | None = None) -> tuple[HFPolicy, HFTokenizer]:
+            device: str | torch.device = "cpu", chat_template: str | None = None,
+            seen: frozenset = frozenset()) -> tuple[HFPolicy, HFTokenizer]:
     """Load an HF causal LM and its tokenizer from a local dir, a hub id, or a ``.gguf`` file.
 
     ``tool_tokens`` adds the calculator's four special tokens (the embedding grows; new rows are the
     mean of the old ones). ``lora`` (a LoraConfig with rank > 0) wraps the model in a peft adapter.
     ``chat_template`` (Jinja text, or a file holding it) replaces the tokenizer's (a base model has none);
-    checkpoints save the tokenizer with it.
+    checkpoints save the tokenizer with it. A LoRA checkpoint (``base_model.json``) loads as its base with the
+    adapter merged (posttrain/models/hf_base.py; ``seen``: the checkpoints this chain of adapters passed).
     """
     transformers = _require_hf()
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype '{dtype}' (valid: {', '.join(DTYPES)})")
     if (Path(path) / BASE_FILE).is_file():
-        return _load_adapter_checkpoint(Path(path), dtype, lora, device, chat_template)
+        model, tokenizer, base = load_adapter_checkpoint(Path(path), dtype, tool_tokens, lora, device, chat_template,
+                                                         load_hf, seen)
+        return _policy(model, tokenizer, lora, device, base)
     source, extra = _split_gguf(path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, **extra)
@@ -465,10 +468,11 @@ def load_hf(path: str, dtype: str = "float32", tool_tokens: bool = False, lora=N
             del model.config.quantization_config
     if chat_template is not None:
         tokenizer.chat_template = read_chat_template(chat_template)
-    if tool_tokens and tokenizer.add_special_tokens({"additional_special_tokens": list(TOOL_TOKENS)}):
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    where = str(Path(path).resolve()) if Path(source).exists() else path  # a hub id stays as it is
-    return _policy(model, tokenizer, lora, device, {"path": where, "dtype": dtype, "tool_tokens": tool_tokens})
+    if tool_tokens:
+        add_tool_tokens(model, tokenizer)
+    local = Path(source).exists()
+    where = str(Path(path).resolve()) if local else path  # a hub id stays as it is
+    return _policy(model, tokenizer, lora, device, {"path": where, "local": local, "tool_tokens": tool_tokens})
 
 
 def _policy(model, tokenizer, lora, device, base: dict) -> tuple[HFPolicy, HFTokenizer]:
@@ -479,26 +483,6 @@ def _policy(model, tokenizer, lora, device, base: dict) -> tuple[HFPolicy, HFTok
     if lora is not None and lora.rank > 0:
         model = apply_lora(model, lora)
     return HFPolicy(model, base), HFTokenizer(tokenizer, extra_stop)
-
-
-def _load_adapter_checkpoint(path: Path, dtype: str, lora, device, chat_template) -> tuple[HFPolicy, HFTokenizer]:
-    """A LoRA checkpoint (``adapter/`` + ``base_model.json``): its base model loaded as it was, the adapter merged
-    into it in place (W + (α/r)·B·A), the checkpoint's own tokenizer (tool tokens, chat template)."""
-    import peft
-    import transformers
-
-    base = json.loads((path / BASE_FILE).read_text())
-    looks_local = base["path"].startswith((".", "/")) or base["path"].endswith(".gguf")
-    if looks_local and not Path(base["path"]).exists():
-        raise FileNotFoundError(f"{path} holds a LoRA adapter on the model {base['path']}, which is not there any "
-                                "more: put it back, or load an export of the run (posttrain export)")
-    under, _ = load_hf(base["path"], base.get("dtype", dtype), base.get("tool_tokens", False), None, "cpu")
-    model = peft.PeftModel.from_pretrained(under.hf, path / "adapter").merge_and_unload()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    if chat_template is not None:
-        tokenizer.chat_template = read_chat_template(chat_template)
-    model = model.to(DTYPES[dtype])
-    return _policy(model, tokenizer, lora, device, {"path": str(path.resolve()), "dtype": dtype, "tool_tokens": False})
 
 
 def apply_lora(model: nn.Module, lora) -> nn.Module:

@@ -241,7 +241,7 @@ class Rollouts:
         results = self.queue.drain()
         pile = self.segments.state_dict() if self.segments is not None else {}
         if results or pile.get("pile"):
-            torch.save({"rollouts": [round_to_plain(r) for r in results], **pile}, directory / FILE)
+            torch.save(plain({"rollouts": [round_to_plain(r) for r in results], **pile}), directory / FILE)
 
     def load(self, directory: Path) -> None:
         """Replace the queue with the rollouts stored in checkpoint ``directory`` (none: empty)."""
@@ -256,6 +256,22 @@ class Rollouts:
         self.queue.close()
 
 
+
+
+def plain(value, where: str = "rollouts"):
+    """``value`` as what torch's weights-only loader reads back (numbers, strings, None, lists, dicts, tensors):
+    numpy scalars and arrays converted; anything else a ValueError naming where it sits."""
+    if value is None or isinstance(value, bool | int | float | str | torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        return {k: plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if type(value).__module__ == "numpy":
+        return value.item() if getattr(value, "ndim", 1) == 0 else torch.from_numpy(value.copy())
+    raise ValueError(f"the rollouts made ahead hold a {type(value).__name__} at {where}, which a checkpoint keeps "
+                     "only as plain values (numbers, strings, lists, dicts, tensors): make the task's columns or "
+                     "the rewards' log_extra plain, or use rollout.max_staleness=0 (and no segment_tokens)")
 
 
 def round_to_plain(made: Round) -> dict:
