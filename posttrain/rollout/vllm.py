@@ -156,8 +156,7 @@ class VllmBackend:
             self.tokenizer.save_pretrained(self.model_dir)
         self._write(hf_weights(self.state, self.lora))
         if self.server is None:
-            self.server = VllmServer(self.config.vllm, self.model_dir, self.dtype, self.config.timeout_s,
-                                     cpu=self.model.device.type == "cpu")
+            self.server = VllmServer(self.config.vllm, self.model_dir, self.dtype, self.config.timeout_s)
             if self.config.vllm.url is not None:  # the user's server has some model: give it ours
                 self._reload()
             self._check_processed_logprobs()

