@@ -97,8 +97,8 @@ class Rollouts:
 
     def _submit_sync(self, step: int) -> None:
         rl = self.rl
-        if not self.queue.background:  # inline: decided and sent when the job runs (now, for step `step`)
-            self.queue.submit(partial(self._sync_now, step), produces=False)
+        if not self.queue.background:  # inline: decided and sent when the job runs (now)
+            self.queue.submit(self._sync_now, produces=False)
             return
         if not sync_due(self.planned, rl.policy.version, getattr(rl.rollout, "sync_every", 1)):
             return
@@ -106,7 +106,7 @@ class Rollouts:
         self.planned = rl.policy.version
         self.queue.submit(partial(self._timed_sync, send), produces=False)
 
-    def _sync_now(self, step: int) -> None:
+    def _sync_now(self) -> None:
         self._add_sync(sync(self.rl.rollout, self.rl.policy))
 
     def policy_step(self, version: int | None = None) -> int:
