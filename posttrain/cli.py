@@ -334,7 +334,7 @@ def config_(
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="a posttrain checkpoint dir, an HF model dir or hub id, a .gguf file")],
-    task: Annotated[str, typer.Option(help="arithmetic | gsm8k | dataset")] = "gsm8k",
+    task: Annotated[str, typer.Option(help="arithmetic | gsm8k | dataset | short_answer")] = "gsm8k",
     split: Annotated[str, typer.Option(help="test | train (gsm8k)")] = "test",
     samples: Annotated[int, typer.Option(min=1, help="completions per problem (K of pass@k, maj@K)")] = 8,
     problems: Annotated[int, typer.Option(min=0, help="the first N problems of the split (0: all)")] = 256,

@@ -105,6 +105,12 @@ class RolloutBatch:
         )
 
 
+def completion_text(tokenizer, batch: RolloutBatch, row: int) -> str:
+    """Row ``row``'s completion as text, without the stop token that ended it (what rewards and graders read)."""
+    ids = batch.completion_tokens(row)
+    return tokenizer.decode(ids[:-1] if batch.finished[row] else ids)
+
+
 def sample_tokens(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor):
     """Sample one token per row of ``logits`` (B, V) by inverse CDF with the float64 uniforms ``u`` (B,)
     in [0, 1) → (tokens (B,), logprobs (B,) float32).

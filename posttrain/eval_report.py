@@ -27,14 +27,13 @@ from rich.table import Table
 from posttrain.checkpoint import load_policy
 from posttrain.config import LoraConfig, ModelConfig, TaskConfig, suggest
 from posttrain.distributed import World
-from posttrain.engine import Engine, SamplingParams
+from posttrain.engine import Engine, SamplingParams, completion_text
 from posttrain.evaluation import SampleFailures, maj_at_k, pass_at_k
 from posttrain.metrics import StepProgress
 from posttrain.random_streams import group_seed
 from posttrain.tasks import make_task
 from posttrain.tools import default_registry
 from posttrain.trainers.model_engine import resolve_device
-from posttrain.trainers.rollout import completion_text
 
 SPLITS = ("test", "train")
 FLAGS = (("format", "Correct format"), ("plausible", "Plausibly correct"), ("exact", "Exact correct"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from posttrain.config_checks import ConfigError, check_choice, check_range
 from posttrain.distributed import World
-from posttrain.engine import SamplingParams
+from posttrain.engine import SamplingParams, completion_text
 from posttrain.random_streams import group_seed
 
 
@@ -162,6 +162,10 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, thr
     sample whose ``task.reward`` raises or is not finite gets reward 0 and never counts as correct
     (:class:`SampleFailures`), counted in ``eval/reward_failures``.
 
+    A task with ``extra_grades`` (name → ``fn(conv, completion) -> bool``, another grader reported beside the
+    task's own, e.g. a lenient one) also gets ``eval/<name>/pass@k``; a grader that raises counts the sample wrong
+    there, counted in ``eval/<name>/failures``.
+
     Data parallel (``world``): each rank samples and scores problems rank, rank + N, ...; the per-problem
     results are gathered in problem order and every rank computes the same numbers as one process would.
     """
@@ -170,7 +174,10 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, thr
     tok = engine.tokenizer
     failures = SampleFailures(f"the {task.name} task's reward")
     mine = world.shard(list(range(len(problems))))
-    results: list[tuple[int, list, list[int]]] = []  # (problem, its rewards (None: failed), its lengths)
+    extra = getattr(task, "extra_grades", {})
+    extra_failures = {name: SampleFailures(f"the {name} grader") for name in extra}
+    results: list[tuple[int, list, list[int], dict]] = []  # per problem: (index, rewards (None: failed), lengths,
+    # {extra grader: verdicts})
     error = None
     try:
         for start in range(0, len(mine), chunk):
@@ -181,22 +188,33 @@ def evaluate_task(engine, task, problems: Sequence, config, chunk: int = 64, thr
             lengths = batch.lengths.tolist()
             for i, (p, conv) in enumerate(zip(index, convs, strict=True)):
                 rows = range(i * config.samples, (i + 1) * config.samples)
-                texts = [tok.decode(batch.completion_tokens(j)) for j in rows]
+                texts = [completion_text(tok, batch, j) for j in rows]  # as the rewards read them in training
                 r = [failures.call(task_reward, task, conv, t, fallback=None) for t in texts]  # None: it failed
-                results.append((p, r, [lengths[j] for j in rows]))
+                grades = {name: [bool(extra_failures[name].call(fn, conv, t, fallback=False)) for t in texts]
+                          for name, fn in extra.items()}
+                results.append((p, r, [lengths[j] for j in rows], grades))
     except Exception as err:  # noqa: BLE001 - raised on every rank just below (the others would wait for it)
         error = err
     world.raise_any(error)
     results = sorted(world.gather(results), key=lambda result: result[0])
-    rewards = [0.0 if x is None else x for _, r, _ in results for x in r]
-    correct = [[x is not None and x >= threshold for x in r] for _, r, _ in results]
-    lengths = [n for _, _, n_s in results for n in n_s]
+    rewards = [0.0 if x is None else x for _, r, _, _ in results for x in r]
+    correct = [[x is not None and x >= threshold for x in r] for _, r, _, _ in results]
+    lengths = [n for _, _, n_s, _ in results for n in n_s]
     out = {f"eval/pass@{k}": v for k, v in mean_pass_at_k(correct, config.ks).items()}
+    for name in extra:
+        verdicts = [grades[name] for _, _, _, grades in results]
+        out |= {f"eval/{name}/pass@{k}": v for k, v in mean_pass_at_k(verdicts, config.ks).items()}
+        out[f"eval/{name}/failures"] = _gathered(extra_failures[name], world, len(rewards))
     out["eval/reward"] = sum(rewards) / len(rewards)
     out["eval/mean_length"] = sum(lengths) / len(lengths)
+    out["eval/reward_failures"] = _gathered(failures, world, len(rewards))
+    return out
+
+
+def _gathered(failures: SampleFailures, world: World, samples: int) -> int:
+    """The failures of every rank counted together, said once (by rank 0) when there are any."""
     firsts = world.gather([failures.first])
     failures.count, failures.first = int(world.sum([failures.count])[0]), next((f for f in firsts if f), None)
-    out["eval/reward_failures"] = failures.count
     if world.main:
-        failures.report(len(rewards))
-    return out
+        failures.report(samples)
+    return failures.count

@@ -54,7 +54,7 @@ class Panel:
 
 PANELS = (
     Panel("reward", "Reward", "reward", ("reward", "rewards/*/mean", "eval/reward")),
-    Panel("eval", "Evaluation", "score", ("eval/pass@*", "eval/maj@*")),
+    Panel("eval", "Evaluation", "score", ("eval/pass@*", "eval/maj@*", "eval/*/pass@*")),
     Panel("kl", "KL to the reference", "KL", ("kl",), ("kl_coef",), "KL coefficient"),
     Panel("entropy", "Token entropy", "entropy (nats)", ("entropy",)),
     Panel("grad_norm", "Gradient norm (before clipping)", "grad norm", ("grad_norm",), log=True),

@@ -11,9 +11,10 @@ from dataclasses import dataclass, fields
 
 from posttrain.config_checks import ConfigError, check_choice, check_range
 
-TASK_NAMES = ("arithmetic", "gsm8k", "dataset")
+TASK_NAMES = ("arithmetic", "gsm8k", "dataset", "short_answer")
 GSM8K_DATA = "openai/gsm8k"  # gsm8k's data when task.data is not set
 DATASET_REWARDS = ("exact_match", "numeric_match", "multiple_choice", "regex_format")
+SHORT_ANSWER_SKILLS = ("add", "add2", "multiply", "subtract", "compare", "letters", "convert", "word")  # + "mixed"
 
 # The fields each task reads (the others must keep their defaults under it).
 _OWN_FIELDS = {
@@ -21,6 +22,7 @@ _OWN_FIELDS = {
     "gsm8k": {"test_size", "data", "format", "extract", "math_verify"},
     "dataset": {"test_size", "test_seed", "data", "split", "test_split", "prompt", "system", "answer", "reward",
                 "format_regex"},
+    "short_answer": {"test_size", "test_seed", "skill"},
 }
 
 
@@ -28,12 +30,16 @@ _OWN_FIELDS = {
 class TaskConfig:
     """Which task supplies problems and rewards."""
 
-    name: str = "arithmetic"  # task name: arithmetic (built-in, generated) | gsm8k | dataset (your own prompts); or a
+    name: str = "arithmetic"  # task name: arithmetic (built-in, generated) | gsm8k | dataset (your own prompts) |
+    # short_answer (generated one-step questions answered with a number, for small pretrained models); or a
     # task class of your own: pkg.mod:MyTask or path/to/file.py:MyTask (README: the Task interface)
+    skill: str | None = None  # short_answer: add | add2 | multiply | subtract | compare | letters | convert | word |
+    # mixed (all), or a comma-separated list "add,subtract" (None: mixed)
     teacher_error: float = 0.3  # arithmetic: share of SFT solutions with one wrong step (imperfect teacher)
     test_size: int = 256  # held-out problems (gsm8k: the first N rows; dataset: N rows drawn with test_seed
-    # unless test_split is set, then its first N; 0: all of the test split)
-    test_seed: int = 1234  # arithmetic: seed of the generated test split; dataset: which rows are held out
+    # unless test_split is set, then its first N; 0: all of the test split; arithmetic and short_answer: >= 1)
+    test_seed: int = 1234  # arithmetic and short_answer: seed of the generated test split; dataset: which rows are
+    # held out
     data: str | None = None  # gsm8k (default openai/gsm8k) and dataset: a .jsonl/.json/.csv/.parquet file, a dir of
     # such split files (train.jsonl, test.jsonl, ...) or a datasets save_to_disk dir, or a Hugging Face hub id
     split: str = "train"  # dataset: the split to train on (a dir's or hub dataset's split name)
@@ -58,9 +64,16 @@ class TaskConfig:
         check_choice("task.name", self.name, list(TASK_NAMES))
         self._check_own_fields()
         check_range("task.teacher_error", self.teacher_error, 0, 1)
-        generated = self.name == "arithmetic"  # its test split is generated: 0 rows is not 'all' there
+        generated = self.name in ("arithmetic", "short_answer")  # a generated test split: 0 rows is not 'all' there
         check_range("task.test_size", self.test_size, int(generated),
-                    note=" for the arithmetic task (0 means 'all' only for gsm8k and dataset)" if generated else "")
+                    note=f" for the {self.name} task (0 means 'all' only for gsm8k and dataset)" if generated else "")
+        if self.name == "short_answer" and self.skill is not None:
+            names = [name.strip() for name in self.skill.split(",")]
+            for name in names:
+                check_choice("task.skill", name, [*SHORT_ANSWER_SKILLS, "mixed"])
+            if "mixed" in names and len(names) > 1:
+                raise ConfigError("config key 'task.skill': 'mixed' already means every skill; give it alone or list "
+                                  "the skills")
         if self.name == "dataset":
             if not self.data:
                 raise ConfigError("the dataset task needs task.data: a .jsonl/.json/.csv/.parquet file, a directory "

@@ -407,7 +407,7 @@ def test_every_shipped_config_loads(path):
         assert isinstance(load_pipeline(path), PipelineConfig)
         return
     kinds = {"demo_sft": SFTConfig, "demo_rl": RLConfig, "demo_rm": RMConfig, "demo_dpo": DPOConfig,
-             "demo_ppo_rm": RLConfig, "rl_smollm2": RLConfig}
+             "demo_ppo_rm": RLConfig, "rl_smollm2": RLConfig, "demo_real": RLConfig}
     cls = kinds[path.stem]
     assert isinstance(load_config(cls, path), cls)
 

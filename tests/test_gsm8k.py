@@ -418,7 +418,7 @@ def small(tmp_path) -> GSM8KTask:
 
 
 def test_make_task_builds_each_task_from_its_config(small):
-    assert set(TASKS) == {"arithmetic", "gsm8k", "dataset"}
+    assert set(TASKS) == {"arithmetic", "gsm8k", "dataset", "short_answer"}
     assert isinstance(small, GSM8KTask) and small.name == "gsm8k"
     assert (small.format, small.extract, small.math_verify) == ("tool", "strict", False)
     assert [p.question for p in small.test] == ["q0", "q1"]

@@ -6,8 +6,9 @@ from posttrain.config import ConfigError, TaskConfig, suggest
 from posttrain.tasks.arithmetic import ArithmeticTask
 from posttrain.tasks.dataset import DatasetTask
 from posttrain.tasks.gsm8k import GSM8KTask
+from posttrain.tasks.short_answer import ShortAnswerTask
 
-TASKS = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask, "dataset": DatasetTask}
+TASKS = {"arithmetic": ArithmeticTask, "gsm8k": GSM8KTask, "dataset": DatasetTask, "short_answer": ShortAnswerTask}
 
 
 INTERFACE = ("check", "train_problem", "train_pool", "difficulty", "prompt", "sft_example", "reward", "grade",

@@ -16,7 +16,7 @@ from torch import Tensor
 from posttrain.algorithms.advantages import group_stats
 from posttrain.config import ConfigError
 from posttrain.distributed import World
-from posttrain.engine import Engine, RolloutBatch, SamplingParams
+from posttrain.engine import Engine, RolloutBatch, SamplingParams, completion_text
 from posttrain.prompt_sampling import TaskStream
 from posttrain.random_streams import group_seed
 from posttrain.rewards import RewardSet, Scores, TrainingProgress, texts
@@ -394,12 +394,6 @@ def generate_groups(engine: Engine, ids: list[list[int]], group_size: int, sampl
 def group_success(solved: list[bool], group_size: int) -> list[float]:
     """Each group's share of solved completions (rows g·G .. g·G + G − 1 answer group g)."""
     return [sum(solved[g : g + group_size]) / group_size for g in range(0, len(solved), group_size)]
-
-
-def completion_text(tokenizer, batch: RolloutBatch, row: int) -> str:
-    """Row ``row``'s completion as text, without the stop token that ended it."""
-    ids = batch.completion_tokens(row)
-    return tokenizer.decode(ids[:-1] if batch.finished[row] else ids)
 
 
 def rollout_metrics(ro: Rollout) -> dict:
