@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_demo_real")
     ap.add_argument("--reuse", action="store_true", help="read the runs in --out instead of training")
     ap.add_argument("--plot", default="bench/demo_real.png", help="where the curves go (PNG)")
+    ap.add_argument("--breakdown", action="store_true", help="also `posttrain eval` the model before and after the "
+                    "first seed's run: per-skill scores, format rate and the paired 95%% interval of the gain")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,8 @@ def main() -> None:
         results.append(summary("SFT on gold answers", base, evals(rows)[-1], rows, wall_time(log), problems))
     report(results, problems)
     plot(out, args.seeds, Path(args.plot))
+    if args.breakdown:
+        breakdown(args, out, problems)
 
 
 def sft_overrides(args, run_dir: Path) -> list[str]:
@@ -126,6 +130,50 @@ def sft_overrides(args, run_dir: Path) -> list[str]:
     return [f"model={args.model}", f"run_dir={run_dir}", f"steps={args.sft_steps}", "batch_size=64", "resume=never",
             f"seed={demo['seed']}", f"threads={demo['threads']}", f"precision={demo['precision']}", "save_every=0",
             *flat]
+
+
+def breakdown(args, out: Path, problems: int) -> None:
+    """``posttrain eval`` (its own sampling seed, fp32) of the model before and after the first seed's run, on the
+    same held-out questions: per skill, the share of samples that end with a number (format), are right under the
+    strict and the lenient grader; and the paired 95% interval of the strict pass@1 gain, mean d ± 1.96·sd(d)/√P over
+    the problems' d = pass@1 after − pass@1 before."""
+    import yaml
+
+    demo = yaml.safe_load(Path(CONFIG).read_text())
+    scored = {}
+    for name, model in (("before", args.model), ("after", out / f"rl_seed{args.seeds[0]}" / "checkpoints" / "final")):
+        file = out / f"eval_{name}.jsonl"
+        if not (args.reuse and file.is_file()):
+            run([*POSTTRAIN, "eval", "--model", str(model), "--task", "short_answer", "--task-option",
+                 f"skill={demo['task']['skill']}", "--problems", str(problems),
+                 "--samples", str(demo["eval"]["samples"]),
+                 "--max-new-tokens", str(demo["eval"]["max_new_tokens"]), "--threads", str(demo["threads"]),
+                 "--out", str(file), "--no-progress"], out / f"eval_{name}.log")
+        scored[name] = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    print("\n| skill | problems | format before → after | strict before → after | lenient before → after |")
+    print("|---|---:|---:|---:|---:|")
+    for skill in ("add", "subtract", "multiply", "word", "all"):
+        rates = {}
+        for name, records in scored.items():
+            mine = [r for r in records if skill == "all" or _skill(r["question"]) == skill]
+            rates[name] = {flag: statistics.mean(x for r in mine for x in r[flag])
+                           for flag in ("format", "exact", "plausible")}
+        cells = " | ".join(f"{rates['before'][f]:.3f} → {rates['after'][f]:.3f}"
+                           for f in ("format", "exact", "plausible"))
+        print(f"| {skill} | {len(mine)} | {cells} |")
+    d = [statistics.mean(a["exact"]) - statistics.mean(b["exact"])
+         for b, a in zip(scored["before"], scored["after"], strict=True)]
+    half = 1.96 * statistics.stdev(d) / math.sqrt(len(d))
+    print(f"paired strict pass@1 gain {statistics.mean(d):+.3f}, 95% interval [{statistics.mean(d) - half:+.3f}, "
+          f"{statistics.mean(d) + half:+.3f}]")
+    print(f"RESULT paired_gain={statistics.mean(d):.3f} paired_ci_low={statistics.mean(d) - half:.3f}")
+
+
+def _skill(question: str) -> str:
+    """The short_answer skill of a question of the demo's skills, read from its text."""
+    if not question.startswith("What is "):
+        return "word"
+    return {"+": "add", "-": "subtract", "×": "multiply"}[question.split()[3]]
 
 
 def _problems(run_dir: Path) -> int:
@@ -141,7 +189,7 @@ def report(results: list[dict], problems: int) -> None:
           f"gain | pass@{k} | lenient pass@1 | lenient pass@{k} | mean length |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        pair = {key: f"{a:.3f} → {b:.3f}" for key, (a, b) in r.items() if key.startswith("eval/")}.__getitem__
+        pair = {key: f"{v[0]:.3f} → {v[1]:.3f}" for key, v in r.items() if key.startswith("eval/")}.__getitem__
         wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "–"
         print(f"| {r['name']} | {r['steps']} | {r['train_s'] / 60:.1f} min | {wall} | {pair('eval/pass@1')} "
               f"({r['eval/pass@1'][1] - r['eval/pass@1'][0]:+.3f}) | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] "
