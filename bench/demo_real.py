@@ -196,7 +196,7 @@ def report(results: list[dict], problems: int) -> None:
               f"| {pair(f'eval/pass@{k}')} | {pair('eval/lenient/pass@1')} | {pair(f'eval/lenient/pass@{k}')} "
               f"| {r['eval/mean_length'][0]:.1f} → {r['eval/mean_length'][1]:.1f} |")
     print("\nstep profile (mean s/step): " + "; ".join(
-        f"{r['name']}: gen {r['gen_s']:.1f}, ref/old log-probs {r['ref_s']:.1f}, update {r['update_s']:.1f}"
+        f"{r['name']}: gen {r['gen_s']:.1f}, scoring {r['ref_s']:.1f}, update {r['update_s']:.1f}"
         for r in results if r["name"].startswith("RL")))
     for r in results:
         tag = r["name"].split(",")[0].split()[0].lower() + (r["name"].split()[-1] if "seed" in r["name"] else "")

@@ -70,7 +70,7 @@ def main() -> None:
     if not rows:
         sys.exit("every arm failed")
     base = next(iter(rows.values()))
-    print("\n| arm | generation s | π_old / reference log-probs s | update s | update s, every group | step s | "
+    print("\n| arm | generation s | scoring s | update s | update s, every group | step s | "
           "generation vs demo | full update vs demo | mean completion tokens |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():

@@ -31,7 +31,7 @@ class TaskConfig:
     """Which task supplies problems and rewards."""
 
     name: str = "arithmetic"  # task name: arithmetic (built-in, generated) | gsm8k | dataset (your own prompts) |
-    # short_answer (generated one-step questions answered with a number, for small pretrained models); or a
+    # short_answer (generated one-step questions, for small pretrained chat models); or a
     # task class of your own: pkg.mod:MyTask or path/to/file.py:MyTask (README: the Task interface)
     skill: str | None = None  # short_answer: add | add2 | multiply | subtract | compare | letters | convert | word |
     # mixed (all), or a comma-separated list "add,subtract" (None: mixed)
