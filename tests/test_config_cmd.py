@@ -38,7 +38,8 @@ def test_listing_has_every_key_dotted_with_its_default_and_doc():
     assert "optim.lr: 0.003  # peak learning rate" in lines
     assert "optim.betas: [0.9, 0.95]  # AdamW betas" in lines
     assert "task.name: arithmetic  # task name: arithmetic (built-in, generated) | gsm8k | dataset (your own " \
-        "prompts) | short_answer (generated one-step questions, for small pretrained chat models); or a task class of your own: pkg.mod:MyTask or path/to/file.py:MyTask (README: the Task " \
+        "prompts) | short_answer (generated one-step questions, for small pretrained chat models); or a task class " \
+        "of your own: pkg.mod:MyTask or path/to/file.py:MyTask (README: the Task " \
         "interface)" in lines
     assert "model.path: null  # a posttrain checkpoint dir, an HF model dir or hub id, or a .gguf file (None: " \
            "fresh GPT)" in lines
